@@ -1,0 +1,1 @@
+"""Triton kernels of opir, each beside its PyTorch reference (installed as `opir_kernels`)."""

@@ -1,0 +1,1 @@
+"""Shipped OPIR checkpoints: `*.safetensors` weights, each with a `*.json` model card."""
