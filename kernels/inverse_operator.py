@@ -1,0 +1,637 @@
+"""The inverse-operator convolution of OPIR: TAM modulation, S dilated 3x3 taps, fusion, bias, UM.
+
+For a pixel p, with the 3x3 offsets delta_i (row-major over {-1, 0, 1}^2) and dilations d_s:
+
+    K~_i(p)  = K_i(p) * m_i(p)                                    (Eq. 19)
+    J_s(p)   = sum_i K~_i(p) * I(p + d_s * delta_i)                (Eq. 16-17, taps outside read 0)
+    alpha(p) = softmax_s(logits(p))                                (Eq. 18)
+    out(p)   = sum_s alpha_s(p) * J_s(p) + b(p)                    (Eq. 18 and the b_t of Eq. 5)
+    UM(p)    = mean_i |K~_i(p)|                                    (Eq. 11)
+
+The file holds, in order: the readable PyTorch reference (forward and its closed-form backward),
+the unfold formulation used by predictive-filtering code (kept as the benchmark baseline), the
+Triton kernels and their launchers, and the `torch.ops.opir.inverse_operator` custom op
+(dispatch, autograd, fake tensors through `triton_op`, FLOP formula).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
+
+DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 3, 4)
+TAPS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch). Inductor fuses it into one loop on CPU; it is also the test oracle.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half inputs accumulate in fp32; fp32 and fp64 keep their own precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _shifted(padded: Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> Tensor:
+    """`I(p + (dy, dx))` for every p, read from `padded` (zero-padded by `pad` on each side)."""
+    return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
+
+
+def inverse_operator_reference(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None,
+    dilations: Sequence[int] = DEFAULT_DILATIONS,
+) -> tuple[Tensor, Tensor]:
+    """Apply the per-pixel inverse operator (Eq. 11, 16-19).
+
+    Args:
+        image: (B, C, H, W), the image I to filter.
+        kernel: (B, 9, H, W), base taps K_p(delta_i), delta in row-major order.
+        modulation: (B, 9, H, W) TAM weights m, or None for m = 1.
+        fusion_logits: (B, S, H, W), softmax over S gives alpha.
+        bias: (B, C, H, W) or None.
+        dilations: S positive ints d_s.
+
+    Returns:
+        restored (B, C, H, W) and uncertainty (B, 1, H, W), in the input dtype
+        (accumulated in fp32 for half inputs).
+
+    Memory traffic of one fused pass (elements): reads C + 9 + 9 + S + C per pixel (image once
+    when the taps hit cache), writes C + 1.
+    """
+    out_dtype = image.dtype
+    compute = _compute_dtype(image.dtype)
+    image, kernel, fusion_logits = image.to(compute), kernel.to(compute), fusion_logits.to(compute)
+    height, width = image.shape[-2:]
+    k_mod = kernel if modulation is None else kernel * modulation.to(compute)  # Eq. 19
+    alpha = torch.softmax(fusion_logits, dim=1)  # Eq. 18
+    pad = max(dilations)
+    padded = F.pad(image, (pad, pad, pad, pad))
+    restored = torch.zeros_like(image) if bias is None else bias.to(compute).expand_as(image)
+    for s, d in enumerate(dilations):
+        j_s = sum(
+            k_mod[:, i : i + 1] * _shifted(padded, pad, d * dy, d * dx, height, width)
+            for i, (dy, dx) in enumerate(TAPS)
+        )  # Eq. 16
+        restored = restored + alpha[:, s : s + 1] * j_s
+    uncertainty = k_mod.abs().mean(dim=1, keepdim=True)  # Eq. 11
+    return restored.to(out_dtype), uncertainty.to(out_dtype)
+
+
+def inverse_operator_backward_reference(
+    grad_restored: Tensor,
+    grad_uncertainty: Tensor,
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    dilations: Sequence[int] = DEFAULT_DILATIONS,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Closed-form gradients of `inverse_operator_reference`.
+
+    Returns grads for (image, kernel, modulation or None, fusion_logits, bias), each shaped like
+    its input (bias grad shaped like the image). The image gradient is a gather: pixel q receives
+    alpha_s(p) K~_i(p) g(p) from every p = q - d_s delta_i (the adjoint of a zero-filled shift).
+    """
+    dtypes = (image.dtype, kernel.dtype, fusion_logits.dtype)
+    compute = _compute_dtype(image.dtype)
+    g = grad_restored.to(compute)
+    gu = grad_uncertainty.to(compute)
+    image, kernel, fusion_logits = image.to(compute), kernel.to(compute), fusion_logits.to(compute)
+    mod = None if modulation is None else modulation.to(compute)
+    height, width = image.shape[-2:]
+    k_mod = kernel if mod is None else kernel * mod
+    alpha = torch.softmax(fusion_logits, dim=1)
+    pad = max(dilations)
+    padded = F.pad(image, (pad, pad, pad, pad))
+    padded_g = F.pad(g, (pad, pad, pad, pad))
+
+    # d out / d K~_i = sum_s alpha_s sum_c g_c I_c(p + d_s delta_i); d UM / d K~_i = sign / 9.
+    grad_k_mod = [gu * torch.sign(k_mod[:, i : i + 1]) / 9.0 for i in range(len(TAPS))]
+    grad_alpha = []
+    grad_image = torch.zeros_like(image)
+    for s, d in enumerate(dilations):
+        a_s = alpha[:, s : s + 1]
+        j_s = torch.zeros_like(image)
+        for i, (dy, dx) in enumerate(TAPS):
+            shifted = _shifted(padded, pad, d * dy, d * dx, height, width)
+            j_s = j_s + k_mod[:, i : i + 1] * shifted
+            grad_k_mod[i] = grad_k_mod[i] + a_s * (g * shifted).sum(dim=1, keepdim=True)
+            # Gather: q takes alpha_s(p) K~_i(p) g(p) from p = q - d_s delta_i.
+            weight = F.pad(a_s * k_mod[:, i : i + 1], (pad, pad, pad, pad))
+            grad_image = grad_image + _shifted(
+                weight * padded_g, pad, -d * dy, -d * dx, height, width
+            )
+        grad_alpha.append((g * j_s).sum(dim=1, keepdim=True))
+    grad_alpha_t = torch.cat(grad_alpha, dim=1)
+    # Softmax backward: d logit_s = alpha_s (g_alpha_s - sum_s' alpha_s' g_alpha_s').
+    grad_logits = alpha * (grad_alpha_t - (alpha * grad_alpha_t).sum(dim=1, keepdim=True))
+    grad_k_mod_t = torch.cat(grad_k_mod, dim=1)
+    grad_kernel = grad_k_mod_t if mod is None else grad_k_mod_t * mod
+    grad_mod = None if mod is None else (grad_k_mod_t * kernel).to(modulation.dtype)
+    return (
+        grad_image.to(dtypes[0]),
+        grad_kernel.to(dtypes[1]),
+        grad_mod,
+        grad_logits.to(dtypes[2]),
+        g.to(dtypes[0]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Unfold formulation (what predictive-filtering repositories do): the benchmark baseline.
+# ---------------------------------------------------------------------------------------------
+
+
+def inverse_operator_unfold(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None,
+    dilations: Sequence[int] = DEFAULT_DILATIONS,
+) -> tuple[Tensor, Tensor]:
+    """Same maths via `F.unfold`: materialises a (B, C*9, H*W) patch tensor per dilation."""
+    b, c, h, w = image.shape
+    k_mod = kernel if modulation is None else kernel * modulation
+    alpha = torch.softmax(fusion_logits.to(_compute_dtype(image.dtype)), dim=1).to(image.dtype)
+    restored = torch.zeros_like(image) if bias is None else bias.clone()
+    for s, d in enumerate(dilations):
+        patches = F.unfold(image, kernel_size=3, dilation=d, padding=d).view(b, c, 9, h, w)
+        j_s = (patches * k_mod.unsqueeze(1)).sum(dim=2)
+        restored = restored + alpha[:, s : s + 1] * j_s
+    return restored, k_mod.abs().mean(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Each program owns BLOCK pixels of one image; the 9 taps form the first axis
+# of a (16, BLOCK) tile (9 padded to a power of two), so one gather loads every tap at once.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_rows(logit_ptr, offs, mask, HW, S: tl.constexpr, S_BLOCK: tl.constexpr):
+    """alpha (S_BLOCK, BLOCK) = softmax over the S fusion logits of each pixel (rows >= S are 0)."""
+    srange = tl.arange(0, S_BLOCK)
+    smask = (srange[:, None] < S) & mask[None, :]
+    logits = tl.load(logit_ptr + srange[:, None] * HW + offs[None, :], mask=smask, other=0.0)
+    # Fill in fp32: -1e30 would overflow a half-precision load to -inf and make NaNs.
+    logits = tl.where(smask, logits.to(tl.float32), -1e30)
+    top = tl.max(logits, axis=0)
+    e = tl.where(smask, tl.exp(logits - top[None, :]), 0.0)
+    return e / tl.maximum(tl.sum(e, axis=0), 1e-30)[None, :]
+
+
+@triton.jit
+def _row(tile, srange, s):
+    """Row s of a (S_BLOCK, BLOCK) tile as a (BLOCK,) vector."""
+    return tl.sum(tl.where(srange[:, None] == s, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _inverse_operator_fwd_kernel(
+    img_ptr, ker_ptr, mod_ptr, logit_ptr, bias_ptr, dil_ptr, out_ptr, unc_ptr,
+    C, H, W,
+    S: tl.constexpr, S_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """out = sum_s alpha_s sum_i K~_i I(p + d_s delta_i) + b; UM = mean_i |K~_i| (Eq. 11, 16-19)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    y = offs // W
+    x = offs % W
+    tap = tl.arange(0, 16)
+    tmask = (tap[:, None] < 9) & mask[None, :]
+    dy = tap // 3 - 1
+    dx = tap % 3 - 1
+    k_off = b * 9 * HW + tap[:, None] * HW + offs[None, :]
+    k_mod = tl.load(ker_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
+    if HAS_MOD:
+        k_mod = k_mod * tl.load(mod_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
+    srange = tl.arange(0, S_BLOCK)
+    alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)
+    tl.store(unc_ptr + b * HW + offs, (tl.sum(tl.abs(k_mod), axis=0) / 9.0), mask=mask)
+    for c in range(C):
+        plane = img_ptr + (b * C + c) * HW
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + (b * C + c) * HW + offs, mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(S):
+            d = tl.load(dil_ptr + s)
+            yy = y[None, :] + d * dy[:, None]
+            xx = x[None, :] + d * dx[:, None]
+            ok = tmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            v = tl.load(plane + yy * W + xx, mask=ok, other=0.0).to(tl.float32)
+            acc += _row(alpha, srange, s) * tl.sum(k_mod * v, axis=0)
+        tl.store(out_ptr + (b * C + c) * HW + offs, acc, mask=mask)
+
+
+@triton.jit
+def _inverse_operator_bwd_taps_kernel(
+    img_ptr, ker_ptr, mod_ptr, logit_ptr, dil_ptr, gout_ptr, gunc_ptr,
+    gker_ptr, gmod_ptr, glogit_ptr, wscratch_ptr,
+    C, H, W,
+    S: tl.constexpr, S_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per-pixel gradients: kernel, modulation and logits; writes alpha_s K~_i for the gather.
+
+    d out/d K~_i(p) = sum_s alpha_s sum_c g_c I_c(p + d_s delta_i), plus |.|' of UM: sign / 9;
+    d out/d alpha_s = sum_c g_c J_s,c, pushed through the softmax.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    y = offs // W
+    x = offs % W
+    tap = tl.arange(0, 16)
+    tmask = (tap[:, None] < 9) & mask[None, :]
+    dy = tap // 3 - 1
+    dx = tap % 3 - 1
+    k_off = b * 9 * HW + tap[:, None] * HW + offs[None, :]
+    kern = tl.load(ker_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
+    k_mod = kern
+    if HAS_MOD:
+        modw = tl.load(mod_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
+        k_mod = kern * modw
+    srange = tl.arange(0, S_BLOCK)
+    alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)
+    gu = tl.load(gunc_ptr + b * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    sign = tl.where(k_mod > 0, 1.0, tl.where(k_mod < 0, -1.0, 0.0))
+    g_kmod = sign * gu[None, :] / 9.0
+    g_alpha = tl.zeros((S_BLOCK, BLOCK), dtype=tl.float32)
+    for c in range(C):
+        plane = img_ptr + (b * C + c) * HW
+        g = tl.load(gout_ptr + (b * C + c) * HW + offs, mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(S):
+            d = tl.load(dil_ptr + s)
+            yy = y[None, :] + d * dy[:, None]
+            xx = x[None, :] + d * dx[:, None]
+            ok = tmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            v = tl.load(plane + yy * W + xx, mask=ok, other=0.0).to(tl.float32)
+            a_s = _row(alpha, srange, s)
+            g_kmod += (a_s * g)[None, :] * v
+            g_alpha += tl.where(srange[:, None] == s, (g * tl.sum(k_mod * v, axis=0))[None, :], 0.0)
+    g_logit = alpha * (g_alpha - tl.sum(alpha * g_alpha, axis=0)[None, :])
+    smask = (srange[:, None] < S) & mask[None, :]
+    tl.store(glogit_ptr + b * S * HW + srange[:, None] * HW + offs[None, :], g_logit, mask=smask)
+    if HAS_MOD:
+        tl.store(gker_ptr + k_off, g_kmod * modw, mask=tmask)
+        tl.store(gmod_ptr + k_off, g_kmod * kern, mask=tmask)
+    else:
+        tl.store(gker_ptr + k_off, g_kmod, mask=tmask)
+    # Scratch (B, S, 9, H, W) fp32: the weight alpha_s K~_i that pixel p gives each tap.
+    for s in tl.static_range(S):
+        w_off = ((b * S + s) * 9 + tap[:, None]) * HW + offs[None, :]
+        tl.store(wscratch_ptr + w_off, _row(alpha, srange, s)[None, :] * k_mod, mask=tmask)
+
+
+@triton.jit
+def _inverse_operator_bwd_image_kernel(
+    wscratch_ptr, dil_ptr, gout_ptr, gimg_ptr,
+    C, H, W,
+    S: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Image gradient as a gather, no atomics: q sums alpha_s K~_i g over p = q - d_s delta_i."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    y = offs // W
+    x = offs % W
+    tap = tl.arange(0, 16)
+    tmask = (tap[:, None] < 9) & mask[None, :]
+    dy = tap // 3 - 1
+    dx = tap % 3 - 1
+    for c in range(C):
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(S):
+            d = tl.load(dil_ptr + s)
+            py = y[None, :] - d * dy[:, None]
+            px = x[None, :] - d * dx[:, None]
+            ok = tmask & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+            p = py * W + px
+            w = tl.load(
+                wscratch_ptr + ((b * S + s) * 9 + tap[:, None]) * HW + p, mask=ok, other=0.0
+            )
+            g = tl.load(gout_ptr + (b * C + c) * HW + p, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(w * g, axis=0)
+        tl.store(gimg_ptr + (b * C + c) * HW + offs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: contiguity, allocation, grid. Kernels only compute.
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = 256
+
+
+def _grid_and_meta(image: Tensor, dilations: Sequence[int]) -> tuple[tuple[int, int], Tensor]:
+    b, _, h, w = image.shape
+    dil = torch.tensor(list(dilations), dtype=torch.int32, device=image.device)
+    return (triton.cdiv(h * w, _BLOCK), b), dil
+
+
+def inverse_operator_forward_triton(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None,
+    dilations: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Triton forward: one pass, image tiles read once per tap from cache. Shapes as reference."""
+    image, kernel, fusion_logits = (
+        image.contiguous(),
+        kernel.contiguous(),
+        fusion_logits.contiguous(),
+    )
+    modulation = None if modulation is None else modulation.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    b, c, h, w = image.shape
+    s = len(dilations)
+    grid, dil = _grid_and_meta(image, dilations)
+    out = torch.empty_like(image)
+    unc = torch.empty((b, 1, h, w), dtype=image.dtype, device=image.device)
+    wrap_triton(_inverse_operator_fwd_kernel)[grid](
+        image, kernel, kernel if modulation is None else modulation, fusion_logits,
+        image if bias is None else bias, dil, out, unc,
+        c, h, w,
+        S=s, S_BLOCK=triton.next_power_of_2(s), HAS_MOD=modulation is not None,
+        HAS_BIAS=bias is not None, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return out, unc
+
+
+def inverse_operator_backward_triton(
+    grad_restored: Tensor,
+    grad_uncertainty: Tensor,
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    dilations: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Triton backward: grads for (image, kernel, modulation, logits, bias). Two passes."""
+    image, kernel, fusion_logits = (
+        image.contiguous(),
+        kernel.contiguous(),
+        fusion_logits.contiguous(),
+    )
+    modulation = None if modulation is None else modulation.contiguous()
+    g, gu = grad_restored.contiguous(), grad_uncertainty.contiguous()
+    b, c, h, w = image.shape
+    s = len(dilations)
+    grid, dil = _grid_and_meta(image, dilations)
+    g_kernel = torch.empty_like(kernel)
+    g_mod = None if modulation is None else torch.empty_like(modulation)
+    g_logits = torch.empty_like(fusion_logits)
+    g_image = torch.empty_like(image)
+    scratch = torch.empty((b, s, 9, h, w), dtype=torch.float32, device=image.device)
+    wrap_triton(_inverse_operator_bwd_taps_kernel)[grid](
+        image, kernel, kernel if modulation is None else modulation, fusion_logits, dil, g, gu,
+        g_kernel, g_kernel if g_mod is None else g_mod, g_logits, scratch,
+        c, h, w,
+        S=s, S_BLOCK=triton.next_power_of_2(s), HAS_MOD=modulation is not None, BLOCK=_BLOCK,
+    )  # fmt: skip
+    wrap_triton(_inverse_operator_bwd_image_kernel)[grid](
+        scratch, dil, g, g_image, c, h, w, S=s, BLOCK=_BLOCK
+    )
+    return g_image, g_kernel, g_mod, g_logits, g.to(image.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op: `torch.ops.opir.inverse_operator`. `triton_op` lets torch.compile trace into
+# the body, so on CPU inductor fuses the reference, and on CUDA it sees the Triton kernels.
+# ---------------------------------------------------------------------------------------------
+
+_BACKENDS = ("auto", "triton", "reference")
+_backend = os.environ.get("OPIR_KERNEL", "auto")
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """Choose the op's implementation while the block runs.
+
+    "auto" (default; env OPIR_KERNEL sets it at import): Triton for CUDA tensors, the reference
+    elsewhere. "triton": always Triton; on CPU tensors that needs TRITON_INTERPRET=1 set before
+    opir is imported (Triton's interpreter, slow but exact: how the tests exercise the kernels).
+    "reference": always the PyTorch reference. Under torch.compile it applies at trace time.
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"kernel backend must be one of {_BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _use_triton(image: Tensor) -> bool:
+    return _backend == "triton" or (_backend == "auto" and image.device.type == "cuda")
+
+
+@triton_op("opir::inverse_operator", mutates_args=())
+def _inverse_operator_op(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None,
+    dilations: list[int],
+) -> tuple[Tensor, Tensor]:
+    if _use_triton(image):
+        return inverse_operator_forward_triton(
+            image, kernel, modulation, fusion_logits, bias, dilations
+        )
+    return inverse_operator_reference(image, kernel, modulation, fusion_logits, bias, dilations)
+
+
+@triton_op("opir::inverse_operator_backward", mutates_args=())
+def _inverse_operator_backward_op(
+    grad_restored: Tensor,
+    grad_uncertainty: Tensor,
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    dilations: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grads for (image, kernel, modulation, logits); modulation's is empty when it is None."""
+    impl = (
+        inverse_operator_backward_triton
+        if _use_triton(image)
+        else inverse_operator_backward_reference
+    )
+    g_image, g_kernel, g_mod, g_logits, _ = impl(
+        grad_restored, grad_uncertainty, image, kernel, modulation, fusion_logits, dilations
+    )
+    if g_mod is None:
+        g_mod = kernel.new_empty((0,))
+    return g_image, g_kernel, g_mod, g_logits
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    image, kernel, modulation, fusion_logits, bias, dilations = inputs
+    ctx.save_for_backward(image, kernel, modulation, fusion_logits)
+    ctx.dilations = list(dilations)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_restored: Tensor, grad_uncertainty: Tensor):  # type: ignore[no-untyped-def]
+    image, kernel, modulation, fusion_logits = ctx.saved_tensors
+    g_image, g_kernel, g_mod, g_logits = torch.ops.opir.inverse_operator_backward(
+        grad_restored, grad_uncertainty, image, kernel, modulation, fusion_logits, ctx.dilations
+    )
+    g_bias = grad_restored if ctx.has_bias else None
+    return g_image, g_kernel, (g_mod if modulation is not None else None), g_logits, g_bias, None
+
+
+_inverse_operator_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (a multiply and an add count as one FLOP each).
+# ---------------------------------------------------------------------------------------------
+
+
+def inverse_operator_flops(
+    batch: int, channels: int, height: int, width: int, scales: int,
+    has_modulation: bool = True, has_bias: bool = True,
+) -> int:  # fmt: skip
+    """Forward FLOPs of the op.
+
+    Per pixel and channel: S x 9 taps x (mul + add) = 18 S, fusion alpha_s * J_s and its sum
+    = 2 S, the bias add = 1. Per pixel: TAM modulation 9 muls; softmax 3 S (sub max, exp,
+    divide) + (S - 1) adds; UM 9 abs + 8 adds + 1 divide = 18.
+    """
+    per_channel = 20 * scales + int(has_bias)
+    per_pixel = 9 * int(has_modulation) + 4 * scales - 1 + 18
+    return batch * height * width * (channels * per_channel + per_pixel)
+
+
+def inverse_operator_backward_flops(
+    batch: int, channels: int, height: int, width: int, scales: int, has_modulation: bool = True
+) -> int:
+    """Backward FLOPs, counted like the forward (recomputation included).
+
+    Per pixel and channel and scale: J_s recomputed (18), d alpha (2), d K~ (27 = 9 x 3),
+    the image gather (27 = 9 x (mul + mul + add)). Per pixel: softmax recomputed and its
+    backward (8 S), UM's sign term (27), d K and d m (2 x 9 when modulated).
+    """
+    per_pixel = channels * scales * 74 + 8 * scales + 27 + 18 * int(has_modulation)
+    return batch * height * width * per_pixel
+
+
+@register_flop_formula(torch.ops.opir.inverse_operator)
+def _inverse_operator_flop_formula(
+    image_shape, kernel_shape, modulation_shape, logits_shape, bias_shape, dilations,
+    *args, **kwargs,
+) -> int:  # type: ignore[no-untyped-def]  # fmt: skip
+    b, c, h, w = image_shape
+    return inverse_operator_flops(
+        b, c, h, w, len(dilations), modulation_shape is not None, bias_shape is not None
+    )
+
+
+@register_flop_formula(torch.ops.opir.inverse_operator_backward)
+def _inverse_operator_backward_flop_formula(
+    grad_shape, grad_unc_shape, image_shape, kernel_shape, modulation_shape, logits_shape,
+    dilations, *args, **kwargs,
+) -> int:  # type: ignore[no-untyped-def]  # fmt: skip
+    b, c, h, w = image_shape
+    return inverse_operator_backward_flops(b, c, h, w, len(dilations), modulation_shape is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point: argument checks, then the op.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_args(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None,
+    dilations: Sequence[int],
+) -> None:
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    b, c, h, w = image.shape
+    if c < 1:
+        raise ValueError("image must have at least one channel")
+    if len(dilations) < 1:
+        raise ValueError("dilations must hold at least one scale")
+    for d in dilations:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"dilations must be positive ints, got {list(dilations)}")
+    expected = {
+        "kernel": (kernel, (b, 9, h, w)),
+        "modulation": (modulation, (b, 9, h, w)),
+        "fusion_logits": (fusion_logits, (b, len(dilations), h, w)),
+        "bias": (bias, (b, c, h, w)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            hint = ""
+            if name == "fusion_logits" and t.dim() == 4 and t.shape[1] != len(dilations):
+                hint = f" (S = {t.shape[1]} logits but {len(dilations)} dilations)"
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}{hint}")
+        if t.device != image.device:
+            raise ValueError(f"{name} is on {t.device} but image is on {image.device}")
+        if t.dtype != image.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but image has {image.dtype}")
+    if not image.dtype.is_floating_point:
+        raise ValueError(f"image must be a floating-point tensor, got {image.dtype}")
+
+
+def inverse_operator(
+    image: Tensor,
+    kernel: Tensor,
+    modulation: Tensor | None,
+    fusion_logits: Tensor,
+    bias: Tensor | None = None,
+    dilations: Sequence[int] = DEFAULT_DILATIONS,
+) -> tuple[Tensor, Tensor]:
+    """Restore `image` with a per-pixel multi-scale inverse operator (Eq. 11, 16-19).
+
+    Args:
+        image: (B, C, H, W), any C >= 1, fp32/fp16/bf16 (fp64 on the reference path).
+        kernel: (B, 9, H, W) base 3x3 taps, row-major over delta in {-1, 0, 1}^2.
+        modulation: (B, 9, H, W) TAM weights, or None (= 1).
+        fusion_logits: (B, S, H, W), S = len(dilations).
+        bias: (B, C, H, W) or None.
+        dilations: S positive ints.
+
+    Returns:
+        (restored (B, C, H, W), uncertainty (B, 1, H, W)).
+
+    Raises:
+        ValueError: mismatched shapes, devices or dtypes, or bad dilations.
+    """
+    _check_args(image, kernel, modulation, fusion_logits, bias, dilations)
+    return torch.ops.opir.inverse_operator(
+        image, kernel, modulation, fusion_logits, bias, [int(d) for d in dilations]
+    )

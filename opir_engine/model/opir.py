@@ -1,0 +1,104 @@
+"""OPIR: two-stage task-aware inverse operator modelling (paper section 3, Eq. 8-13)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from opir_engine.model.config import OPIRConfig
+from opir_engine.model.kpn import KPN, KPNOutput
+from opir_engine.model.tam import TAM
+from opir_kernels.inverse_operator import inverse_operator
+
+
+class OPIROutput(NamedTuple):
+    restored: Tensor  # (B, 3, H, W): the last stage, or the input where auto mode saw "clean"
+    stages: tuple[Tensor, ...]  # (J1,) or (J1, J2), each (B, 3, H, W), before pass-through
+    uncertainty: Tensor  # (B, 1, H, W): UM of stage 1 (Eq. 11)
+    class_logits: Tensor  # (B, num_classes): the degradation head on the stage-1 bottleneck
+
+
+class DegradationHead(nn.Module):
+    """Classifies the degradation (clean, rain, snow, haze) from the KPN bottleneck."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * channels, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, bottleneck: Tensor) -> Tensor:
+        """(B, C, h, w) -> logits (B, num_classes). Mean and max pooling: haze is global,
+        rain and snow are sparse and show in the max."""
+        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+        return self.fc2(F.gelu(self.fc1(pooled)))
+
+
+class OPIR(nn.Module):
+    """G(I) = G2(G1(I; theta_t1); theta_t2) (Eq. 8) with one shared KPN and a TAM per stage."""
+
+    def __init__(self, config: OPIRConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_classes = len(config.classes)
+        self.kpn = KPN(config)
+        self.head = DegradationHead(self.kpn.bottleneck_channels, config.head_hidden, num_classes)
+        self.tams = nn.ModuleList(
+            [TAM(num_classes, config.task_dim, config.tam_hidden) for _ in range(config.stages)]
+            if config.use_tam
+            else []
+        )
+
+    @property
+    def multiple_of(self) -> int:
+        return self.config.multiple_of
+
+    def classify(self, image: Tensor) -> Tensor:
+        """Degradation logits (B, num_classes) from the stage-1 encoder alone."""
+        self._check_size(image)
+        bottleneck, _ = self.kpn.encode(image)
+        return self.head(bottleneck)
+
+    def forward(self, image: Tensor, task_weights: Tensor | None = None) -> OPIROutput:
+        """image (B, 3, H, W) in [0, 1], sides multiples of `multiple_of`.
+
+        task_weights (B, num_classes): one-hot for a chosen task, or any mix. None means auto:
+        the head's probabilities choose the embedding, and images it calls clean with at least
+        `clean_threshold` confidence come back unchanged.
+        """
+        self._check_size(image)
+        kpn1 = self.kpn(image)
+        class_logits = self.head(kpn1.bottleneck)
+        weights = torch.softmax(class_logits, dim=1) if task_weights is None else task_weights
+        j1, uncertainty = self._apply_operator(image, kpn1, 0, weights)  # Eq. 12
+        stages = (j1,)
+        if self.config.stages == 2:
+            guide = j1 * uncertainty if self.config.use_uncertainty else j1
+            j2, _ = self._apply_operator(j1, self.kpn(guide), 1, weights)  # Eq. 13
+            stages = (j1, j2)
+        restored = stages[-1]
+        if task_weights is None:
+            probs = weights
+            clean = (probs.argmax(dim=1) == 0) & (probs[:, 0] >= self.config.clean_threshold)
+            restored = torch.where(clean[:, None, None, None], image, restored)
+        return OPIROutput(restored, stages, uncertainty, class_logits)
+
+    def _apply_operator(
+        self, image: Tensor, kpn: KPNOutput, stage: int, task_weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(KPN(x) (x) TAM) applied to image (Eq. 9-10, 16-20)."""
+        modulation = self.tams[stage](kpn.kernel, task_weights) if self.config.use_tam else None
+        return inverse_operator(
+            image, kpn.kernel, modulation, kpn.fusion_logits, kpn.bias, self.config.dilations
+        )
+
+    def _check_size(self, image: Tensor) -> None:
+        m = self.multiple_of
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+        if image.shape[-2] % m or image.shape[-1] % m:
+            raise ValueError(
+                f"image sides must be multiples of {m}, got {tuple(image.shape[-2:])}: pad first"
+            )
