@@ -1,0 +1,159 @@
+"""Training and validation data: paired folders, clean photos, the fixed validation split.
+
+Paired sets are `<SET>/input/<stem>.*` (degraded) and `<SET>/target/<stem>.*` (clean), matched
+by stem. The validation split is seeded and written down (`splits/validation.json`); training
+never reads a file on it. Pairs that share one clean image (several haze levels or rain frames
+of one scene) are split together, so no scene is on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from opir_engine.model.config import CLASSES
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+VALIDATION_FRACTION = 0.15
+SPLIT_SEED = 20261125
+
+
+class DataError(Exception):
+    """A data folder is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One degraded/clean pair of a task ("rain", "snow", "haze" or "clean")."""
+
+    task: str
+    input: Path
+    target: Path
+
+    @property
+    def group(self) -> str:
+        """Pairs with byte-identical targets show one scene: they are split together."""
+        return hashlib.sha256(self.target.read_bytes()).hexdigest()
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (by suffix), sorted by name."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_pairs(folder: Path, task: str) -> list[Pair]:
+    """Pairs in `folder/input` and `folder/target` matched by stem; unmatched files are errors."""
+    folder = Path(folder)
+    if not (folder / "input").is_dir() or not (folder / "target").is_dir():
+        raise DataError(f"{folder}: expected input/ and target/ subfolders")
+    inputs = {p.stem: p for p in list_images(folder / "input")}
+    targets = {p.stem: p for p in list_images(folder / "target")}
+    missing = sorted(set(inputs) ^ set(targets))
+    if missing:
+        raise DataError(f"{folder}: stems without a partner: {', '.join(missing[:5])}")
+    return [Pair(task, inputs[s], targets[s]) for s in sorted(inputs)]
+
+
+def find_paired_sets(root: Path, task: str) -> list[Pair]:
+    """All pairs of a task folder: either one set (input/, target/) or a folder of sets."""
+    root = Path(root)
+    if (root / "input").is_dir():
+        return find_pairs(root, task)
+    pairs = [
+        pair
+        for sub in sorted(root.iterdir())
+        if (sub / "input").is_dir() and (sub / "target").is_dir()
+        for pair in find_pairs(sub, task)
+    ]
+    if not pairs:
+        raise DataError(f"{root}: no input/ and target/ folders found")
+    return pairs
+
+
+def _rank(key: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def choose_validation(
+    items: Sequence[str], groups: Sequence[str], seed: int = SPLIT_SEED
+) -> list[str]:
+    """Pick whole groups in a seeded order until at least VALIDATION_FRACTION of the items."""
+    wanted = math.ceil(VALIDATION_FRACTION * len(items))
+    by_group: dict[str, list[str]] = {}
+    for item, group in zip(items, groups, strict=True):
+        by_group.setdefault(group, []).append(item)
+    chosen: list[str] = []
+    for group in sorted(by_group, key=lambda g: _rank(g, seed)):
+        if len(chosen) >= wanted:
+            break
+        chosen.extend(by_group[group])
+    return sorted(chosen)
+
+
+def make_split(data_root: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """The validation split of the shared data: file paths relative to `data_root`.
+
+    Every paired set of rain/ and haze/ gives about 15% of its pairs (whole scenes); the clean
+    photos give 15% of each folder (EXIF test folders excluded: they are for I/O tests).
+    """
+    data_root = Path(data_root)
+    split: dict[str, list[str]] = {"rain": [], "haze": [], "snow": [], "clean": []}
+    for task in ("rain", "haze", "snow"):
+        task_dir = data_root / task
+        if not task_dir.is_dir():
+            continue
+        for set_dir in sorted(p for p in task_dir.iterdir() if (p / "input").is_dir()):
+            pairs = find_pairs(set_dir, task)
+            if len(pairs) < 3:  # too small to hold out (the single Snow100K pair)
+                continue
+            names = [str(p.input.relative_to(data_root)) for p in pairs]
+            split[task] += choose_validation(names, [p.group for p in pairs], seed)
+    for folder in sorted((data_root / "clean").iterdir()):
+        if not folder.is_dir() or folder.name.startswith("EXIF"):
+            continue
+        names = [str(p.relative_to(data_root)) for p in list_images(folder)]
+        split["clean"] += choose_validation(names, names, seed)
+    return split
+
+
+def load_split(path: Path) -> dict[str, set[str]]:
+    with open(path) as f:
+        data = json.load(f)
+    return {task: set(names) for task, names in data["validation"].items()}
+
+
+def load_rgb(path: Path, max_side: int | None = None) -> torch.Tensor:
+    """uint8 (3, H, W), EXIF orientation applied, long side at most `max_side` (area filter)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        if max_side is not None and max(im.size) > max_side:
+            scale = max_side / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(size, Image.Resampling.BOX)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+
+def class_index(task: str) -> int:
+    return CLASSES.index(task)
+
+
+def exclude(paths: Iterable[Path], excluded: set[str], data_root: Path) -> list[Path]:
+    """Drop files whose path relative to data_root is in `excluded` (the validation split)."""
+    kept = []
+    for p in paths:
+        try:
+            rel = str(Path(p).resolve().relative_to(Path(data_root).resolve()))
+        except ValueError:
+            rel = None
+        if rel not in excluded:
+            kept.append(p)
+    return kept

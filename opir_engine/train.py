@@ -1,0 +1,398 @@
+"""Training: the recipe of appendix B.1 scaled to the machine, resumable exactly.
+
+Each step's data comes from a generator seeded by (seed, step), so a resumed run draws the
+same crops, flips and synthetic weather as an uninterrupted one; model and Adam state are
+saved as safetensors, the rest as JSON. The learning rate is a pure function of the step
+(cosine from `lr` to `lr_min`), so no scheduler state is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from opir_engine.checkpoint import load_checkpoint, save_checkpoint
+from opir_engine.data import Pair, class_index, exclude, find_paired_sets, list_images, load_rgb
+from opir_engine.metrics import psnr, ssim
+from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
+from opir_engine.padding import crop_to, pad_to_multiple
+from opir_engine.synthesis import scale_for_size, synthesize
+
+
+class TrainingError(Exception):
+    """A run directory or training option is unusable."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a run besides the data (appendix B.1 defaults, machine-sized)."""
+
+    config: str = "small"
+    steps: int = 20000
+    batch: int = 8
+    patch: int = 128
+    lr: float = 2e-4
+    lr_min: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    synth_ratio: float = 0.6
+    clean_ratio: float = 0.1
+    max_side: int = 512
+    seed: int = 0
+    val_every: int = 1000
+    ckpt_every: int = 250
+    log_every: int = 25
+
+    def lr_at(self, step: int) -> float:
+        """Cosine annealing from lr to lr_min over `steps` (Loshchilov & Hutter)."""
+        t = min(step, self.steps) / max(self.steps, 1)
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * t))
+
+
+@dataclass
+class DataSpec:
+    """Where training reads from: paired folders per task, clean photos, the held-out split."""
+
+    paired: dict[str, list[str]] = field(default_factory=dict)
+    clean: list[str] = field(default_factory=list)
+    split: str | None = None
+    data_root: str | None = None
+
+
+class TrainingSet:
+    """Preloaded images and a per-step batch sampler (main process: no worker competes for
+    the two cores; sampling costs a few percent of a step, see the run log's `data_ms`)."""
+
+    def __init__(self, spec: DataSpec, recipe: Recipe) -> None:
+        excluded: set[str] = set()
+        if spec.split:
+            with open(spec.split) as f:
+                excluded = {n for names in json.load(f)["validation"].values() for n in names}
+        root = Path(spec.data_root) if spec.data_root else Path("/")
+        self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for task, folders in spec.paired.items():
+            pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
+            kept = set(exclude([p.input for p in pairs], excluded, root))
+            self.pairs[task] = [
+                self._load_pair(p, recipe.max_side) for p in pairs if p.input in kept
+            ]
+        clean_paths = [p for folder in spec.clean for p in list_images(Path(folder))]
+        clean_paths = exclude(clean_paths, excluded, root)
+        self.clean = [load_rgb(p, recipe.max_side) for p in clean_paths]
+        if not self.clean:
+            raise TrainingError("no clean photos to synthesize from (pass --clean DIR)")
+        self.recipe = recipe
+
+    @staticmethod
+    def _load_pair(pair: Pair, max_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        degraded, target = load_rgb(pair.input, max_side), load_rgb(pair.target, max_side)
+        if degraded.shape != target.shape:
+            raise TrainingError(f"{pair.input}: input and target sizes differ")
+        return degraded, target
+
+    def counts(self) -> dict[str, int]:
+        return {**{t: len(p) for t, p in self.pairs.items()}, "clean": len(self.clean)}
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(degraded, target) (B, 3, P, P) float in [0, 1] and class indices (B,) for a step."""
+        rng = np.random.default_rng([self.recipe.seed, step])
+        samples = [self._sample(rng) for _ in range(self.recipe.batch)]
+        degraded, target, labels = zip(*samples, strict=True)
+        return torch.stack(degraded), torch.stack(target), torch.tensor(labels)
+
+    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        r = self.recipe
+        if rng.random() < r.clean_ratio:  # clean -> clean teaches the head and pass-through
+            image = self._crop([self.clean[rng.integers(len(self.clean))]], rng)[0]
+            return image, image, class_index("clean")
+        task = ("rain", "snow", "haze")[rng.integers(3)]
+        real = self.pairs.get(task, [])
+        if real and rng.random() >= r.synth_ratio:
+            degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
+            return degraded, target, class_index(task)
+        source = self.clean[rng.integers(len(self.clean))]
+        target = self._crop([source], rng)[0]
+        seed = int(rng.integers(0, 2**62))
+        degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
+        return degraded.clamp(0, 1), target, class_index(task)
+
+    def _crop(self, images: list[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+        """The same random crop and flips of each image, as float (3, P, P)."""
+        p = self.recipe.patch
+        h, w = images[0].shape[-2:]
+        if h < p or w < p:  # upscale small photos so a full patch fits
+            scale = p / min(h, w)
+            size = (max(p, math.ceil(h * scale)), max(p, math.ceil(w * scale)))
+            images = [
+                F.interpolate(im[None].float(), size=size, mode="bilinear")[0] for im in images
+            ]
+            h, w = size
+        y, x = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
+        flip_h, flip_v = rng.random() < 0.5, rng.random() < 0.5
+        out = []
+        for im in images:
+            crop = im[:, y : y + p, x : x + p].float() / 255.0
+            if flip_h:
+                crop = crop.flip(-1)
+            if flip_v:
+                crop = crop.flip(-2)
+            out.append(crop.contiguous())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationSet:
+    """Held-out pairs per task (full images), clean photos, synthetic snow from held-out clean."""
+
+    items: list[tuple[str, str, torch.Tensor, torch.Tensor]]  # (task, name, degraded, target)
+
+    @classmethod
+    def from_split(
+        cls, split_path: Path, data_root: Path, max_side: int | None = None
+    ) -> ValidationSet:
+        with open(split_path) as f:
+            split = json.load(f)["validation"]
+        items = []
+        for task in ("rain", "haze"):
+            for name in split.get(task, []):
+                inp = data_root / name
+                tgt = inp.parent.parent / "target"
+                tgt = next(p for p in tgt.iterdir() if p.stem == inp.stem)
+                items.append((task, name, load_rgb(inp, max_side), load_rgb(tgt, max_side)))
+        for i, name in enumerate(split.get("clean", [])):
+            clean = load_rgb(data_root / name, max_side)
+            items.append(("clean", name, clean, clean))
+            if i % 2 == 0:  # snow has no real held-out pairs: synthesize them, fixed seeds
+                target = clean.float() / 255.0
+                snowy, _ = synthesize(target, "snow", seed=1000 + i, scale=1.0)
+                snowy8 = (snowy.clamp(0, 1) * 255).round().to(torch.uint8)
+                items.append(("snow", f"synthetic:{name}", snowy8, clean))
+        return cls(items)
+
+
+@torch.inference_mode()
+def evaluate(model: OPIR, val: ValidationSet, tiles: Callable | None = None) -> dict[str, Any]:
+    """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself."""
+    model.eval()
+    per_task: dict[str, dict[str, list[float]]] = {}
+    for task, _name, degraded, target in val.items:
+        x = degraded[None].float() / 255.0
+        y = target.float() / 255.0
+        padded, size = pad_to_multiple(x, model.multiple_of)
+        logits = model.classify(padded)
+        out = model(padded).restored if task == "clean" else None
+        if out is None:
+            weights = F.one_hot(torch.tensor([class_index(task)]), len(CLASSES)).float()
+            out = model(padded, weights).restored
+        restored = crop_to(out, size)[0].clamp(0, 1)
+        restored = (restored * 255).round() / 255  # score what a saved 8-bit file holds
+        m = per_task.setdefault(
+            task, {k: [] for k in ("in_psnr", "in_ssim", "psnr", "ssim", "acc")}
+        )
+        m["in_psnr"].append(psnr(x[0], y))
+        m["in_ssim"].append(ssim(x[0], y))
+        m["psnr"].append(psnr(restored, y))
+        m["ssim"].append(ssim(restored, y))
+        m["acc"].append(float(int(logits.argmax()) == class_index(task)))
+    model.train()
+    summary = {
+        task: {k: float(np.mean([v for v in vals if math.isfinite(v)] or [float("inf")]))
+               for k, vals in m.items()} | {"n": len(m["psnr"])}
+        for task, m in per_task.items()
+    }  # fmt: skip
+    restore_tasks = [t for t in ("rain", "snow", "haze") if t in summary]
+    summary["mean_gain"] = float(
+        np.mean([summary[t]["psnr"] - summary[t]["in_psnr"] for t in restore_tasks])
+    )
+    summary["head_accuracy"] = float(np.mean([a for m in per_task.values() for a in m["acc"]]))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory: exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    tensors = {
+        f"{idx}.{name}": value.contiguous()
+        for idx, entries in state["state"].items()
+        for name, value in entries.items()
+    }
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    return {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+class Trainer:
+    """Owns one run directory: `run.json` (recipe, data), `state/` (resume), `log.jsonl`,
+    `best.safetensors` + `best.json` (the best validation so far), `last.*`."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, data: DataSpec, init: Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.recipe = recipe
+        self.data = data
+        self.model = OPIR(OPIRConfig.from_name(recipe.config))
+        if init is not None:
+            initial, _card = load_checkpoint(init)
+            self.model.load_state_dict(initial.state_dict())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
+        self.loss = OPIRLoss()
+        self.step = 0
+        self.wall_seconds = 0.0
+        self.best: float | None = None
+
+    # -- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def resume(cls, run_dir: Path) -> Trainer:
+        run_dir = Path(run_dir)
+        try:
+            info = json.loads((run_dir / "run.json").read_text())
+            trainer_state = json.loads((run_dir / "state" / "trainer.json").read_text())
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{run_dir}: not a resumable run directory ({e})") from e
+        recipe = Recipe(**{**info["recipe"], "betas": tuple(info["recipe"]["betas"])})
+        trainer = cls(run_dir, recipe, DataSpec(**info["data"]))
+        trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
+        _load_optimizer(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",
+                        trainer_state["optimizer"])  # fmt: skip
+        trainer.step = trainer_state["step"]
+        trainer.wall_seconds = trainer_state["wall_seconds"]
+        trainer.best = trainer_state["best"]
+        return trainer
+
+    def save_state(self) -> None:
+        state_dir = self.run_dir / "state"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        model_state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        _atomic(state_dir / "model.safetensors", lambda t: save_file(model_state, str(t)))
+        opt_meta = _save_optimizer(self.optimizer, state_dir / "optimizer.safetensors")
+        _write_json(state_dir / "trainer.json", {
+            "step": self.step, "wall_seconds": self.wall_seconds, "best": self.best,
+            "optimizer": opt_meta,
+        })  # fmt: skip
+
+    def card(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "name": f"opir-{self.recipe.config}",
+            "config": self.model.config.to_dict(),
+            "classes": list(CLASSES),
+            "recipe": dataclasses.asdict(self.recipe),
+            "data": dataclasses.asdict(self.data),
+            "steps": self.step,
+            "wall_time_hours": round(self.wall_seconds / 3600, 3),
+            "machine": machine_description(),
+            "validation": metrics,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(
+        self,
+        training_set: TrainingSet,
+        validation: ValidationSet | None,
+        max_minutes: float | None = None,
+        stop_step: int | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        compile_step: bool = False,
+    ) -> None:
+        """Train until `stop_step` (default: the recipe's steps) or `max_minutes`, then save."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "run.json", {
+            "recipe": dataclasses.asdict(self.recipe), "data": dataclasses.asdict(self.data),
+            "counts": training_set.counts(), "machine": machine_description(),
+        })  # fmt: skip
+        stop_step = min(stop_step or self.recipe.steps, self.recipe.steps)
+        forward = torch.compile(self.model) if compile_step else self.model
+        started = time.monotonic()
+        last_saved = time.monotonic()
+        log = open(self.run_dir / "log.jsonl", "a")  # noqa: SIM115
+        self.model.train()
+        try:
+            while self.step < stop_step:
+                if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
+                    break
+                t0 = time.monotonic()
+                degraded, target, labels = training_set.batch(self.step)
+                t1 = time.monotonic()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.recipe.lr_at(self.step)
+                weights = F.one_hot(labels, len(CLASSES)).float()
+                total, parts = self.loss(forward(degraded, weights), target, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.step += 1
+                t2 = time.monotonic()
+                self.wall_seconds += t2 - t0
+                stats = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
+                         "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
+                         "lr": self.recipe.lr_at(self.step - 1)}  # fmt: skip
+                if on_step:
+                    on_step(self.step, stats)
+                if self.step % self.recipe.log_every == 0:
+                    log.write(json.dumps({"step": self.step, **stats}) + "\n")
+                    log.flush()
+                if validation is not None and self.step % self.recipe.val_every == 0:
+                    self._validate(validation, log)
+                if self.step % self.recipe.ckpt_every == 0 or time.monotonic() - last_saved > 600:
+                    self.save_state()
+                    last_saved = time.monotonic()
+        finally:
+            log.close()
+            self.save_state()
+            save_checkpoint(self.run_dir / "last.safetensors", self.model, self.card(None))
+
+    def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
+        t = time.monotonic()
+        metrics = evaluate(self.model, validation)
+        metrics["seconds"] = round(time.monotonic() - t, 1)
+        log.write(json.dumps({"step": self.step, "validation": metrics}) + "\n")
+        log.flush()
+        score = metrics["mean_gain"]
+        if self.best is None or score > self.best:
+            self.best = score
+            save_checkpoint(self.run_dir / "best.safetensors", self.model, self.card(metrics))
+        return metrics
