@@ -100,5 +100,63 @@ def train(
     run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile)
 
 
+@app.command()
+def restore(
+    input: Path = typer.Argument(..., help="An image file or a folder of images."),
+    output: Path = typer.Argument(..., help="Output folder (or file, for one input file)."),
+    task: str = typer.Option(
+        "auto", help="auto (the model decides per image), rain, snow or haze."
+    ),
+    weights: str = typer.Option(
+        "opir-small-allinone", help="Shipped checkpoint name or .safetensors path."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+    tile: int = typer.Option(512, help="Tile side for large images (bounds memory)."),
+    tile_overlap: int = typer.Option(32, help="Overlap between tiles, blended smoothly."),
+    batch_size: int = typer.Option(1, help="Tiles per forward pass."),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the model [default: on CUDA, or 16+ images].",
+    ),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
+    format: str = typer.Option("keep", help="keep, png, jpg, webp or tiff."),
+    suffix: str = typer.Option("", help="Added to each output's stem, e.g. _restored."),
+    quality: int | None = typer.Option(None, help="JPEG/WebP quality [default: the input's]."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite/--skip-existing", help="Replace outputs that exist."
+    ),
+    save_uncertainty: bool = typer.Option(False, help="Also write <name>.uncertainty.png."),
+    report: Path | None = typer.Option(None, help="Per-image report, .json or .csv."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done, load nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Restore a photo or a folder of photos; inputs are never modified."""
+    from opir_engine.batch import RestoreOptions, UsageError, check_report_path, plan_jobs
+    from opir_engine.cli_restore import run_restore
+
+    try:
+        check_report_path(report)
+        jobs = plan_jobs(input, output, recursive=recursive, fmt=format, suffix=suffix)
+    except UsageError as e:
+        err.print(f"error: {e}", highlight=False)
+        raise typer.Exit(2) from e
+    options = RestoreOptions(task=task, quality=quality, overwrite=overwrite,
+                             save_uncertainty=save_uncertainty)  # fmt: skip
+    engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
+                       tile_overlap=tile_overlap, compile=compile)  # fmt: skip
+    code = run_restore(jobs, options, engine_args, batch_size, report, dry_run, quiet)
+    raise typer.Exit(code)
+
+
+@app.command()
+def models() -> None:
+    """List the shipped checkpoints with their cards' summary."""
+    from opir_engine.cli_restore import print_models
+
+    print_models()
+
+
 def main() -> None:
     app()

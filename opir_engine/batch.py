@@ -1,0 +1,229 @@
+"""Restoring files: plan input -> output paths safely, restore each file, report.
+
+Everything `opir restore` does besides parsing options lives here, so the local and the Ray
+backend share one per-file function (`restore_file`) and one summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from opir_engine.image_io import (
+    ImageIOError,
+    is_image_path,
+    read_image,
+    write_image,
+    write_image_like,
+)
+
+FORMAT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff"}
+
+
+class UsageError(Exception):
+    """The command cannot run as asked (bad paths, an output that would overwrite an input)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    input: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    task: str = "auto"
+    quality: int | None = None
+    overwrite: bool = False
+    save_uncertainty: bool = False
+
+
+@dataclass
+class FileRecord:
+    """One line of the report."""
+
+    input: str
+    output: str
+    status: str  # "done", "skipped" or "failed"
+    task: str = ""
+    confidence: float | None = None
+    width: int | None = None
+    height: int | None = None
+    ms: float | None = None
+    flops: int = 0
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_name(relative: Path, fmt: str, suffix: str) -> Path:
+    ext = relative.suffix if fmt == "keep" else FORMAT_SUFFIXES[fmt]
+    return relative.with_name(f"{relative.stem}{suffix}{ext}")
+
+
+def plan_jobs(
+    input: Path, output: Path, *, recursive: bool = False, fmt: str = "keep", suffix: str = ""
+) -> list[Job]:
+    """Map INPUT (a file or folder) to output paths, mirroring relative paths.
+
+    Raises UsageError before anything runs when an output would overwrite any input, or when
+    the output folder sits inside a recursively-read input folder (its files would be read
+    back as inputs on the next run).
+    """
+    if fmt != "keep" and fmt not in FORMAT_SUFFIXES:
+        raise UsageError(f"--format must be keep, {', '.join(FORMAT_SUFFIXES)}; got {fmt!r}")
+    if not input.exists():
+        raise UsageError(f"{input}: no such file or folder")
+    if input.is_file():
+        if output.suffix and not output.is_dir():
+            target = output if fmt == "keep" else output.with_suffix(FORMAT_SUFFIXES[fmt])
+            jobs = [Job(input, target)]
+        else:
+            jobs = [Job(input, output / _output_name(Path(input.name), fmt, suffix))]
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output}: INPUT is a folder, so OUTPUT must be a folder")
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in input.glob(pattern) if p.is_file() and is_image_path(p))
+        in_root, out_root = input.resolve(), output.resolve()
+        if recursive and out_root != in_root and out_root.is_relative_to(in_root):
+            raise UsageError(
+                f"{output}: is inside the input folder {input} read with --recursive; "
+                "choose an output folder outside it"
+            )
+        jobs = [Job(p, output / _output_name(p.relative_to(input), fmt, suffix)) for p in files]
+    inputs = {j.input.resolve() for j in jobs}
+    for job in jobs:
+        if job.output.resolve() in inputs:
+            raise UsageError(
+                f"{job.output}: would overwrite an input; choose another output folder or --suffix"
+            )
+    outputs = Counter(j.output.resolve() for j in jobs)
+    clash = [str(p) for p, n in outputs.items() if n > 1]
+    if clash:
+        raise UsageError(f"{clash[0]}: several inputs map to this output (same stem, other format)")
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# One file
+# ---------------------------------------------------------------------------------------------
+
+
+def uncertainty_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.uncertainty.png")
+
+
+def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # type: ignore[no-untyped-def]
+    """Read, restore and atomically write one file; errors become a failed record."""
+    record = FileRecord(str(job.input), str(job.output), "done")
+    if job.output.exists() and not options.overwrite:
+        record.status = "skipped"
+        return record
+    try:
+        t0 = time.perf_counter()
+        decoded = read_image(job.input)
+        result = engine.restore(decoded.rgb, task=options.task)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        write_image_like(job.output, result.image, decoded, quality=options.quality)
+        if options.save_uncertainty and result.uncertainty is not None:
+            um = result.uncertainty  # scaled to its maximum: a map to look at, not to measure
+            um = (um / um.max().clamp_min(1e-8)).expand(3, -1, -1)
+            write_image(uncertainty_path(job.output), um, channels="gray")
+        record.ms = 1000 * (time.perf_counter() - t0)
+        record.task, record.confidence = result.task, round(result.confidence, 4)
+        record.width, record.height = decoded.source_size
+        record.flops = result.flops
+    except ImageIOError as e:
+        record.status, record.error = "failed", str(e).removeprefix(f"{job.input}: ")
+    except (OSError, ValueError, RuntimeError) as e:
+        record.status, record.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+    return record
+
+
+def run_jobs(
+    engine,  # type: ignore[no-untyped-def]
+    jobs: Iterable[Job],
+    options: RestoreOptions,
+    on_record: Callable[[FileRecord], None] | None = None,
+) -> list[FileRecord]:
+    """Restore every job in turn; a failure is recorded and the batch goes on."""
+    records = []
+    for job in jobs:
+        record = restore_file(engine, job, options)
+        records.append(record)
+        if on_record:
+            on_record(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    done: int
+    skipped: int
+    failed: int
+    wall_s: float
+    ms_p50: float | None
+    ms_p95: float | None
+    megapixels_per_s: float | None
+    gflops_per_image: float | None
+    achieved_gflops_per_s: float | None
+    per_task: dict[str, int] = field(default_factory=dict)
+
+
+def summarize(records: list[FileRecord], wall_s: float) -> Summary:
+    done = [r for r in records if r.status == "done"]
+    ms = np.array([r.ms for r in done], dtype=float)
+    pixels = sum((r.width or 0) * (r.height or 0) for r in done)
+    flops = sum(r.flops for r in done)
+    busy_s = float(ms.sum()) / 1000 if done else 0.0
+    return Summary(
+        done=len(done),
+        skipped=sum(r.status == "skipped" for r in records),
+        failed=sum(r.status == "failed" for r in records),
+        wall_s=round(wall_s, 3),
+        ms_p50=round(float(np.percentile(ms, 50)), 1) if done else None,
+        ms_p95=round(float(np.percentile(ms, 95)), 1) if done else None,
+        megapixels_per_s=round(pixels / 1e6 / busy_s, 3) if busy_s else None,
+        gflops_per_image=round(flops / 1e9 / len(done), 2) if done else None,
+        achieved_gflops_per_s=round(flops / 1e9 / busy_s, 2) if busy_s else None,
+        per_task=dict(Counter(r.task for r in done)),
+    )
+
+
+def write_report(records: list[FileRecord], path: Path, summary: Summary | None = None) -> None:
+    """JSON (records and summary) or CSV (records), chosen by the suffix; written atomically."""
+    rows = [asdict(r) for r in records]
+    tmp = path.with_name(f".{path.name}.part")
+    if path.suffix.lower() == ".csv":
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(FileRecord("", "", "")).keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix.lower() == ".json":
+        data = {"files": rows, "summary": asdict(summary) if summary else None}
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    else:
+        raise UsageError(f"{path}: --report must end in .json or .csv")
+    os.replace(tmp, path)
+
+
+def check_report_path(path: Path | None) -> None:
+    if path is not None and path.suffix.lower() not in (".json", ".csv"):
+        raise UsageError(f"{path}: --report must end in .json or .csv")
