@@ -158,5 +158,53 @@ def models() -> None:
     print_models()
 
 
+@app.command()
+def synth(
+    clean_dir: Path = typer.Argument(..., help="Folder of clean photos (searched recursively)."),
+    out_dir: Path = typer.Argument(..., help="Writes input/, target/ and pairs.jsonl here."),
+    kind: str = typer.Option(..., help="rain, snow, haze or mixed."),
+    count: int = typer.Option(..., min=1, help="Number of pairs."),
+    seed: int = typer.Option(0, help="Everything drawn follows from it."),
+) -> None:
+    """Synthesize degraded/clean pairs from clean photos with the paper's models (Eq. 2-4)."""
+    from opir_engine.synthesis import KINDS, SynthesisError, synthesize_folder
+
+    if kind not in (*KINDS, "mixed"):
+        err.print(f"error: --kind must be rain, snow, haze or mixed, got {kind!r}")
+        raise typer.Exit(2)
+    try:
+        records = synthesize_folder(clean_dir, out_dir, kind, count, seed)
+    except SynthesisError as e:
+        err.print(f"error: {e}", highlight=False)
+        raise typer.Exit(1) from e
+    Console().print(f"wrote {len(records)} pairs to {out_dir} (parameters in pairs.jsonl)")
+
+
+@app.command("eval")
+def evaluate(
+    restored: Path | None = typer.Argument(None, help="Folder of restored images."),
+    target: Path | None = typer.Argument(None, help="Folder of ground truth, matched by stem."),
+    input: Path | None = typer.Option(None, "--input", help="Degraded inputs: adds their scores."),
+    y: bool = typer.Option(False, "--y", help="Score the Y channel (BT.601), as for deraining."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-image scores here."),
+    weights: str | None = typer.Option(None, help="Evaluate these weights on held-out data."),
+    split: Path | None = typer.Option(None, help="Validation split JSON (with --weights)."),
+    data_root: Path | None = typer.Option(None, help="Root of the split's paths."),
+    data: list[str] = typer.Option([], "--data", help="Paired folder: rain=DIR (with --weights)."),
+    device: str = typer.Option("auto"),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the table as JSON."),
+) -> None:
+    """PSNR/SSIM of restored folders, or of a checkpoint on paired folders / the held-out split."""
+    from opir_engine.cli_eval import eval_engine, eval_folders
+
+    if weights is None:
+        if restored is None or target is None:
+            err.print("error: give RESTORED_DIR TARGET_DIR, or --weights with --split/--data")
+            raise typer.Exit(2)
+        raise typer.Exit(eval_folders(restored, target, input, y, csv_path))
+    tagged = _parse_tagged(data, "--data")
+    raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path))
+
+
 def main() -> None:
     app()

@@ -1,0 +1,102 @@
+"""Terminal side of `opir eval`: tables of PSNR/SSIM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from opir_engine.evaluation import (
+    EvaluationError,
+    _finite_mean,
+    evaluate_engine,
+    evaluate_folders,
+    rows_to_card,
+    validation_items,
+    write_scores_csv,
+)
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def eval_folders(
+    restored: Path, target: Path, degraded: Path | None, y: bool, csv_path: Path | None
+) -> int:
+    err = Console(stderr=True, highlight=False)
+    try:
+        scores = evaluate_folders(restored, target, degraded, y)
+    except (EvaluationError, OSError) as e:
+        err.print(f"error: {e}")
+        return 2
+    table = Table(title=f"{restored} vs {target} ({'Y' if y else 'RGB'})")
+    for col in (
+        "image",
+        "PSNR",
+        "SSIM",
+        *(("input PSNR", "input SSIM", "gain") if degraded else ()),
+    ):
+        table.add_column(col, justify="right")
+    for s in scores:
+        extra = ()
+        if degraded:
+            extra = (_f(s.input_psnr), _f(s.input_ssim, 4), _f(s.psnr - s.input_psnr))
+        table.add_row(s.name, _f(s.psnr), _f(s.ssim, 4), *extra)
+    mean_p = _finite_mean(s.psnr for s in scores)
+    mean_s = _finite_mean(s.ssim for s in scores)
+    extra = ()
+    if degraded:
+        mean_ip = _finite_mean(s.input_psnr for s in scores)
+        gain = None if mean_p is None or mean_ip is None else mean_p - mean_ip
+        extra = (_f(mean_ip), _f(_finite_mean(s.input_ssim for s in scores), 4), _f(gain))
+    table.add_row("mean", _f(mean_p), _f(mean_s, 4), *extra, style="bold")
+    Console().print(table)
+    if csv_path:
+        write_scores_csv(scores, csv_path)
+    return 0
+
+
+def eval_engine(
+    weights: str,
+    split: Path | None,
+    data_root: Path | None,
+    tagged: dict[str, list[str]],
+    y: bool,
+    device: str,
+    json_path: Path | None,
+) -> int:
+    from opir_engine.data import find_paired_sets
+    from opir_engine.engine import OPIREngine
+    from opir_engine.image_io import read_image
+
+    err = Console(stderr=True, highlight=False)
+    if split is not None and data_root is None:
+        err.print("error: --split needs --data-root (the folder its paths are relative to)")
+        return 2
+    items = validation_items(split, data_root) if split is not None else []
+    for task, folders in tagged.items():
+        for folder in folders:
+            for pair in find_paired_sets(Path(folder), task):
+                items.append((task, str(pair.input), read_image(pair.input).rgb,
+                              read_image(pair.target).rgb))  # fmt: skip
+    if not items:
+        err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
+        return 2
+    engine = OPIREngine.from_pretrained(weights, device=device, compile=False)
+    rows = evaluate_engine(engine, items, y_channel=y)
+    table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")
+    for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "baseline",
+                "baseline PSNR/SSIM", "head acc."):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.task, str(r.n), f"{_f(r.input_psnr)} / {_f(r.input_ssim, 4)}",
+                      f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), r.baseline,
+                      f"{_f(r.baseline_psnr)} / {_f(r.baseline_ssim, 4)}",
+                      f"{100 * r.head_accuracy:.1f}%")  # fmt: skip
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps(rows_to_card(rows, y), indent=1) + "\n")
+    return 0

@@ -1,0 +1,183 @@
+"""`opir eval`: PSNR/SSIM of restored folders, and of the engine on held-out paired data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opir_engine.baselines import BASELINE_NAMES, classical_baseline
+from opir_engine.data import list_images
+from opir_engine.image_io import read_image
+from opir_engine.metrics import psnr, ssim
+from opir_engine.synthesis import synthesize
+
+
+class EvaluationError(Exception):
+    """Folders that cannot be compared."""
+
+
+@dataclass
+class ImageScore:
+    name: str
+    psnr: float
+    ssim: float
+    input_psnr: float | None = None
+    input_ssim: float | None = None
+
+
+def _finite_mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _score(a: torch.Tensor, b: torch.Tensor, y: bool) -> tuple[float, float]:
+    # On Y, round as MATLAB does on 8-bit files (the deraining protocol); RGB files are 8-bit.
+    return psnr(a, b, y_channel=y, quantize=y), ssim(a, b, y_channel=y, quantize=y)
+
+
+def match_by_stem(first: Path, second: Path) -> list[tuple[str, Path, Path]]:
+    """Files of two folders paired by stem; a stem missing on either side is an error."""
+    a = {p.stem: p for p in list_images(first)}
+    b = {p.stem: p for p in list_images(second)}
+    if not a:
+        raise EvaluationError(f"{first}: no images")
+    missing = sorted(set(a) ^ set(b))
+    if missing:
+        raise EvaluationError(f"{first} and {second}: unmatched stems: {', '.join(missing[:5])}")
+    return [(s, a[s], b[s]) for s in sorted(a)]
+
+
+def evaluate_folders(
+    restored: Path, target: Path, degraded: Path | None = None, y_channel: bool = False
+) -> list[ImageScore]:
+    """PSNR/SSIM per image of RESTORED against TARGET, and of DEGRADED when given."""
+    pairs = match_by_stem(restored, target)
+    inputs = dict((s, p) for s, p, _ in match_by_stem(degraded, target)) if degraded else {}
+    scores = []
+    for stem, rest_path, tgt_path in pairs:
+        out, tgt = read_image(rest_path).rgb, read_image(tgt_path).rgb
+        if out.shape != tgt.shape:
+            raise EvaluationError(f"{rest_path}: size {tuple(out.shape[1:])} differs from target")
+        score = ImageScore(stem, *_score(out, tgt, y_channel))
+        if stem in inputs:
+            score.input_psnr, score.input_ssim = _score(
+                read_image(inputs[stem]).rgb, tgt, y_channel
+            )
+        scores.append(score)
+    return scores
+
+
+def write_scores_csv(scores: list[ImageScore], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(scores[0]).keys()))
+        writer.writeheader()
+        writer.writerows(asdict(s) for s in scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine on paired data (the model card's table)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskRow:
+    task: str
+    n: int
+    input_psnr: float | None
+    input_ssim: float | None
+    psnr: float | None
+    ssim: float | None
+    baseline: str
+    baseline_psnr: float | None
+    baseline_ssim: float | None
+    head_accuracy: float
+
+    @property
+    def gain(self) -> float | None:
+        if self.psnr is None or self.input_psnr is None:
+            return None
+        return self.psnr - self.input_psnr
+
+
+def validation_items(
+    split_path: Path, data_root: Path
+) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(task, name, degraded, target) of the written-down split.
+
+    Real pairs for rain and haze; clean photos against themselves; and snow, which has no real
+    held-out pairs, synthesized from every other clean validation photo with fixed seeds.
+    """
+    split = json.loads(Path(split_path).read_text())["validation"]
+    items = []
+    for task in ("rain", "haze"):
+        for name in split.get(task, []):
+            inp = data_root / name
+            tgt = next(p for p in (inp.parent.parent / "target").iterdir() if p.stem == inp.stem)
+            items.append((task, name, read_image(inp).rgb, read_image(tgt).rgb))
+    for i, name in enumerate(split.get("clean", [])):
+        clean = read_image(data_root / name).rgb
+        items.append(("clean", name, clean, clean))
+        if i % 2 == 0:
+            snowy, _ = synthesize(clean, "snow", seed=1000 + i)
+            items.append(
+                ("snow", f"synthetic:{name}", (snowy.clamp(0, 1) * 255).round() / 255, clean)
+            )
+    return items
+
+
+def evaluate_engine(
+    engine,  # type: ignore[no-untyped-def]
+    items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
+    y_channel: bool = False,
+    baselines: bool = True,
+) -> list[TaskRow]:
+    """Run the engine with task auto (what users run) on each item and score per task.
+
+    The output is scored as the 8-bit file a user would get. Head accuracy counts images whose
+    auto decision is the right class (for clean photos: passed through or called clean).
+    """
+    per_task: dict[str, dict[str, list]] = {}
+    for task, _name, degraded, target in items:
+        result = engine.restore(degraded, task="auto")
+        out = (result.image * 255).round() / 255
+        m = per_task.setdefault(task, {k: [] for k in ("ip", "is", "p", "s", "bp", "bs", "acc")})
+        ip, is_ = _score(degraded, target, y_channel)
+        p, s = _score(out, target, y_channel)
+        m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
+        m["acc"].append(float(result.task == task))
+        if baselines and task in BASELINE_NAMES:
+            base = (classical_baseline(degraded, task) * 255).round() / 255
+            bp, bs = _score(base, target, y_channel)
+            m["bp"].append(bp), m["bs"].append(bs)
+    order = ["rain", "snow", "haze", "clean"]
+    return [
+        TaskRow(
+            task,
+            len(m["p"]),
+            _finite_mean(m["ip"]),
+            _finite_mean(m["is"]),
+            _finite_mean(m["p"]),
+            _finite_mean(m["s"]),
+            BASELINE_NAMES.get(task, "-"),
+            _finite_mean(m["bp"]),
+            _finite_mean(m["bs"]),
+            float(np.mean(m["acc"])),
+        )
+        for task, m in sorted(per_task.items(), key=lambda kv: order.index(kv[0]))
+    ]
+
+
+def rows_to_card(rows: list[TaskRow], y_channel: bool) -> dict:
+    """The card's `validation` entry."""
+    data = {r.task: {**asdict(r), "gain": r.gain} for r in rows}
+    all_acc = [r.head_accuracy * r.n for r in rows]
+    data["head_accuracy"] = sum(all_acc) / max(1, sum(r.n for r in rows))
+    data["channel"] = "Y (BT.601)" if y_channel else "RGB"
+    return data
