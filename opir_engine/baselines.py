@@ -14,9 +14,14 @@ import torch.nn.functional as F
 
 
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window, edges replicated; x (B, C, H, W)."""
+    """Mean over a (2r+1)^2 window, edges replicated; x (B, C, H, W). Summed-area table, so the
+    cost does not grow with the radius (the guided filter uses r = 40)."""
     k = 2 * radius + 1
-    return F.avg_pool2d(F.pad(x, (radius,) * 4, mode="replicate"), k, stride=1)
+    padded = F.pad(x, (radius + 1, radius, radius + 1, radius), mode="replicate")
+    table = padded.cumsum(-1).cumsum(-2)
+    h, w = x.shape[-2:]
+    total = table[..., k:, k:] - table[..., :h, k:] - table[..., k:, :w] + table[..., :h, :w]
+    return total / (k * k)
 
 
 def _guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
