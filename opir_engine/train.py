@@ -78,9 +78,12 @@ class TrainingSet:
     def __init__(self, spec: DataSpec, recipe: Recipe) -> None:
         excluded: set[str] = set()
         if spec.split:
+            if not spec.data_root:  # the split's paths are relative: nothing would be excluded
+                raise TrainingError(f"{spec.split}: a validation split needs --data-root")
             with open(spec.split) as f:
                 excluded = {n for names in json.load(f)["validation"].values() for n in names}
         root = Path(spec.data_root) if spec.data_root else Path("/")
+        self.paths: list[Path] = []  # every file loaded, in order (tests check the exclusion)
         self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for task, folders in spec.paired.items():
             pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
@@ -88,9 +91,11 @@ class TrainingSet:
             self.pairs[task] = [
                 self._load_pair(p, recipe.max_side) for p in pairs if p.input in kept
             ]
+            self.paths += [q for p in pairs if p.input in kept for q in (p.input, p.target)]
         clean_paths = [p for folder in spec.clean for p in list_images(Path(folder))]
         clean_paths = exclude(clean_paths, excluded, root)
         self.clean = [load_rgb(p, recipe.max_side) for p in clean_paths]
+        self.paths += clean_paths
         if not self.clean:
             raise TrainingError("no clean photos to synthesize from (pass --clean DIR)")
         self.recipe = recipe
@@ -247,7 +252,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # JSON turned the betas tuple into a list; restore it so the state matches a straight run
+    groups = [
+        {**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -273,7 +282,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.recipe = recipe
         self.data = data
-        self.model = OPIR(OPIRConfig.from_name(recipe.config))
+        with torch.random.fork_rng(devices=[]):  # the recipe's seed fixes the initial weights
+            torch.manual_seed(recipe.seed)
+            self.model = OPIR(OPIRConfig.from_name(recipe.config))
         if init is not None:
             initial, _card = load_checkpoint(init)
             self.model.load_state_dict(initial.state_dict())
@@ -367,7 +378,9 @@ class Trainer:
                 self.step += 1
                 t2 = time.monotonic()
                 self.wall_seconds += t2 - t0
-                stats = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
+                # detach: float() of a tensor that requires grad warns on every run
+                stats = {"loss": float(total.detach()),
+                         **{k: float(v.detach()) for k, v in parts.items()},
                          "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
                          "lr": self.recipe.lr_at(self.step - 1)}  # fmt: skip
                 if on_step:

@@ -1,0 +1,354 @@
+"""The trainer: learning-rate schedule, bit-exact resume, run directory, CLI, validation split.
+
+Training data for the runs here is a handful of small crops of real pairs and photos from the
+shared data, written as PNG into pytest's tmp folder; the split test reads the real folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from opir_engine.checkpoint import load_checkpoint
+from opir_engine.cli import app
+from opir_engine.train import (
+    DataSpec,
+    Recipe,
+    Trainer,
+    TrainingError,
+    TrainingSet,
+    ValidationSet,
+)
+
+DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
+OPIR_SCRIPT = Path(sys.executable).parent / "opir"
+
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
+)
+
+# (source file relative to DATA, file written under the fixture root); crops are 46x62 so
+# validation has to pad them to the model's multiple of 4.
+_FIXTURE_FILES = [
+    ("rain/Rain13K-subset/input/1.jpg", "rain/input/r1.png"),
+    ("rain/Rain13K-subset/target/1.jpg", "rain/target/r1.png"),
+    ("rain/Rain13K-subset/input/2.jpg", "rain/input/r2.png"),
+    ("rain/Rain13K-subset/target/2.jpg", "rain/target/r2.png"),
+    ("haze/SOTS-indoor/input/1400_1.png", "haze/input/h1.png"),
+    ("haze/SOTS-indoor/target/1400_1.png", "haze/target/h1.png"),
+    ("haze/SOTS-indoor/input/1401_2.png", "haze/input/h2.png"),
+    ("haze/SOTS-indoor/target/1401_2.png", "haze/target/h2.png"),
+    ("clean/CBSD68/101085.png", "clean/c1.png"),
+    ("clean/CBSD68/101087.png", "clean/c2.png"),
+    ("clean/CBSD68/102061.png", "clean/c3.png"),
+]
+_HELD_OUT = {
+    "rain": ["rain/input/r2.png"],
+    "haze": ["haze/input/h2.png"],
+    "clean": ["clean/c3.png"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is fastest, and on a busy machine threads spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small crops of real pairs and photos, plus a split holding one of each aside."""
+    if not DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {DATA} (set OPIR_DATA)")
+    root = tmp_path_factory.mktemp("data")
+    for source, dest in _FIXTURE_FILES:
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(DATA / source) as im:
+            im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
+    (root / "split.json").write_text(json.dumps({"validation": _HELD_OUT}))
+    return root
+
+
+def _spec(root: Path, split: bool = False) -> DataSpec:
+    return DataSpec(
+        paired={"rain": [str(root / "rain")], "haze": [str(root / "haze")]},
+        clean=[str(root / "clean")],
+        split=str(root / "split.json") if split else None,
+        data_root=str(root) if split else None,
+    )
+
+
+def _recipe(**overrides: object) -> Recipe:
+    base = dict(config="tiny", steps=6, batch=2, patch=32, max_side=64, seed=3, val_every=1000,
+                ckpt_every=1000, log_every=1)  # fmt: skip
+    return Recipe(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_is_cosine_from_lr_to_lr_min() -> None:
+    r = Recipe(steps=100, lr=2e-4, lr_min=1e-7)
+    assert r.lr_at(0) == pytest.approx(2e-4, rel=1e-12)
+    assert r.lr_at(100) == 1e-7
+    assert r.lr_at(250) == 1e-7  # clamped after the schedule ends
+    assert r.lr_at(50) == pytest.approx((2e-4 + 1e-7) / 2, rel=1e-12)
+    quarter = 1e-7 + 0.5 * (2e-4 - 1e-7) * (1 + math.cos(math.pi / 4))
+    assert r.lr_at(25) == pytest.approx(quarter, rel=1e-12)
+    lrs = [r.lr_at(s) for s in range(101)]
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    # cosine: slow at both ends, fastest in the middle
+    drops = np.diff(lrs)
+    assert abs(drops[0]) < abs(drops[50]) and abs(drops[-1]) < abs(drops[50])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_seed_fixes_initial_weights(tmp_path: Path, data_root: Path) -> None:
+    a = Trainer(tmp_path / "a", _recipe(), _spec(data_root)).model.state_dict()
+    torch.rand(10)  # the global generator's state must not matter
+    b = Trainer(tmp_path / "b", _recipe(), _spec(data_root)).model.state_dict()
+    c = Trainer(tmp_path / "c", _recipe(seed=4), _spec(data_root)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_is_bit_exact(tmp_path: Path, data_root: Path) -> None:
+    recipe, spec = _recipe(), _spec(data_root)
+    training_set = TrainingSet(spec, recipe)
+    assert training_set.counts() == {"rain": 2, "haze": 2, "clean": 3}
+
+    straight = Trainer(tmp_path / "straight", recipe, spec)
+    straight.train(training_set, None)
+    assert straight.step == 6
+
+    first = Trainer(tmp_path / "split", recipe, spec)
+    first.train(training_set, None, stop_step=3)
+    assert first.step == 3
+    resumed = Trainer.resume(tmp_path / "split")
+    assert resumed.step == 3 and resumed.recipe == recipe and resumed.data == spec
+    resumed.train(training_set, None)
+    assert resumed.step == 6
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for idx, entries in opt_a["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(value, opt_b["state"][idx][name]), (idx, name)
+    losses = [entry["loss"] for entry in _log(tmp_path / "straight")]
+    assert len(losses) == 6
+    assert losses == [entry["loss"] for entry in _log(tmp_path / "split")]
+
+
+def test_resume_of_a_non_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="not a resumable run directory"):
+        Trainer.resume(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
+    recipe, spec = _recipe(steps=4, val_every=2), _spec(data_root, split=True)
+    training_set = TrainingSet(spec, recipe)
+    assert training_set.counts() == {"rain": 1, "haze": 1, "clean": 2}
+    validation = ValidationSet.from_split(data_root / "split.json", data_root)
+    tasks = [task for task, *_ in validation.items]
+    assert sorted(tasks) == ["clean", "haze", "rain", "snow"]  # snow: synthesized from clean
+
+    run = tmp_path / "run"
+    trainer = Trainer(run, recipe, spec)
+    trainer.train(training_set, validation)
+
+    assert {p.name for p in run.iterdir()} >= {
+        "run.json", "state", "log.jsonl", "last.safetensors", "last.json",
+        "best.safetensors", "best.json",
+    }  # fmt: skip
+    assert {p.name for p in (run / "state").iterdir()} == {
+        "model.safetensors", "optimizer.safetensors", "trainer.json",
+    }  # fmt: skip
+    info = json.loads((run / "run.json").read_text())
+    assert info["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe)))
+    assert info["data"] == dataclasses.asdict(spec)
+    assert info["counts"] == training_set.counts()
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 4
+
+    last = json.loads((run / "last.json").read_text())
+    assert last["steps"] == 4
+    assert last["recipe"] == info["recipe"] and last["data"] == info["data"]
+    assert isinstance(last["wall_time_hours"], float) and last["wall_time_hours"] >= 0
+    assert last["config"]["width"] == 8  # the tiny preset
+    model, card = load_checkpoint(run / "last.safetensors")
+    assert card["steps"] == 4
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+    log = _log(run)
+    steps = [e for e in log if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all({"charbonnier", "edge", "fft", "ce", "lr"} <= e.keys() for e in steps)
+    validations = [e for e in log if "validation" in e]
+    assert [e["step"] for e in validations] == [2, 4]
+    for entry in validations:
+        metrics = entry["validation"]
+        for task in ("rain", "haze", "snow", "clean"):
+            assert metrics[task]["n"] == 1
+            assert {"psnr", "ssim", "in_psnr", "in_ssim", "acc"} <= metrics[task].keys()
+        assert math.isfinite(metrics["mean_gain"])
+        assert 0.0 <= metrics["head_accuracy"] <= 1.0
+    best = json.loads((run / "best.json").read_text())
+    assert best["steps"] in (2, 4)
+    best_val = next(e["validation"] for e in validations if e["step"] == best["steps"])
+    assert best["validation"]["mean_gain"] == best_val["mean_gain"]
+    assert best_val["mean_gain"] == max(e["validation"]["mean_gain"] for e in validations)
+    load_checkpoint(run / "best.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(text: str) -> str:
+    """Output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def _train_args(run: Path, root: Path) -> list[str]:
+    return ["train", "--out", str(run), "--config", "tiny", "--data", f"rain={root / 'rain'}",
+            "--data", f"haze={root / 'haze'}", "--clean", str(root / "clean"), "--steps", "4",
+            "--batch", "2", "--patch", "32"]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not OPIR_SCRIPT.is_file(), reason=f"console script not installed: {OPIR_SCRIPT}"
+)
+def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+    def opir(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(OPIR_SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    started = opir(*_train_args(run, data_root), "--stop-at", "2")
+    assert started.returncode == 0, started.stderr
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 2
+    assert "stopped at step 2" in _flat(started.stderr)
+
+    resumed = opir("train", "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 4
+    assert json.loads((run / "last.json").read_text())["steps"] == 4
+    assert load_checkpoint(run / "last.safetensors")[1]["steps"] == 4
+    assert json.loads((run / "run.json").read_text())["recipe"]["config"] == "tiny"
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path: Path, data_root: Path) -> None:
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    result = CliRunner().invoke(app, _train_args(run, data_root))
+    assert result.exit_code == 2
+    assert "already holds a run; pass --resume to continue it" in _flat(result.output)
+    assert list((run / "state").iterdir()) == []
+
+
+def test_cli_bad_data_tag_is_a_usage_error(tmp_path: Path, data_root: Path) -> None:
+    args = _train_args(tmp_path / "run", data_root)
+    args[args.index(f"rain={data_root / 'rain'}")] = f"fog={data_root / 'rain'}"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    out = _flat(result.output)
+    assert "Invalid value for --data" in out and "expected rain=DIR, snow=DIR or haze=DIR" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_split_without_data_root(tmp_path: Path, data_root: Path) -> None:
+    args = [*_train_args(tmp_path / "run", data_root), "--split", str(data_root / "split.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "a validation split needs --data-root" in _flat(result.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation split is never trained on
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_training_set_never_loads_validation_files() -> None:
+    split = json.loads(SPLIT.read_text())["validation"]
+    held_out = {name for names in split.values() for name in names}
+    folders = {"rain": ["rain/Rain13K-subset", "rain/DDN-samples"], "haze": ["haze/HSTS-synthetic"]}
+    spec = DataSpec(
+        paired={task: [str(DATA / f) for f in fs] for task, fs in folders.items()},
+        clean=[str(DATA / "clean" / "CBSD68")],
+        split=str(SPLIT),
+        data_root=str(DATA),
+    )
+    training_set = TrainingSet(spec, Recipe(config="tiny", max_side=16))
+    loaded = {str(p.relative_to(DATA)) for p in training_set.paths}
+    assert len(loaded) == len(training_set.paths)
+    assert not loaded & held_out
+
+    # the split does hold files of these folders, and exactly those (with their targets) are
+    # the files on disk that were not loaded
+    for folder in (*folders["rain"], *folders["haze"], "clean/CBSD68"):
+        on_disk = {
+            str(p.relative_to(DATA))
+            for p in (DATA / folder).rglob("*")
+            if p.suffix.lower() in {".png", ".jpg", ".jpeg"}
+        }
+        held = {n for n in held_out if n.startswith(folder + "/")}
+        assert held, folder
+        held_stems = {Path(n).stem for n in held}
+        targets = {n for n in on_disk if "/target/" in n and Path(n).stem in held_stems}
+        assert len(targets) == len(held) or folder.startswith("clean/"), folder
+        assert on_disk - loaded == held | targets, folder
+    held_rain = sum(n.startswith(tuple(f + "/" for f in folders["rain"])) for n in held_out)
+    assert training_set.counts()["rain"] == 38 + 3 - held_rain
+    assert len(training_set.clean) == 68 - len(
+        [n for n in held_out if n.startswith("clean/CBSD68/")]
+    )
+
+
+def test_split_without_data_root_is_refused(data_root: Path) -> None:
+    spec = _spec(data_root, split=True)
+    spec.data_root = None
+    with pytest.raises(TrainingError, match=r"split\.json: a validation split needs --data-root"):
+        TrainingSet(spec, _recipe())
