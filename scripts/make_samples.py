@@ -27,7 +27,10 @@ SAMPLES = [  # (output stem, scikit-image image, kind, seed)
 ]
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "samples") -> None:
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
+
+
+def main(out: Path = SAMPLES_DIR) -> None:
     out.mkdir(exist_ok=True)
     (out / "clean").mkdir(exist_ok=True)
     records = []
