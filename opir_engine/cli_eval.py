@@ -10,9 +10,9 @@ from rich.table import Table
 
 from opir_engine.evaluation import (
     EvaluationError,
-    _finite_mean,
     evaluate_engine,
     evaluate_folders,
+    finite_mean,
     rows_to_card,
     validation_items,
     write_scores_csv,
@@ -45,13 +45,13 @@ def eval_folders(
         if degraded:
             extra = (_f(s.input_psnr), _f(s.input_ssim, 4), _f(s.psnr - s.input_psnr))
         table.add_row(s.name, _f(s.psnr), _f(s.ssim, 4), *extra)
-    mean_p = _finite_mean(s.psnr for s in scores)
-    mean_s = _finite_mean(s.ssim for s in scores)
+    mean_p = finite_mean(s.psnr for s in scores)
+    mean_s = finite_mean(s.ssim for s in scores)
     extra = ()
     if degraded:
-        mean_ip = _finite_mean(s.input_psnr for s in scores)
+        mean_ip = finite_mean(s.input_psnr for s in scores)
         gain = None if mean_p is None or mean_ip is None else mean_p - mean_ip
-        extra = (_f(mean_ip), _f(_finite_mean(s.input_ssim for s in scores), 4), _f(gain))
+        extra = (_f(mean_ip), _f(finite_mean(s.input_ssim for s in scores), 4), _f(gain))
     table.add_row("mean", _f(mean_p), _f(mean_s, 4), *extra, style="bold")
     Console().print(table)
     if csv_path:

@@ -32,7 +32,7 @@ class ImageScore:
     input_ssim: float | None = None
 
 
-def _finite_mean(values: Iterable[float | None]) -> float | None:
+def finite_mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
@@ -98,6 +98,7 @@ class TaskRow:
     baseline_psnr: float | None
     baseline_ssim: float | None
     head_accuracy: float
+    identical: float  # share of outputs equal to the target (clean photos passed through)
 
     @property
     def gain(self) -> float | None:
@@ -147,11 +148,13 @@ def evaluate_engine(
     for task, _name, degraded, target in items:
         result = engine.restore(degraded, task="auto")
         out = (result.image * 255).round() / 255
-        m = per_task.setdefault(task, {k: [] for k in ("ip", "is", "p", "s", "bp", "bs", "acc")})
+        keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
+        m = per_task.setdefault(task, {k: [] for k in keys})
         ip, is_ = _score(degraded, target, y_channel)
         p, s = _score(out, target, y_channel)
         m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
         m["acc"].append(float(result.task == task))
+        m["same"].append(float(torch.equal(out, target)))
         if baselines and task in BASELINE_NAMES:
             base = (classical_baseline(degraded, task) * 255).round() / 255
             bp, bs = _score(base, target, y_channel)
@@ -161,14 +164,15 @@ def evaluate_engine(
         TaskRow(
             task,
             len(m["p"]),
-            _finite_mean(m["ip"]),
-            _finite_mean(m["is"]),
-            _finite_mean(m["p"]),
-            _finite_mean(m["s"]),
+            finite_mean(m["ip"]),
+            finite_mean(m["is"]),
+            finite_mean(m["p"]),
+            finite_mean(m["s"]),
             BASELINE_NAMES.get(task, "-"),
-            _finite_mean(m["bp"]),
-            _finite_mean(m["bs"]),
+            finite_mean(m["bp"]),
+            finite_mean(m["bs"]),
             float(np.mean(m["acc"])),
+            float(np.mean(m["same"])),
         )
         for task, m in sorted(per_task.items(), key=lambda kv: order.index(kv[0]))
     ]

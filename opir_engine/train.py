@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.data import Pair, class_index, exclude, find_paired_sets, list_images, load_rgb
+from opir_engine.evaluation import validation_items
 from opir_engine.metrics import psnr, ssim
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.padding import crop_to, pad_to_multiple
@@ -164,64 +165,55 @@ class TrainingSet:
 
 @dataclass
 class ValidationSet:
-    """Held-out pairs per task (full images), clean photos, synthetic snow from held-out clean."""
+    """Held-out pairs per task (full images), clean photos, synthetic snow from held-out clean
+    (`evaluation.validation_items`: the same items `opir eval --split` scores)."""
 
     items: list[tuple[str, str, torch.Tensor, torch.Tensor]]  # (task, name, degraded, target)
 
     @classmethod
-    def from_split(
-        cls, split_path: Path, data_root: Path, max_side: int | None = None
-    ) -> ValidationSet:
-        with open(split_path) as f:
-            split = json.load(f)["validation"]
-        items = []
-        for task in ("rain", "haze"):
-            for name in split.get(task, []):
-                inp = data_root / name
-                tgt = inp.parent.parent / "target"
-                tgt = next(p for p in tgt.iterdir() if p.stem == inp.stem)
-                items.append((task, name, load_rgb(inp, max_side), load_rgb(tgt, max_side)))
-        for i, name in enumerate(split.get("clean", [])):
-            clean = load_rgb(data_root / name, max_side)
-            items.append(("clean", name, clean, clean))
-            if i % 2 == 0:  # snow has no real held-out pairs: synthesize them, fixed seeds
-                target = clean.float() / 255.0
-                snowy, _ = synthesize(target, "snow", seed=1000 + i, scale=1.0)
-                snowy8 = (snowy.clamp(0, 1) * 255).round().to(torch.uint8)
-                items.append(("snow", f"synthetic:{name}", snowy8, clean))
-        return cls(items)
+    def from_split(cls, split_path: Path, data_root: Path) -> ValidationSet:
+        return cls(validation_items(split_path, data_root))
+
+
+def _mean_finite(values: list[float]) -> float | None:
+    """Mean of the finite values; None when there are none (PSNR of identical images is inf)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 @torch.inference_mode()
-def evaluate(model: OPIR, val: ValidationSet, tiles: Callable | None = None) -> dict[str, Any]:
-    """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself."""
+def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
+    """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself.
+
+    Runs the model directly on whole images (no tiling): the quick monitor used while training.
+    The model card's figures come from `opir eval`, which runs the engine.
+    """
     model.eval()
     per_task: dict[str, dict[str, list[float]]] = {}
     for task, _name, degraded, target in val.items:
-        x = degraded[None].float() / 255.0
-        y = target.float() / 255.0
+        x, y = degraded[None].float(), target.float()
         padded, size = pad_to_multiple(x, model.multiple_of)
         logits = model.classify(padded)
-        out = model(padded).restored if task == "clean" else None
-        if out is None:
+        if task == "clean":
+            out = model(padded).restored
+        else:
             weights = F.one_hot(torch.tensor([class_index(task)]), len(CLASSES)).float()
             out = model(padded, weights).restored
         restored = crop_to(out, size)[0].clamp(0, 1)
         restored = (restored * 255).round() / 255  # score what a saved 8-bit file holds
-        m = per_task.setdefault(
-            task, {k: [] for k in ("in_psnr", "in_ssim", "psnr", "ssim", "acc")}
-        )
+        keys = ("in_psnr", "in_ssim", "psnr", "ssim", "acc", "identical")
+        m = per_task.setdefault(task, {k: [] for k in keys})
         m["in_psnr"].append(psnr(x[0], y))
         m["in_ssim"].append(ssim(x[0], y))
         m["psnr"].append(psnr(restored, y))
         m["ssim"].append(ssim(restored, y))
         m["acc"].append(float(int(logits.argmax()) == class_index(task)))
+        m["identical"].append(float(torch.equal(restored, y)))
     model.train()
-    summary = {
-        task: {k: float(np.mean([v for v in vals if math.isfinite(v)] or [float("inf")]))
-               for k, vals in m.items()} | {"n": len(m["psnr"])}
+    summary: dict[str, Any] = {
+        task: {k: _mean_finite(vals) for k, vals in m.items()} | {"n": len(m["psnr"])}
         for task, m in per_task.items()
-    }  # fmt: skip
+    }
     restore_tasks = [t for t in ("rain", "snow", "haze") if t in summary]
     summary["mean_gain"] = float(
         np.mean([summary[t]["psnr"] - summary[t]["in_psnr"] for t in restore_tasks])
