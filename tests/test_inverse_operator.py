@@ -1,0 +1,430 @@
+"""The inverse-operator op: Triton (interpreted on CPU), unfold and closed-form backward against
+the PyTorch reference; autograd, opcheck, torch.compile, FLOPs and argument checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from opir_kernels.inverse_operator import (
+    inverse_operator,
+    inverse_operator_backward_flops,
+    inverse_operator_backward_reference,
+    inverse_operator_backward_triton,
+    inverse_operator_flops,
+    inverse_operator_forward_triton,
+    inverse_operator_reference,
+    inverse_operator_unfold,
+    kernel_backend,
+)
+
+NAMES = ("image", "kernel", "modulation", "fusion_logits", "bias")
+
+# (B, C, H, W), dilations, has_modulation, has_bias. BLOCK is 256 pixels per program.
+CASES = [
+    pytest.param((1, 3, 17, 23), (1, 2, 3, 4), True, True, id="odd-391px"),
+    pytest.param((1, 3, 1, 1), (1, 2, 3, 4), True, True, id="1x1"),
+    pytest.param((2, 3, 9, 11), (1, 2, 3, 4), True, True, id="batch2"),
+    pytest.param((1, 1, 8, 8), (1, 2, 3, 4), True, True, id="C1"),
+    pytest.param((1, 4, 7, 5), (1, 2, 3, 4), False, True, id="C4-no-modulation"),
+    pytest.param((1, 3, 20, 30), (1, 2, 3, 4), True, False, id="600px-no-bias"),
+    pytest.param((1, 2, 16, 32), (1, 2, 3, 4), True, True, id="512px-two-full-blocks"),
+    pytest.param((1, 3, 3, 5), (1, 7), True, True, id="dilation-beyond-image"),
+    pytest.param((1, 3, 6, 7), (3,), False, False, id="S1-bare"),
+]
+
+# (dtype, atol, rtol): the kernels accumulate in fp32 like the reference, so half precision
+# differs only by the final rounding of each output (2^-11 relative for fp16, 2^-8 for bf16).
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-4, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-3, 1e-2, id="bf16"),
+]
+
+Inputs = dict[str, Tensor | None]
+
+
+def _make_inputs(
+    shape: Sequence[int],
+    scales: int,
+    has_modulation: bool = True,
+    has_bias: bool = True,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Inputs:
+    """Random op inputs: image (B, C, H, W) in [0, 1], taps (B, 9, H, W), logits (B, S, H, W)."""
+    b, c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    inputs: Inputs = {
+        "image": torch.rand(b, c, h, w, generator=gen),
+        "kernel": torch.randn(b, 9, h, w, generator=gen) / 3,
+        "modulation": 2 * torch.rand(b, 9, h, w, generator=gen) if has_modulation else None,
+        "fusion_logits": torch.randn(b, scales, h, w, generator=gen),
+        "bias": 0.1 * torch.randn(b, c, h, w, generator=gen) if has_bias else None,
+    }
+    return {k: None if t is None else t.to(dtype) for k, t in inputs.items()}
+
+
+def _grad_outputs(inputs: Inputs, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Random upstream grads for (restored (B, C, H, W), uncertainty (B, 1, H, W))."""
+    image = inputs["image"]
+    gen = torch.Generator().manual_seed(seed)
+    b, _, h, w = image.shape
+    g = torch.randn(image.shape, generator=gen).to(image.dtype)
+    gu = torch.randn((b, 1, h, w), generator=gen).to(image.dtype)
+    return g, gu
+
+
+def _upcast(inputs: Inputs, dtype: torch.dtype = torch.float32) -> Inputs:
+    return {k: None if t is None else t.to(dtype) for k, t in inputs.items()}
+
+
+def _forward_and_grads(
+    fn, inputs: Inputs, dilations: Sequence[int], grads: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Run `fn` on leaf copies of `inputs`, then autograd with `grads` for both outputs."""
+    leaves = {
+        k: None if t is None else t.detach().clone().requires_grad_() for k, t in inputs.items()
+    }
+    restored, uncertainty = fn(*(leaves[k] for k in NAMES), dilations)
+    present = [k for k in NAMES if leaves[k] is not None]
+    got = torch.autograd.grad((restored, uncertainty), [leaves[k] for k in present], grads)
+    return restored.detach(), uncertainty.detach(), dict(zip(present, got, strict=True))
+
+
+def _assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str) -> None:
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _check_against_reference(
+    fn, inputs: Inputs, dilations: Sequence[int], atol: float, rtol: float
+) -> None:
+    """Outputs and every gradient of `fn` equal the fp32 reference on the upcast inputs."""
+    grads = _grad_outputs(inputs)
+    restored, uncertainty, got = _forward_and_grads(fn, inputs, dilations, grads)
+    ref = _forward_and_grads(
+        inverse_operator_reference, _upcast(inputs), dilations, (grads[0].float(), grads[1].float())
+    )
+    assert restored.dtype == inputs["image"].dtype and uncertainty.dtype == restored.dtype
+    _assert_close(restored, ref[0], atol, rtol, "restored")
+    _assert_close(uncertainty, ref[1], atol, rtol, "uncertainty")
+    assert got.keys() == ref[2].keys()
+    for name, grad in got.items():
+        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
+        _assert_close(grad, ref[2][name], atol, rtol, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (through TRITON_INTERPRET=1 on CPU) against the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+# The tests build CPU tensors, so the Triton kernels run only through the interpreter.
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton on CPU needs TRITON_INTERPRET=1 before import (tests/conftest.py sets it)",
+)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
+def test_inverse_operator_matches_reference(
+    shape, dilations, has_modulation, has_bias, dtype, atol, rtol
+) -> None:
+    """The custom op on the Triton backend: forward and all grads (its autograd) vs reference."""
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, dtype)
+    with kernel_backend("triton"):
+        _check_against_reference(inverse_operator, inputs, dilations, atol, rtol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
+def test_inverse_operator_launchers_match_reference(
+    shape, dilations, has_modulation, has_bias
+) -> None:
+    """The launchers called directly: forward vs reference, backward vs the closed form."""
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias)
+    args = [inputs[k] for k in NAMES]
+    restored, uncertainty = inverse_operator_forward_triton(*args, dilations)
+    ref_restored, ref_uncertainty = inverse_operator_reference(*args, dilations)
+    _assert_close(restored, ref_restored, 1e-5, 1e-5, "restored")
+    _assert_close(uncertainty, ref_uncertainty, 1e-5, 1e-5, "uncertainty")
+
+    g, gu = _grad_outputs(inputs)
+    got = inverse_operator_backward_triton(g, gu, *args[:4], dilations)
+    ref = inverse_operator_backward_reference(g, gu, *args[:4], dilations)
+    for name, a, e in zip(NAMES, got, ref, strict=True):
+        if e is None:
+            assert a is None and not has_modulation, name
+            continue
+        _assert_close(a, e, 1e-5, 1e-5, f"grad {name}")
+
+
+def _strided_variants(t: Tensor) -> dict[str, Tensor]:
+    """Same values as `t` (B, C, H, W) in non-contiguous layouts."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + 2, t.shape[2], t.shape[3] + 3, dtype=t.dtype)
+    wide[:, 1 : 1 + t.shape[1], :, 2 : 2 + t.shape[3]] = t
+    return {
+        "channels_last": t.contiguous(memory_format=torch.channels_last),
+        "transposed": t.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "sliced": wide[:, 1 : 1 + t.shape[1], :, 2 : 2 + t.shape[3]],
+    }
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "reference"])
+def test_inverse_operator_non_contiguous_inputs_match(backend: str, layout: str) -> None:
+    """Every input and both upstream grads non-contiguous give the contiguous result."""
+    dilations = (1, 2, 3, 4)
+    inputs = _make_inputs((1, 3, 9, 11), len(dilations))
+    grads = _grad_outputs(inputs)
+    strided = {k: _strided_variants(t)[layout] for k, t in inputs.items()}
+    strided_grads = tuple(_strided_variants(g)[layout] for g in grads)
+    assert not any(t.is_contiguous() for t in strided.values())
+    with kernel_backend(backend):
+        expected = _forward_and_grads(inverse_operator, inputs, dilations, grads)
+        got = _forward_and_grads(inverse_operator, strided, dilations, strided_grads)
+    _assert_close(got[0], expected[0], 1e-6, 1e-6, "restored")
+    _assert_close(got[1], expected[1], 1e-6, 1e-6, "uncertainty")
+    for name in NAMES:
+        _assert_close(got[2][name], expected[2][name], 1e-6, 1e-6, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against the unfold formulation and its closed-form backward against autograd.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
+def test_reference_matches_unfold(shape, dilations, has_modulation, has_bias) -> None:
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, torch.float64)
+    args = [inputs[k] for k in NAMES]
+    restored, uncertainty = inverse_operator_reference(*args, dilations)
+    unf_restored, unf_uncertainty = inverse_operator_unfold(*args, dilations)
+    assert restored.dtype == unf_restored.dtype == torch.float64
+    torch.testing.assert_close(restored, unf_restored, atol=1e-12, rtol=0)
+    torch.testing.assert_close(uncertainty, unf_uncertainty, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
+def test_backward_reference_matches_autograd(shape, dilations, has_modulation, has_bias) -> None:
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, torch.float64)
+    grads = _grad_outputs(inputs)
+    _, _, expected = _forward_and_grads(inverse_operator_reference, inputs, dilations, grads)
+    args = [inputs[k] for k in NAMES[:4]]
+    got = inverse_operator_backward_reference(*grads, *args, dilations)
+    for name, grad in zip(NAMES, got, strict=True):
+        if inputs[name] is None:
+            # bias grad is returned whether or not there is a bias; modulation's only with one.
+            assert name == "bias" or grad is None, name
+            continue
+        torch.testing.assert_close(grad, expected[name], atol=1e-12, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, opcheck and torch.compile of the custom op.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "has_modulation", "has_bias", "fast_mode"),
+    [((1, 2, 3, 3), True, True, False), ((1, 2, 4, 5), False, False, True)],
+)
+def test_inverse_operator_gradcheck(shape, has_modulation, has_bias, fast_mode) -> None:
+    """Finite differences through `torch.ops.opir.inverse_operator` (reference path, fp64).
+
+    The full Jacobian check takes ~10 s on 2 loaded cores, so the second case projects it on
+    random vectors (fast_mode); the closed form is checked exactly above on every shape.
+    """
+    dilations = (1, 2)
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, torch.float64)
+    leaves = [None if t is None else t.requires_grad_() for t in (inputs[k] for k in NAMES)]
+
+    def run(*args: Tensor | None) -> tuple[Tensor, Tensor]:
+        return inverse_operator(*args, dilations=dilations)
+
+    with kernel_backend("reference"):
+        assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-8, fast_mode=fast_mode)
+
+
+def _op_args(inputs: Inputs, dilations: Sequence[int], requires_grad: bool) -> tuple:
+    tensors = [None if t is None else t.requires_grad_(requires_grad) for t in inputs.values()]
+    return (*tensors, list(dilations))
+
+
+@pytest.mark.parametrize(("has_modulation", "has_bias"), [(True, True), (False, False)])
+def test_inverse_operator_opcheck(has_modulation: bool, has_bias: bool) -> None:
+    """Schema, autograd registration, fake tensors and AOT dispatch (dynamic shapes)."""
+    dilations = (1, 3)
+    inputs = _make_inputs((1, 3, 5, 6), len(dilations), has_modulation, has_bias)
+    with kernel_backend("reference"):
+        torch.library.opcheck(
+            torch.ops.opir.inverse_operator.default, _op_args(inputs, dilations, True)
+        )
+        # The forward's test_aot_dispatch_dynamic already traces the joint graph, this op
+        # included, with dynamic shapes; repeating it here would cost ~9 s for nothing new.
+        torch.library.opcheck(
+            torch.ops.opir.inverse_operator_backward.default,
+            (*_grad_outputs(inputs), *_op_args(inputs, dilations, False)[:4], list(dilations)),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+
+
+@needs_interpreter
+def test_inverse_operator_opcheck_triton_backend() -> None:
+    """The Triton backend passes the checks that run real tensors.
+
+    test_faketensor and test_aot_dispatch_dynamic are left out: under TRITON_INTERPRET=1
+    `wrap_triton` returns the interpreted kernel itself, which then runs on fake tensors and
+    reads their (absent) storage. On CUDA the same code traces the kernel as a graph node.
+    """
+    dilations = (1, 2, 3, 4)
+    inputs = _make_inputs((1, 3, 5, 6), len(dilations))
+    with kernel_backend("triton"):
+        torch.library.opcheck(
+            torch.ops.opir.inverse_operator.default,
+            _op_args(inputs, dilations, True),
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
+
+
+@pytest.mark.slow
+def test_inverse_operator_compiles_fullgraph() -> None:
+    """torch.compile(fullgraph=True) traces through the op (no graph break); forward and grads
+    equal eager. On CPU inductor compiles the reference that the op decomposes into."""
+    dilations = (1, 2, 3, 4)
+    inputs = _make_inputs((1, 3, 9, 11), len(dilations))
+
+    def loss_of(image, kernel, modulation, fusion_logits, bias):  # type: ignore[no-untyped-def]
+        restored, uncertainty = inverse_operator(
+            image, kernel, modulation, fusion_logits, bias, dilations
+        )
+        loss = (restored - image).square().mean() + 0.1 * uncertainty.mean()
+        return loss, restored, uncertainty
+
+    compiled = torch.compile(loss_of, fullgraph=True)  # raises on any graph break
+    results = []
+    for fn in (loss_of, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs.values()]
+        # Caches off: their key holds the op call, not the body it decomposes into, so a cached
+        # graph could predate an edit of the reference.
+        with kernel_backend("auto"), torch._inductor.config.patch(force_disable_caches=True):
+            loss, restored, uncertainty = fn(*leaves)
+            loss.backward()
+        results.append((loss, restored, uncertainty, *(t.grad for t in leaves)))
+    for what, eager, comp in zip(
+        ("loss", "restored", "uncertainty", *NAMES), *results, strict=True
+    ):
+        torch.testing.assert_close(comp, eager, atol=1e-6, rtol=1e-5, msg=what)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inverse_operator_flops_match_hand_count() -> None:
+    """B=1, C=3, H=W=2 (4 pixels), S=4, with modulation and bias, counted term by term."""
+    pixels, c, s = 4, 3, 4
+    taps = s * 9 * 2  # per pixel and channel: 9 taps x S scales, a mul and an add each = 72
+    fusion = s * 2  # alpha_s * J_s and its sum over s = 8
+    bias = 1
+    per_channel = taps + fusion + bias  # 81
+    modulation = 9  # K * m
+    softmax = s + s + s + (s - 1)  # subtract max, exp, divide, sum of S = 15
+    um = 9 + 8 + 1  # |K~| x 9, 8 adds, / 9 = 18
+    per_pixel = modulation + softmax + um  # 42
+    forward = pixels * (c * per_channel + per_pixel)
+    assert forward == 1140
+    assert inverse_operator_flops(1, c, 2, 2, s) == forward
+    # Without modulation or bias those terms go.
+    assert inverse_operator_flops(1, c, 2, 2, s, False, False) == forward - pixels * (c + 9)
+
+    # Backward per pixel, channel and scale: J_s recomputed 18, d alpha_s 2, d K~ 9 x 3,
+    # the image gather 9 x 3 = 74; per pixel: softmax and its backward 8 S, UM's sign 27,
+    # d K and d m 2 x 9.
+    backward = pixels * (c * s * (18 + 2 + 27 + 27) + 8 * s + 27 + 18)
+    assert backward == 3860
+    assert inverse_operator_backward_flops(1, c, 2, 2, s) == backward
+
+    inputs = _make_inputs((1, c, 2, 2), s)
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    with FlopCounterMode(display=False) as counter:
+        restored, uncertainty = inverse_operator(*leaves)
+    assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False) as counter:
+        restored, uncertainty = inverse_operator(*leaves)
+        torch.autograd.grad((restored, uncertainty), leaves, _grad_outputs(inputs))
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.opir.inverse_operator] == forward
+    assert counts[torch.ops.opir.inverse_operator_backward] == backward
+    assert counter.get_total_flops() == forward + backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad(
+    name: str, change: Callable[[Tensor], Tensor], dtype: torch.dtype = torch.float32
+) -> Inputs:
+    """Valid inputs (1, 3, 4, 5), S = 4, in `dtype`, with `change` applied to one of them."""
+    inputs = _make_inputs((1, 3, 4, 5), 4, dtype=dtype)
+    inputs[name] = change(inputs[name])
+    return inputs
+
+
+BAD_ARGS = [
+    pytest.param(_bad("image", lambda t: t[0]), (1, 2, 3, 4), r"image must be \(B, C, H, W\)",
+                 id="image-3d"),
+    pytest.param(_bad("kernel", lambda t: t[:, :8]), (1, 2, 3, 4), r"kernel must have shape",
+                 id="kernel-shape"),
+    pytest.param(_bad("modulation", lambda t: t[..., :4]), (1, 2, 3, 4),
+                 r"modulation must have shape", id="modulation-shape"),
+    pytest.param(_bad("fusion_logits", lambda t: t[..., :3, :]), (1, 2, 3, 4),
+                 r"fusion_logits must have shape", id="logits-shape"),
+    pytest.param(_bad("bias", lambda t: t[:, :2]), (1, 2, 3, 4), r"bias must have shape",
+                 id="bias-shape"),
+    pytest.param(_bad("kernel", lambda t: torch.cat([t, t])), (1, 2, 3, 4),
+                 r"kernel must have shape \(1, 9, 4, 5\), got \(2, 9, 4, 5\)", id="kernel-batch"),
+    pytest.param(_bad("fusion_logits", lambda t: t), (1, 2, 3),
+                 r"fusion_logits .*S = 4 logits but 3 dilations", id="S-vs-dilations"),
+    pytest.param(_bad("kernel", lambda t: t.double()), (1, 2, 3, 4),
+                 r"kernel has dtype torch.float64 but image has torch.float32", id="kernel-dtype"),
+    pytest.param(_bad("bias", lambda t: t.half()), (1, 2, 3, 4), r"bias has dtype",
+                 id="bias-dtype"),
+    pytest.param(_bad("modulation", lambda t: t.to("meta")), (1, 2, 3, 4),
+                 r"modulation is on meta but image is on cpu", id="modulation-device"),
+    pytest.param(_bad("fusion_logits", lambda t: t), (0, 1, 2, 3),
+                 r"dilations must be positive ints", id="dilation-zero"),
+    pytest.param(_bad("fusion_logits", lambda t: t), (1, -2, 3, 4),
+                 r"dilations must be positive ints", id="dilation-negative"),
+    pytest.param(_bad("fusion_logits", lambda t: t), (1, 2.0, 3, 4),
+                 r"dilations must be positive ints", id="dilation-float"),
+    pytest.param(_bad("fusion_logits", lambda t: t), (1, True, 3, 4),
+                 r"dilations must be positive ints", id="dilation-bool"),
+    pytest.param(_bad("fusion_logits", lambda t: t[:, :0]), (),
+                 r"dilations must hold at least one scale", id="no-dilations"),
+    pytest.param(_bad("bias", lambda t: t, dtype=torch.int32), (1, 2, 3, 4),
+                 r"image must be a floating-point tensor", id="int-image"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("inputs", "dilations", "message"), BAD_ARGS)
+def test_inverse_operator_rejects_bad_arguments(inputs: Inputs, dilations, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        inverse_operator(*(inputs[k] for k in NAMES), dilations=dilations)
+
+
+def test_kernel_backend_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="kernel backend must be one of"), kernel_backend("cuda"):
+        pass
