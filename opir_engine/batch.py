@@ -6,6 +6,7 @@ backend share one per-file function (`restore_file`) and one summary.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from opir_engine.image_io import (
+    DEFAULT_MAX_PIXELS,
     ImageIOError,
     is_image_path,
     read_image,
@@ -26,6 +28,8 @@ from opir_engine.image_io import (
 )
 
 FORMAT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff"}
+TASKS = ("auto", "rain", "snow", "haze")
+REPORT_CLASSES = ("clean", "rain", "snow", "haze")  # every class gets a count in the summary
 
 
 class UsageError(Exception):
@@ -40,10 +44,21 @@ class Job:
 
 @dataclass(frozen=True)
 class RestoreOptions:
+    """How each file is restored and written; checked on construction (UsageError)."""
+
     task: str = "auto"
     quality: int | None = None
     overwrite: bool = False
     save_uncertainty: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UsageError(f"--task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be in 1..100; got {self.quality}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be positive; got {self.max_pixels}")
 
 
 @dataclass
@@ -126,30 +141,72 @@ def uncertainty_path(output: Path) -> Path:
 
 
 def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # type: ignore[no-untyped-def]
-    """Read, restore and atomically write one file; errors become a failed record."""
+    """Read, restore and atomically write one file; errors become a failed record.
+
+    The output is written last, after the uncertainty map, so an output that exists is a
+    finished one: a rerun after Ctrl-C skips exactly the files that were complete.
+    """
+    from opir_engine.engine import EngineError  # lazily: planning needs no torch
+
     record = FileRecord(str(job.input), str(job.output), "done")
     if job.output.exists() and not options.overwrite:
         record.status = "skipped"
         return record
     try:
         t0 = time.perf_counter()
-        decoded = read_image(job.input)
+        decoded = read_image(job.input, max_pixels=options.max_pixels)
+        record.width, record.height = decoded.source_size
         result = engine.restore(decoded.rgb, task=options.task)
         job.output.parent.mkdir(parents=True, exist_ok=True)
-        write_image_like(job.output, result.image, decoded, quality=options.quality)
         if options.save_uncertainty and result.uncertainty is not None:
             um = result.uncertainty  # scaled to its maximum: a map to look at, not to measure
             um = (um / um.max().clamp_min(1e-8)).expand(3, -1, -1)
             write_image(uncertainty_path(job.output), um, channels="gray")
-        record.ms = 1000 * (time.perf_counter() - t0)
+        write_image_like(job.output, result.image, decoded, quality=options.quality)
+        record.ms = round(1000 * (time.perf_counter() - t0), 2)
         record.task, record.confidence = result.task, round(result.confidence, 4)
-        record.width, record.height = decoded.source_size
         record.flops = result.flops
     except ImageIOError as e:
-        record.status, record.error = "failed", str(e).removeprefix(f"{job.input}: ")
-    except (OSError, ValueError, RuntimeError) as e:
-        record.status, record.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        # Read errors name the input, which the error line starts with anyway; write errors
+        # name the output.
+        where = "" if e.path == str(job.input) else f"writing {e.path}: "
+        record.status, record.error = "failed", where + e.reason
+    except MemoryError:
+        record.status, record.error = "failed", "out of memory (try a smaller --tile)"
+    except (EngineError, OSError, ValueError, RuntimeError) as e:
+        record.status, record.error = "failed", " ".join(f"{type(e).__name__}: {e}".split())
     return record
+
+
+def remove_stale_parts(jobs: Iterable[Job]) -> list[Path]:
+    """Delete temporary files a killed run left beside these jobs' outputs; returns them.
+
+    `image_io` writes `.<name>.<8 hex>.part` and renames it into place; a run killed hard
+    (SIGKILL, power loss) can leave one. Only names made for a planned output are touched.
+    """
+    expected: dict[Path, set[str]] = {}
+    for job in jobs:
+        for out in (job.output, uncertainty_path(job.output)):
+            expected.setdefault(out.parent, set()).add(out.name[:100])
+    removed = []
+    for folder, names in expected.items():
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            stem, dot, token = entry.name.removesuffix(".part").rpartition(".")
+            if (
+                entry.name.startswith(".")
+                and entry.name.endswith(".part")
+                and dot
+                and len(token) == 8
+                and all(c in "0123456789abcdef" for c in token)
+                and stem[1:] in names
+                and entry.is_file()
+            ):
+                with contextlib.suppress(OSError):  # not ours to fail on: the run goes on
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
 
 
 def run_jobs(
@@ -158,7 +215,13 @@ def run_jobs(
     options: RestoreOptions,
     on_record: Callable[[FileRecord], None] | None = None,
 ) -> list[FileRecord]:
-    """Restore every job in turn; a failure is recorded and the batch goes on."""
+    """Restore every job in turn; a failure is recorded and the batch goes on.
+
+    `on_record` sees each record as it is made, so a caller interrupted by Ctrl-C still
+    holds the records of the files that finished.
+    """
+    jobs = list(jobs)
+    remove_stale_parts(jobs)
     records = []
     for job in jobs:
         record = restore_file(engine, job, options)
@@ -188,6 +251,7 @@ class Summary:
 
 
 def summarize(records: list[FileRecord], wall_s: float) -> Summary:
+    """Counts, per-image latency (p50, p95, of the files restored), throughput and FLOPs."""
     done = [r for r in records if r.status == "done"]
     ms = np.array([r.ms for r in done], dtype=float)
     pixels = sum((r.width or 0) * (r.height or 0) for r in done)
@@ -203,7 +267,7 @@ def summarize(records: list[FileRecord], wall_s: float) -> Summary:
         megapixels_per_s=round(pixels / 1e6 / busy_s, 3) if busy_s else None,
         gflops_per_image=round(flops / 1e9 / len(done), 2) if done else None,
         achieved_gflops_per_s=round(flops / 1e9 / busy_s, 2) if busy_s else None,
-        per_task=dict(Counter(r.task for r in done)),
+        per_task={t: sum(r.task == t for r in done) for t in REPORT_CLASSES},
     )
 
 

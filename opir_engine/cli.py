@@ -114,11 +114,11 @@ def restore(
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     tile: int = typer.Option(512, help="Tile side for large images (bounds memory)."),
     tile_overlap: int = typer.Option(32, help="Overlap between tiles, blended smoothly."),
-    batch_size: int = typer.Option(1, help="Tiles per forward pass."),
+    batch_size: int = typer.Option(1, min=1, help="Tiles per forward pass."),
     compile: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
-        help="torch.compile the model [default: on CUDA, or 16+ images].",
+        help="torch.compile the model [default: on CUDA only].",
     ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
     format: str = typer.Option("keep", help="keep, png, jpg, webp or tiff."),
@@ -129,6 +129,9 @@ def restore(
     ),
     save_uncertainty: bool = typer.Option(False, help="Also write <name>.uncertainty.png."),
     report: Path | None = typer.Option(None, help="Per-image report, .json or .csv."),
+    max_pixels: int = typer.Option(
+        200_000_000, help="Larger images fail as possible decompression bombs."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done, load nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -138,12 +141,11 @@ def restore(
 
     try:
         check_report_path(report)
+        options = RestoreOptions(task, quality, overwrite, save_uncertainty, max_pixels)
         jobs = plan_jobs(input, output, recursive=recursive, fmt=format, suffix=suffix)
     except UsageError as e:
-        err.print(f"error: {e}", highlight=False)
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
-    options = RestoreOptions(task=task, quality=quality, overwrite=overwrite,
-                             save_uncertainty=save_uncertainty)  # fmt: skip
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
                        tile_overlap=tile_overlap, compile=compile)  # fmt: skip
     code = run_restore(jobs, options, engine_args, batch_size, report, dry_run, quiet)

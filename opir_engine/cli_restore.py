@@ -12,8 +12,6 @@ from rich.table import Table
 
 from opir_engine.batch import FileRecord, Job, RestoreOptions, run_jobs, summarize, write_report
 
-COMPILE_MIN_IMAGES = 16  # on CPU, compiling (about a minute) pays off from about this many
-
 
 def run_restore(
     jobs: list[Job],
@@ -24,51 +22,68 @@ def run_restore(
     dry_run: bool,
     quiet: bool,
 ) -> int:
-    """Run the batch; returns the exit code (0 all done or skipped, 1 some failed, 2 usage)."""
+    """Run the batch; returns the exit code (0 all done or skipped, 1 some failed, 2 usage,
+    130 interrupted)."""
     from opir_engine.checkpoint import CheckpointError
     from opir_engine.engine import EngineError, OPIREngine, pick_device
 
-    out = Console(quiet=quiet, highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # Paths and error messages are printed as they are: no markup, no highlighting, no wrapping
+    # (each error is one `PATH: reason` line, whatever the terminal width).
+    out = Console(quiet=quiet, highlight=False, markup=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
     if dry_run:
         for job in jobs:
             state = "exists, skip" if job.output.exists() and not options.overwrite else "restore"
             out.print(f"{job.input} -> {job.output} ({state})")
         return 0
-    pending = [j for j in jobs if options.overwrite or not j.output.exists()]
     try:
         if engine_args["compile"] is None:
+            # Compile by default on CUDA only: on a 2-core CPU (bench/results/engine-*.md) the
+            # compiled small model was no faster per 512x512 tile than eager, and the first
+            # compile takes minutes there.
             on_cuda = pick_device(engine_args["device"]).type == "cuda"
-            engine_args = {**engine_args, "compile": on_cuda or len(pending) >= COMPILE_MIN_IMAGES}
+            engine_args = {**engine_args, "compile": on_cuda}
         engine = OPIREngine.from_pretrained(**engine_args, tiles_per_batch=batch_size)
     except (CheckpointError, EngineError) as e:
         err.print(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        err.print("interrupted while loading the model; nothing was written")
+        return 130
+    records: list[FileRecord] = []
     started = time.perf_counter()
     columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.2f} img/s"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+    # The bar is for terminals: in a log (stderr redirected) only the error lines appear.
+    show_bar = not quiet and err.is_terminal
+    with Progress(*columns, console=err, disable=not show_bar, transient=True) as progress:
         bar = progress.add_task("restore", total=len(jobs), rate=0.0)
 
         def on_record(record: FileRecord) -> None:
+            records.append(record)
             if record.status == "failed":
-                err.print(f"{record.input}: {record.error}", soft_wrap=True)
-            done = progress.tasks[bar].completed + 1
-            progress.update(bar, completed=done, rate=done / (time.perf_counter() - started))
+                progress.console.print(f"{record.input}: {record.error}")
+            elapsed = time.perf_counter() - started
+            progress.update(bar, completed=len(records), rate=len(records) / elapsed)
 
         try:
-            records = run_jobs(engine, jobs, options, on_record)
+            run_jobs(engine, jobs, options, on_record)
         except KeyboardInterrupt:
-            err.print("interrupted: finished outputs are complete; run again to resume")
-            return 130
+            interrupted = True
+        else:
+            interrupted = False
     summary = summarize(records, time.perf_counter() - started)
     if report is not None:
         write_report(records, report, summary)
     if not quiet:
-        table = Table(title=f"opir restore: {engine.name} on {engine.device}", show_header=False)
+        title = f"opir restore: {engine.name} on {engine.device}"
+        table = Table(title=title + (" (interrupted)" if interrupted else ""), show_header=False)
         for key, value in _summary_rows(summary):
             table.add_row(key, value)
         out.print(table)
+    if interrupted:
+        err.print("interrupted: finished outputs are complete; run again to resume")
+        return 130
     return 1 if summary.failed else 0
 
 
@@ -76,7 +91,7 @@ def _summary_rows(s: Any) -> list[tuple[str, str]]:
     def fmt(x: float | None, unit: str = "") -> str:
         return "-" if x is None else f"{x:g}{unit}"
 
-    tasks = ", ".join(f"{k} {v}" for k, v in sorted(s.per_task.items())) or "-"
+    tasks = ", ".join(f"{k} {v}" for k, v in s.per_task.items()) or "-"
     return [
         ("images", f"{s.done} done, {s.skipped} skipped, {s.failed} failed"),
         ("wall time", f"{s.wall_s:.1f} s"),
@@ -91,14 +106,18 @@ def _summary_rows(s: Any) -> list[tuple[str, str]]:
 
 
 def print_models() -> None:
-    from opir_engine.checkpoint import read_card
+    from opir_engine.checkpoint import CheckpointError, read_card
     from opir_engine.engine import list_shipped
 
     table = Table(title="shipped checkpoints")
     for column in ("name", "config", "params", "steps", "validation (PSNR in -> out)"):
         table.add_column(column)
     for name, path in list_shipped():
-        card = read_card(path)
+        try:
+            card = read_card(path)
+        except CheckpointError as e:  # one broken card must not hide the others
+            table.add_row(name, "-", "-", "-", f"unreadable card: {e}")
+            continue
         val = card.get("validation") or {}
         gains = ", ".join(
             f"{t} {val[t]['in_psnr']:.1f}->{val[t]['psnr']:.1f}"

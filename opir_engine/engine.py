@@ -20,13 +20,14 @@ from PIL import Image
 
 from opir_engine.checkpoint import CheckpointError, load_checkpoint
 from opir_engine.model import CLASSES, OPIR
-from opir_engine.padding import crop_to, pad_to_multiple
+from opir_engine.padding import crop_to
 from opir_engine.tiling import process_tiled
 
 DEFAULT_WEIGHTS = "opir-small-allinone"
 CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 TASK_CHOICES = ("auto", "rain", "snow", "haze")
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
 
 class EngineError(Exception):
@@ -71,6 +72,7 @@ def list_shipped() -> list[tuple[str, Path]]:
 
 
 def pick_device(device: str) -> torch.device:
+    """ "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -79,10 +81,13 @@ def pick_device(device: str) -> torch.device:
         raise EngineError(f"unknown device {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EngineError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """ "auto" (bf16 or fp16 on CUDA, fp32 on CPU), "fp32", "fp16" or "bf16"."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -93,19 +98,35 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """PIL image, (H, W, 3) uint8/uint16/float array or (3, H, W) tensor -> (3, H, W) float."""
+    """PIL image, (H, W), (H, W, 3) or (H, W, 4) array, or (3, H, W) tensor -> (3, H, W) float.
+
+    Integer samples are scaled by their type's maximum (uint8 by 255, uint16 by 65535, so 16-bit
+    data never passes through 8 bits); float samples are taken as [0, 1]. Gray is repeated over
+    the three channels; an alpha channel is dropped (`image_io.write_image_like` copies it back).
+    """
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            image = np.asarray(image).astype(np.uint16)  # 16-bit gray: keep every level
+        else:
+            image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise EngineError(f"expected an (H, W, 3) array, got shape {image.shape}")
-        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
-        image = torch.from_numpy(image.astype(np.float32) / scale).permute(2, 0, 1)
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise EngineError(
+                f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got {image.shape}"
+            )
+        if not image.flags.writeable:  # torch wants writable memory (Pillow's is read-only)
+            image = image.copy()
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = image[:3] if image.shape[0] == 4 else image.expand(3, -1, -1)
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
         raise EngineError(f"expected a (3, H, W) tensor, got {shape}")
+    if image.dtype == torch.bool or not (image.is_floating_point() or image.dtype in _INT_MAX):
+        raise EngineError(f"unsupported sample type {image.dtype}")
+    if not image.is_floating_point():
+        return image.float() / _INT_MAX[image.dtype]
     return image.float().clamp(0, 1)
 
 
@@ -114,6 +135,18 @@ class OPIREngine:
 
     >>> engine = OPIREngine.from_pretrained("opir-small-allinone")
     >>> result = engine.restore(Image.open("rainy.jpg"), task="auto")
+
+    Shapes. The model needs sides that are multiples of `model.multiple_of`; the engine pads
+    (reflect, bottom and right) and crops back. A side longer than `tile` is covered by tiles
+    of exactly `tile`. With `buckets` on (the default when compiling), a side that fits in one
+    tile is padded up to `tile / 2` or `tile`, so the compiled forward sees at most four image
+    shapes per tile size, whatever the mix of sizes in a folder (and with `tiles_per_batch`
+    > 1 the last chunk of tiles is filled up to a full batch): each shape compiles once, on
+    its first image, then is reused. Dynamic-shape graphs did not avoid recompiles: measured
+    with torch 2.13 on CPU, they recompile whenever an input crosses a size that PyTorch's
+    convolution backend choice (20480 elements) or Inductor's reductions (4096 elements per
+    U-Net level) guard on, so a folder of small mixed sizes recompiled (about 100 s each for
+    the tiny config on 2 busy cores) at nearly every new size.
     """
 
     def __init__(
@@ -126,20 +159,30 @@ class OPIREngine:
         tile: int = 512,
         tile_overlap: int = 32,
         tiles_per_batch: int = 1,
+        buckets: bool | None = None,
     ) -> None:
-        self.tiles_per_batch = tiles_per_batch
+        m = model.multiple_of
+        if tile % m or tile < 2 * m or tile_overlap < 0 or tile <= 2 * tile_overlap:
+            raise EngineError(
+                f"tile must be a multiple of {m} (at least {2 * m}) and larger than twice the "
+                f"overlap (>= 0), got tile {tile}, overlap {tile_overlap}"
+            )
+        if tiles_per_batch < 1:
+            raise EngineError(f"tiles per batch must be at least 1, got {tiles_per_batch}")
         self.model = model.to(device=device, dtype=dtype).eval()
         self.card = card
         self.device = device
         self.dtype = dtype
         self.tile = tile
         self.tile_overlap = tile_overlap
+        self.tiles_per_batch = tiles_per_batch
         self.compiled = compile
-        # Dynamic shapes: one graph serves every tile and image size, so a folder of mixed
-        # sizes does not recompile per image.
-        self._forward = torch.compile(model, dynamic=True) if compile else model
-        self._classify = torch.compile(model.classify, dynamic=True) if compile else model.classify
-        self.flops_per_pixel = self._count_flops_per_pixel()
+        self.buckets = compile if buckets is None else buckets
+        # Only the forward is compiled, with static shapes (the buckets bound how many, see the
+        # class docstring). The head reads one downscaled copy per image: a small share of the
+        # time, not worth a second set of compiled graphs.
+        self._forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+        self.flops_per_pixel, self.classify_flops_per_pixel = self._count_flops_per_pixel()
 
     @classmethod
     def from_pretrained(
@@ -151,24 +194,25 @@ class OPIREngine:
         tile: int = 512,
         tile_overlap: int = 32,
         tiles_per_batch: int = 1,
+        buckets: bool | None = None,
     ) -> OPIREngine:
-        """Load shipped weights by name, or a .safetensors file with its JSON card beside it."""
+        """Load shipped weights by name, or a .safetensors file with its JSON card beside it.
+
+        Raises CheckpointError (missing, truncated or mismatched weights, naming the file) and
+        EngineError (device, precision or tile options).
+        """
         dev = pick_device(device)
         dtype = pick_dtype(precision, dev)
         model, card = load_checkpoint(resolve_weights(name_or_path))
-        if tile % model.multiple_of or tile <= 2 * tile_overlap:
-            raise EngineError(
-                f"tile must be a multiple of {model.multiple_of} and larger than twice the "
-                f"overlap, got tile {tile}, overlap {tile_overlap}"
-            )
-        return cls(model, card, dev, dtype, compile, tile, tile_overlap, tiles_per_batch)
+        return cls(model, card, dev, dtype, compile, tile, tile_overlap, tiles_per_batch, buckets)
 
     @property
     def name(self) -> str:
         return str(self.card.get("name", "opir"))
 
-    def _count_flops_per_pixel(self) -> float:
-        """FLOPs of one forward per input pixel (convolutions dominate and scale with area)."""
+    def _count_flops_per_pixel(self) -> tuple[float, float]:
+        """FLOPs per input pixel of one forward and of one classification (convolutions and
+        the per-pixel operator dominate, and they scale with area)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         side = 4 * self.model.multiple_of
@@ -177,33 +221,58 @@ class OPIREngine:
         weights[:, 1] = 1
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             self.model(x, weights)
-        return counter.get_total_flops() / side**2
+        with torch.inference_mode(), FlopCounterMode(display=False) as classify_counter:
+            self.model.classify(x)
+        return counter.get_total_flops() / side**2, classify_counter.get_total_flops() / side**2
+
+    def _padded_side(self, side: int, tile: int) -> int:
+        """The length a side is padded to before the model sees it (see the class docstring)."""
+        m = self.model.multiple_of
+        if side > tile:  # tiled: tiles of exactly `tile` cover this axis
+            return side
+        if not self.buckets:
+            return -(-side // m) * m
+        half = -(-(tile // 2) // m) * m
+        return half if side <= half else tile
 
     # -- classification ------------------------------------------------------------------------
-    @torch.inference_mode()
     def classify(self, image: torch.Tensor) -> dict[str, float]:
-        """The head's probabilities for (3, H, W), read from a copy at most CLASSIFY_SIDE long,
-        so a 24 MP photo is classified as fast as a small one."""
-        x = image[None].to(self.device, self.dtype)
+        """The head's probabilities per class for an image (3, H, W), read from a copy at most
+        CLASSIFY_SIDE long, so a 24 MP photo is classified as fast as a small one."""
+        return self._classify_image(image)[0]
+
+    @torch.inference_mode()
+    def _classify_image(self, image: torch.Tensor) -> tuple[dict[str, float], int]:
+        """(probabilities, pixels the head saw) for (3, H, W)."""
+        x = image[None].to(self.device, torch.float32)
         long_side = max(x.shape[-2:])
         if long_side > CLASSIFY_SIDE:
             scale = CLASSIFY_SIDE / long_side
-            size = [max(1, round(s * scale)) for s in x.shape[-2:]]
-            x = F.interpolate(x.float(), size=size, mode="area").to(self.dtype)
-        padded, _ = pad_to_multiple(x, self.model.multiple_of)
-        probs = torch.softmax(self._classify(padded).float(), dim=1)[0].cpu()
-        return {name: float(p) for name, p in zip(CLASSES, probs, strict=True)}
+            size = [max(1, min(CLASSIFY_SIDE, round(s * scale))) for s in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="area")
+        m = self.model.multiple_of
+        x = _pad_reflect(x, -(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
+        probs = torch.softmax(self.model.classify(x.to(self.dtype)).float(), dim=1)[0].cpu()
+        pixels = x.shape[-2] * x.shape[-1]
+        return {name: float(p) for name, p in zip(CLASSES, probs, strict=True)}, pixels
 
     # -- restoration ---------------------------------------------------------------------------
     def restore(
         self, image: Image.Image | np.ndarray | torch.Tensor, task: str = "auto"
     ) -> RestoreResult:
-        """Restore one image. task: "auto" (the head decides, once per image) or a task name."""
+        """Restore one image (see `to_tensor` for the accepted inputs).
+
+        task "auto": the head decides once per image, from a downscaled copy, and every tile
+        uses that decision; an image it calls clean with at least `clean_threshold` confidence
+        comes back unchanged. A task name ("rain", "snow", "haze") uses that task's one-hot
+        embedding; the head's probabilities are still reported.
+        """
         if task not in TASK_CHOICES:
             raise EngineError(f"task must be one of {', '.join(TASK_CHOICES)}, got {task!r}")
         t0 = time.perf_counter()
         rgb = to_tensor(image)
-        probs = self.classify(rgb)
+        probs, classify_pixels = self._classify_image(rgb)
+        classify_flops = int(self.classify_flops_per_pixel * classify_pixels)
         t1 = time.perf_counter()
         if task == "auto":
             chosen = max(probs, key=probs.__getitem__)
@@ -212,7 +281,9 @@ class OPIREngine:
             if chosen == "clean" and confidence >= self.model.config.clean_threshold:
                 timings = {"classify": 1000 * (t1 - t0), "restore": 0.0}
                 timings["total"] = timings["classify"]
-                return RestoreResult(rgb, "clean", confidence, probs, None, timings, 0)
+                unchanged = rgb.cpu()
+                return RestoreResult(unchanged, "clean", confidence, probs, None, timings,
+                                     classify_flops)  # fmt: skip
             if chosen == "clean":  # not sure enough to pass through: restore as the likeliest
                 chosen = max(CLASSES[1:], key=probs.__getitem__)
         else:
@@ -222,56 +293,79 @@ class OPIREngine:
         t2 = time.perf_counter()
         timings = {"classify": 1000 * (t1 - t0), "restore": 1000 * (t2 - t1)}
         timings["total"] = timings["classify"] + timings["restore"]
-        flops = int(self.flops_per_pixel * pixels)
+        flops = int(self.flops_per_pixel * pixels) + classify_flops
         return RestoreResult(restored, chosen, confidence, probs, uncertainty, timings, flops)
 
     def restore_batch(
         self, images: Iterable[Image.Image | np.ndarray | torch.Tensor], task: str = "auto"
     ) -> list[RestoreResult]:
-        """Restore many images; each is classified and tiled on its own."""
+        """Restore many images, in order; each is classified and tiled on its own."""
         return [self.restore(image, task) for image in images]
 
     @torch.inference_mode()
     def _run_tiled(
         self, rgb: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Overlapping tiles blended with a smooth window; on CUDA out-of-memory, smaller tiles."""
+        """(restored (3, H, W), uncertainty (1, H, W), pixels processed); on CUDA
+        out-of-memory, retries with tiles half as long."""
         tile = self.tile
+        floor = max(128, 4 * self.tile_overlap, 2 * self.model.multiple_of)
         while True:
             try:
                 return self._process(rgb, weights, tile)
             except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or tile // 2 < max(128, 4 * self.tile_overlap):
+                smaller = tile // 2 // self.model.multiple_of * self.model.multiple_of
+                if self.device.type != "cuda" or smaller < floor:
                     raise
-                torch.cuda.empty_cache()
-                tile //= 2
+            # Out of the except block, the failed attempt's tensors are released and can go back.
+            torch.cuda.empty_cache()
+            tile = smaller
 
     def _process(
         self, rgb: torch.Tensor, weights: torch.Tensor, tile: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One attempt of `_run_tiled` at this tile size."""
         weights = weights.to(self.device, self.dtype)
+        height, width = rgb.shape[-2:]
+        x = _pad_reflect(rgb[None], self._padded_side(height, tile), self._padded_side(width, tile))
+        tiled = max(x.shape[-2:]) > tile
+        full = self.tiles_per_batch
         pixels = 0
 
-        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal pixels
-            pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
-            out = self._forward(x.to(self.device, self.dtype), weights.expand(x.shape[0], -1))
-            return out.restored.float(), out.uncertainty.float()
+            count = batch.shape[0]
+            if self.compiled and tiled and count < full:
+                # The last chunk of tiles is padded to a full batch: one shape, one graph.
+                batch = torch.cat([batch, batch[-1:].expand(full - count, -1, -1, -1)])
+            pixels += batch.shape[0] * batch.shape[-2] * batch.shape[-1]
+            batch = batch.to(self.device, self.dtype)
+            out = self._forward(batch, weights.expand(batch.shape[0], -1))
+            return out.restored[:count].float(), out.uncertainty[:count].float()
 
-        x = rgb[None]
-        if max(x.shape[-2:]) <= tile:  # one piece: pad to the multiple, no blending needed
-            padded, size = pad_to_multiple(x, self.model.multiple_of)
-            restored, uncertainty = (crop_to(t, size) for t in run(padded))
-        else:
+        if tiled:
             restored, uncertainty = process_tiled(
-                x,
-                run,
-                tile,
-                self.tile_overlap,
-                self.model.multiple_of,
-                tiles_per_batch=self.tiles_per_batch,
+                x, run, tile, self.tile_overlap, self.model.multiple_of, tiles_per_batch=full
             )
-        return restored[0].clamp(0, 1).cpu(), uncertainty[0].cpu(), pixels
+        else:
+            restored, uncertainty = run(x)
+        restored = crop_to(restored, (height, width))[0].clamp_(0, 1).cpu()
+        return restored, crop_to(uncertainty, (height, width))[0].cpu(), pixels
+
+
+def _pad_reflect(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad (B, C, h, w) at the bottom and right to (B, C, height, width) by reflection.
+
+    Reflection keeps image statistics at the border (zeros would look like a dark frame to the
+    network); a pad longer than the side reflects again, and a 1-pixel side repeats.
+    """
+    while image.shape[-2] < height or image.shape[-1] < width:
+        h, w = image.shape[-2:]
+        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
+        if (pad_h and h == 1) or (pad_w and w == 1):  # reflection needs 2 pixels
+            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        image = F.pad(image, (0, min(pad_w, w - 1), 0, min(pad_h, h - 1)), mode="reflect")
+    return image
 
 
 def describe(engine: OPIREngine) -> dict[str, Any]:

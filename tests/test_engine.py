@@ -1,0 +1,288 @@
+"""Tests for opir_engine.engine: loading checkpoints, inputs, padding, tiling, task choice, compile.
+
+The weights are a tiny OPIR with a fixed seed, its parameters moved away from the identity init
+so that outputs differ from inputs; real photos come from the shared data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from opir_engine.checkpoint import CheckpointError, save_checkpoint
+from opir_engine.engine import EngineError, OPIREngine, RestoreResult, to_tensor
+from opir_engine.image_io import read_image
+from opir_engine.model import CLASSES, OPIR, OPIRConfig
+
+DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+PHOTO = DATA / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"  # 1024x800
+URBAN = DATA / "clean" / "Urban100_subset" / "img_047.png"
+
+needs_data = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
+)
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    """A seeded tiny OPIR, every parameter moved by N(0, 0.02), saved with its card."""
+    torch.manual_seed(0)
+    model = OPIR(OPIRConfig.from_name("tiny"))
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    save_checkpoint(path, model, {"name": "test-tiny"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "test-tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def engine(weights: Path) -> OPIREngine:
+    return OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+
+
+def _photo(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A real photo resized (area) to size = (H, W): (3, H, W) float in [0, 1]."""
+    rgb = read_image(path).rgb
+    return F.interpolate(rgb[None], size=size, mode="area")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def test_from_pretrained_loads_a_path_with_its_card(engine: OPIREngine) -> None:
+    assert engine.name == "test-tiny"
+    assert engine.model.config == OPIRConfig.from_name("tiny")
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
+    assert not engine.compiled and not engine.buckets
+    assert engine.flops_per_pixel > engine.classify_flops_per_pixel > 0
+
+
+def test_missing_checkpoint_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.safetensors"
+    with pytest.raises(CheckpointError, match=r"nowhere\.safetensors: checkpoint not found"):
+        OPIREngine.from_pretrained(path, device="cpu", compile=False)
+
+
+def test_truncated_checkpoint_names_the_file(weights: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.safetensors"
+    data = weights.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.json").write_bytes(weights.with_suffix(".json").read_bytes())
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read weights, truncated"):
+        OPIREngine.from_pretrained(cut, device="cpu", compile=False)
+
+
+def test_mismatched_checkpoint_names_the_file(weights: Path, tmp_path: Path) -> None:
+    """Tiny weights under a card that says "small": the shapes disagree."""
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(weights.read_bytes())
+    small = OPIRConfig.from_name("small").to_dict()
+    (tmp_path / "other.json").write_text(json.dumps({"name": "other", "config": small}))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: .*(shape|do not match)"):
+        OPIREngine.from_pretrained(other, device="cpu", compile=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 130}, "tile must be a multiple of 4"),
+        ({"tile": 64, "tile_overlap": 32}, "larger than twice the overlap"),
+        ({"tiles_per_batch": 0}, "tiles per batch must be at least 1"),
+        ({"precision": "fp8"}, "precision must be"),
+        ({"device": "nonsense"}, "unknown device"),
+    ],
+)
+def test_bad_engine_options_raise_engine_error(weights: Path, options: dict, message: str) -> None:
+    with pytest.raises(EngineError, match=message):
+        OPIREngine.from_pretrained(weights, **{"device": "cpu", "compile": False, **options})
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and results
+
+
+@needs_data
+def test_restore_accepts_pil_numpy_and_tensors_alike(engine: OPIREngine) -> None:
+    with Image.open(URBAN) as im:
+        pil = im.convert("RGB").resize((56, 40), Image.Resampling.BOX)
+    u8 = np.array(pil)
+    inputs = {
+        "pil": pil,
+        "uint8": u8,
+        "uint16": u8.astype(np.uint16) * 257,  # the same levels in 16 bits
+        "float tensor": torch.from_numpy(u8).permute(2, 0, 1).float() / 255,
+        "uint8 tensor": torch.from_numpy(u8.copy()).permute(2, 0, 1),
+    }
+    results = {name: engine.restore(x, task="haze") for name, x in inputs.items()}
+    reference = results["pil"]
+    for name, result in results.items():
+        assert torch.equal(result.image, reference.image), name
+    assert isinstance(reference, RestoreResult)
+    assert reference.image.shape == (3, 40, 56) and reference.image.dtype == torch.float32
+    assert float(reference.image.min()) >= 0 and float(reference.image.max()) <= 1
+    assert reference.uncertainty is not None and reference.uncertainty.shape == (1, 40, 56)
+    assert reference.task == "haze" and reference.confidence == 1.0
+    assert set(reference.probabilities) == set(CLASSES)
+    assert sum(reference.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert set(reference.timings) == {"classify", "restore", "total"}
+    assert reference.flops > engine.flops_per_pixel * 40 * 56  # padded pixels plus the head
+    # A 16-bit gray photo keeps its 16-bit levels (no 8-bit rounding on the way).
+    gray16 = (np.asarray(pil.convert("L")).astype(np.uint16) * 257 + 77).astype(np.uint16)
+    expected = torch.from_numpy(gray16.astype(np.float32) / 65535).expand(3, -1, -1)
+    assert torch.equal(to_tensor(Image.fromarray(gray16)), expected)
+    assert torch.equal(to_tensor(gray16), expected)
+
+
+def test_to_tensor_rejects_other_shapes() -> None:
+    with pytest.raises(EngineError, match="expected an"):
+        to_tensor(np.zeros((4, 5, 2), dtype=np.uint8))
+    with pytest.raises(EngineError, match="expected a"):
+        to_tensor(torch.zeros(1, 3, 4, 5))
+
+
+@needs_data
+@pytest.mark.parametrize(("height", "width"), [(33, 47), (1, 5), (47, 33)])
+def test_odd_sizes_come_back_at_the_input_size(engine: OPIREngine, height: int, width: int) -> None:
+    """Reflect padding to the U-Net's multiple (4 for tiny) and the crop back."""
+    x = _photo(URBAN, (height, width))
+    result = engine.restore(x, task="rain")
+    assert result.image.shape == (3, height, width)
+    assert result.uncertainty is not None and result.uncertainty.shape == (1, height, width)
+    assert float((result.image - x).abs().mean()) > 1e-3  # it did restore, not copy
+
+
+@needs_data
+def test_tiled_matches_untiled_on_a_real_photo(weights: Path) -> None:
+    """A SunHays80 photo at 200x256 through 128-pixel tiles (overlap 32) against one pass.
+
+    The tiny model's receptive field (two U-Net levels and two stages, each with dilated
+    operator taps, about 50 pixels, plus channel attention that averages over the whole
+    input) is larger than the blend margin, so tiling cannot be exact. Measured with these
+    weights: max |tiled - untiled| = 6.9e-5, mean 7.8e-6 (Urban100 img_047: 3.9e-5, 4.0e-6).
+    Bound asserted: max < 5e-4 (an eighth of an 8-bit level), mean < 5e-5.
+    """
+    x = _photo(PHOTO, (200, 256))
+    untiled = OPIREngine.from_pretrained(weights, device="cpu", compile=False, tile=512)
+    tiled = OPIREngine.from_pretrained(
+        weights, device="cpu", compile=False, tile=128, tile_overlap=32
+    )
+    a = untiled.restore(x, task="snow")
+    b = tiled.restore(x, task="snow")
+    assert b.flops > a.flops  # the overlaps are computed twice
+    difference = (a.image - b.image).abs()
+    assert float(difference.max()) < 5e-4
+    assert float(difference.mean()) < 5e-5
+    assert float((a.image - x).abs().mean()) > 0.01  # both restored, far from the input
+
+
+# ----------------------------------------------------------------------------------------------
+# task choice
+
+
+class _CountingEngine(OPIREngine):
+    """An engine that counts its classifications (the product engine keeps no such state)."""
+
+    classifications = 0
+
+    def _classify_image(self, image: torch.Tensor) -> tuple[dict[str, float], int]:
+        type(self).classifications += 1
+        return super()._classify_image(image)
+
+
+@needs_data
+def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path) -> None:
+    engine = _CountingEngine.from_pretrained(
+        weights, device="cpu", compile=False, tile=64, tile_overlap=16
+    )
+    seen: list[torch.Tensor] = []
+
+    def record_weights(module: torch.nn.Module, args: tuple) -> None:
+        seen.append(args[1].clone())  # forward(image, task_weights)
+
+    handle = engine.model.register_forward_pre_hook(record_weights)
+    try:
+        x = _photo(PHOTO, (100, 150))
+        result = engine.restore(x, task="auto")
+    finally:
+        handle.remove()
+    assert _CountingEngine.classifications == 1
+    assert len(seen) == 2 * 3  # 100x150 in 64-pixel tiles overlapping by 16
+    expected = torch.tensor([[result.probabilities[c] for c in CLASSES]])
+    for w in seen:
+        assert torch.allclose(w, expected, atol=1e-6)
+    assert result.task in ("rain", "snow", "haze")  # the likeliest weather class
+    assert result.confidence == pytest.approx(max(result.probabilities.values()))
+
+
+@needs_data
+def test_clean_head_passes_the_image_through_unchanged(weights: Path) -> None:
+    engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+    with torch.no_grad():
+        engine.model.head.fc2.bias.copy_(torch.tensor([20.0, -20.0, -20.0, -20.0]))
+    x = _photo(URBAN, (48, 64))
+    result = engine.restore(x, task="auto")
+    assert result.task == "clean" and result.confidence > 0.99
+    assert torch.equal(result.image, x)
+    assert result.uncertainty is None
+    # A given task still restores.
+    assert not torch.equal(engine.restore(x, task="rain").image, x)
+
+
+@needs_data
+def test_given_task_uses_its_one_hot_embedding(engine: OPIREngine) -> None:
+    """A 128x160 image needs no padding, so the engine's result is the model's own output."""
+    x = _photo(URBAN, (128, 160))
+    results = {task: engine.restore(x, task=task) for task in ("rain", "snow", "haze")}
+    for task, result in results.items():
+        one_hot = F.one_hot(torch.tensor([CLASSES.index(task)]), len(CLASSES)).float()
+        with torch.inference_mode():
+            out = engine.model(x[None], one_hot)
+        assert result.task == task and result.confidence == 1.0
+        assert torch.allclose(result.image, out.restored[0].clamp(0, 1), atol=1e-6)
+        assert torch.allclose(result.uncertainty, out.uncertainty[0], atol=1e-6)
+    assert float((results["rain"].image - results["haze"].image).abs().max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# compile
+
+
+@needs_data
+@pytest.mark.slow
+def test_compiled_engine_matches_eager_and_reuses_its_graphs(weights: Path) -> None:
+    """compile=True on CPU (one compile: about a minute on 2 loaded cores).
+
+    Two photos of different sizes (120x168 and 100x150) fall in the same shape bucket (a side
+    up to tile / 2 is padded to tile / 2, up to tile to tile), so the second one runs the
+    graphs the first compiled. Compiled and eager (with the same buckets) agree to 1e-4.
+    """
+    from torch._dynamo.utils import counters
+
+    options = {"device": "cpu", "tile": 256, "tile_overlap": 32}
+    compiled = OPIREngine.from_pretrained(weights, compile=True, **options)
+    eager = OPIREngine.from_pretrained(weights, compile=False, buckets=True, **options)
+    first = _photo(PHOTO, (120, 168))
+    second = _photo(URBAN, (100, 150))
+    a = compiled.restore(first, task="auto")
+    graphs = counters["stats"]["unique_graphs"]
+    b = compiled.restore(second, task="auto")
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+    for result, x in ((a, first), (b, second)):
+        reference = eager.restore(x, task="auto")
+        assert result.image.shape == x.shape
+        assert result.task == reference.task
+        assert float((result.image - reference.image).abs().max()) < 1e-4
+        assert float((result.uncertainty - reference.uncertainty).abs().max()) < 1e-4
