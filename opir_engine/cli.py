@@ -134,6 +134,12 @@ def restore(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done, load nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    backend: str = typer.Option("local", help="local (this process) or ray (a Ray cluster)."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster to join (auto, ray://HOST:PORT) [default: start a local one]."
+    ),
+    workers: int = typer.Option(2, min=1, help="Ray actors, each holding one model."),
+    gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per Ray actor (0: CPU)."),
 ) -> None:
     """Restore a photo or a folder of photos; inputs are never modified."""
     from opir_engine.batch import RestoreOptions, UsageError, check_report_path, plan_jobs
@@ -143,12 +149,17 @@ def restore(
         check_report_path(report)
         options = RestoreOptions(task, quality, overwrite, save_uncertainty, max_pixels)
         jobs = plan_jobs(input, output, recursive=recursive, fmt=format, suffix=suffix)
+        if backend not in ("local", "ray"):
+            raise UsageError(f"--backend must be local or ray; got {backend!r}")
     except UsageError as e:
         err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
                        tile_overlap=tile_overlap, compile=compile)  # fmt: skip
-    code = run_restore(jobs, options, engine_args, batch_size, report, dry_run, quiet)
+    ray_args = None
+    if backend == "ray":
+        ray_args = dict(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+    code = run_restore(jobs, options, engine_args, batch_size, report, dry_run, quiet, ray_args)
     raise typer.Exit(code)
 
 

@@ -21,9 +21,10 @@ def run_restore(
     report: Path | None,
     dry_run: bool,
     quiet: bool,
+    ray_args: dict[str, Any] | None = None,
 ) -> int:
     """Run the batch; returns the exit code (0 all done or skipped, 1 some failed, 2 usage,
-    130 interrupted)."""
+    130 interrupted). `ray_args` (address, workers, gpus_per_worker) picks the Ray backend."""
     from opir_engine.checkpoint import CheckpointError
     from opir_engine.engine import EngineError, OPIREngine, pick_device
 
@@ -36,6 +37,8 @@ def run_restore(
             state = "exists, skip" if job.output.exists() and not options.overwrite else "restore"
             out.print(f"{job.input} -> {job.output} ({state})")
         return 0
+    if ray_args is not None:
+        return _run_restore_ray(jobs, options, engine_args, batch_size, report, quiet, ray_args)
     try:
         if engine_args["compile"] is None:
             # Compile by default on CUDA only: on a 2-core CPU (bench/results/engine-*.md) the
@@ -50,6 +53,51 @@ def run_restore(
     except KeyboardInterrupt:
         err.print("interrupted while loading the model; nothing was written")
         return 130
+    title = f"opir restore: {engine.name} on {engine.device}"
+    return _run_and_summarize(
+        lambda on_record: run_jobs(engine, jobs, options, on_record), len(jobs), report, quiet,
+        title, out, err,
+    )  # fmt: skip
+
+
+def _run_restore_ray(
+    jobs: list[Job],
+    options: RestoreOptions,
+    engine_args: dict[str, Any],
+    batch_size: int,
+    report: Path | None,
+    quiet: bool,
+    ray_args: dict[str, Any],
+) -> int:
+    """The Ray backend (`opir_engine.ray_backend`): same progress, error lines and summary."""
+    from opir_engine.checkpoint import CheckpointError, read_card
+    from opir_engine.engine import resolve_weights
+    from opir_engine.ray_backend import RayBackendError, restore_with_ray
+
+    out = Console(quiet=quiet, highlight=False, markup=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+    try:  # fail fast on the driver: missing weights would otherwise fail every actor's start
+        name = read_card(resolve_weights(engine_args["name_or_path"])).get("name", "opir")
+    except CheckpointError as e:
+        err.print(f"error: {e}")
+        return 2
+    args = {**engine_args, "tiles_per_batch": batch_size}
+    where = ray_args.get("address") or "a local instance"
+    title = f"opir restore: {name} on ray ({ray_args.get('workers')} workers, {where})"
+    try:
+        return _run_and_summarize(
+            lambda on_record: restore_with_ray(jobs, options, args, on_record, **ray_args),
+            len(jobs), report, quiet, title, out, err,
+        )  # fmt: skip
+    except RayBackendError as e:
+        err.print(f"error: {e}")
+        return 2
+
+
+def _run_and_summarize(
+    run: Any, total: int, report: Path | None, quiet: bool, title: str, out: Console, err: Console
+) -> int:
+    """Call `run(on_record)` under the progress bar, then write the report and the summary."""
     records: list[FileRecord] = []
     started = time.perf_counter()
     columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(),
@@ -57,7 +105,7 @@ def run_restore(
     # The bar is for terminals: in a log (stderr redirected) only the error lines appear.
     show_bar = not quiet and err.is_terminal
     with Progress(*columns, console=err, disable=not show_bar, transient=True) as progress:
-        bar = progress.add_task("restore", total=len(jobs), rate=0.0)
+        bar = progress.add_task("restore", total=total, rate=0.0)
 
         def on_record(record: FileRecord) -> None:
             records.append(record)
@@ -67,7 +115,7 @@ def run_restore(
             progress.update(bar, completed=len(records), rate=len(records) / elapsed)
 
         try:
-            run_jobs(engine, jobs, options, on_record)
+            run(on_record)
         except KeyboardInterrupt:
             interrupted = True
         else:
@@ -76,7 +124,6 @@ def run_restore(
     if report is not None:
         write_report(records, report, summary)
     if not quiet:
-        title = f"opir restore: {engine.name} on {engine.device}"
         table = Table(title=title + (" (interrupted)" if interrupted else ""), show_header=False)
         for key, value in _summary_rows(summary):
             table.add_row(key, value)
