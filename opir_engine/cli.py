@@ -219,5 +219,47 @@ def evaluate(
     raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path))
 
 
+@app.command()
+def profile(
+    weights: str | None = typer.Option(
+        None, help="Shipped name or .safetensors path (wins over --config)."
+    ),
+    config: str = typer.Option("paper", help="Preset without --weights: tiny, small or paper."),
+    sizes: str = typer.Option("256,512", help="N, WxH, 720p, 1080p, 1440p, 4k; comma-separated."),
+    batch: int = typer.Option(1),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+    compile: bool = typer.Option(False, "--compile/--no-compile"),
+    runs: int = typer.Option(10, help="Timed runs per size, after the warm-up."),
+    warmup: int = typer.Option(2),
+    breakdown: bool = typer.Option(True, "--breakdown/--no-breakdown", help="Time each part."),
+    compare: str = typer.Option("none", help="none or promptir (timed side by side)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """Latency, throughput, FLOPs and memory per size, per part, and against PromptIR."""
+    from opir_engine.profiling import (
+        ProfileError,
+        ProfileSettings,
+        parse_sizes,
+        render_report,
+        run_profile,
+    )
+
+    try:
+        settings = ProfileSettings(
+            config=config, weights=weights, sizes=tuple(parse_sizes(sizes)), batch=batch,
+            device=device, precision=precision, compile=compile, runs=runs, warmup=warmup,
+            breakdown=breakdown, compare=compare, threads=threads,
+        )  # fmt: skip
+        report = run_profile(settings, progress=err.log)
+    except ProfileError as e:
+        err.print(f"error: {e}", highlight=False)
+        raise typer.Exit(1) from e
+    render_report(report, Console())
+    if json_path is not None:
+        report.write_json(json_path)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,279 @@
+"""`opir profile`'s library: FLOP counts, the PromptIR baseline, memory, JSON and size parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from opir_engine.checkpoint import save_checkpoint
+from opir_engine.model import OPIR, OPIRConfig
+from opir_engine.profiling import (
+    NAMED_SIZES,
+    DeviceError,
+    FlopCount,
+    PrecisionError,
+    ProfileError,
+    ProfileSettings,
+    SizeError,
+    WeightsError,
+    build_opir,
+    count_flops,
+    count_opir_flops,
+    measure_peak_memory,
+    parse_sizes,
+    resolve_device,
+    resolve_precision,
+    run_profile,
+    time_interleaved,
+)
+from opir_engine.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_kernels.inverse_operator import inverse_operator_flops
+
+# Parameters of the published PromptIR that its forward never uses: six 1x1 convolutions the
+# release defines (64->64, 128->128, 320->256, 112->48, 224->96, 448->192, no bias).
+PROMPTIR_UNUSED_PARAMETERS = 64 * 64 + 128 * 128 + 320 * 256 + 112 * 48 + 224 * 96 + 448 * 192
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Forwards on one thread: on a loaded 2-core machine, OpenMP's spinning second thread
+    makes PromptIR's 64 x 64 forward take anywhere from 2 to 16 s; one thread, under 1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def promptir() -> PromptIR:
+    torch.manual_seed(0)
+    return PromptIR().eval()
+
+
+def _flop_counter(model: torch.nn.Module, image: torch.Tensor) -> FlopCounterMode:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (48, 80)])
+def test_opir_analytic_flops_match_flop_counter(preset: str, height: int, width: int) -> None:
+    """The analytic count (KPN convolutions per stage, head and TAM linears, the op's formula)
+    against torch.utils.flop_counter over a real forward: both count a multiply-add as 2 and
+    skip biases, norms and activations, so they agree to the FLOP; the op term is the
+    formula the op registers, which flop_counter picked up from the dispatcher."""
+    config = OPIRConfig.from_name(preset)
+    torch.manual_seed(0)
+    model = OPIR(config).eval()
+    counter = _flop_counter(model, torch.rand(1, 3, height, width))
+    analytic = count_opir_flops(config, height, width)
+    measured = counter.get_total_flops()
+    assert abs(analytic.counted - measured) <= 0.02 * measured
+    assert analytic.counted == measured  # exact in fact: same terms, same convention
+    op_counted = counter.get_flop_counts()["Global"][torch.ops.opir.inverse_operator]
+    expected_op = inverse_operator_flops(1, 3, height, width, len(config.dilations))
+    assert op_counted == analytic.operator == config.stages * expected_op
+    # The elementwise estimate is extra work torch leaves out, not part of `counted`.
+    assert 0 < analytic.elementwise < analytic.counted
+    assert analytic.total == analytic.counted + analytic.elementwise
+
+
+def test_opir_flops_scale_with_batch_and_meta_count_matches_real() -> None:
+    config = OPIRConfig.from_name("tiny")
+    one, four = count_opir_flops(config, 32, 32), count_opir_flops(config, 32, 32, batch=4)
+    assert isinstance(one, FlopCount)
+    assert four.counted == 4 * one.counted
+    model = OPIR(config).eval()
+    assert count_flops(model, 32, 32) == one.counted
+    assert count_flops(model, 32, 32, batch=4) == four.counted
+
+
+def test_promptir_forward_shape_and_global_residual(promptir: PromptIR, one_thread: None) -> None:
+    image = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        out = promptir(image)
+    assert out.shape == (1, 3, 64, 64)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, image)
+    # With the last convolution zeroed, only the global residual remains: output == input.
+    saved = promptir.output.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            promptir.output.weight.zero_()
+        with torch.inference_mode():
+            assert torch.equal(promptir(image), image)
+    finally:
+        with torch.no_grad():
+            promptir.output.weight.copy_(saved)
+
+
+def test_promptir_rejects_sides_not_multiple_of_8(promptir: PromptIR) -> None:
+    with pytest.raises(ValueError, match="multiples of 8"):
+        promptir(torch.rand(1, 3, 60, 64))
+
+
+def test_promptir_parameter_count_matches_published(promptir: PromptIR) -> None:
+    """35.38 M here against the published 35.59 M: the 0.6 % gap is exactly the 215,296
+    parameters of six 1x1 convolutions the release builds but never calls. So 1 % is the
+    tolerance: any real architectural difference (a block, a prompt, a wrong width) moves the
+    count by far more (the smallest prompt block alone holds 1.35 M)."""
+    count = sum(p.numel() for p in promptir.parameters())
+    assert abs(count - PUBLISHED_PARAMETERS) <= 0.01 * PUBLISHED_PARAMETERS
+    assert abs(count + PROMPTIR_UNUSED_PARAMETERS - PUBLISHED_PARAMETERS) < 0.005e6
+
+
+def test_flops_match_paper_table6_at_224_in_macs(promptir: PromptIR) -> None:
+    """Table 6 (PromptIR 134 G, OPIR 47 G) counts multiply-adds at 224 x 224: our PromptIR
+    comes to 132.2 GMACs there (FLOPs would be 264 G; at 256 x 256, 173 GMACs). The `paper`
+    preset is sized to 47 GMACs (within 10 %) under the same convention."""
+    promptir_gmacs = count_flops(promptir, 224, 224) / 2e9
+    assert promptir_gmacs == pytest.approx(134, rel=0.03)
+    opir_gmacs = count_opir_flops(OPIRConfig.from_name("paper"), 224, 224).counted / 2e9
+    assert opir_gmacs == pytest.approx(47, rel=0.10)
+
+
+def test_parse_sizes_named_square_and_wxh() -> None:
+    assert parse_sizes("256,512,1080p,4k") == [(256, 256), (512, 512), (1080, 1920), (2160, 3840)]
+    assert parse_sizes(" 64 , 4K,720p") == [(64, 64), (2160, 3840), (720, 1280)]
+    assert parse_sizes("1920x1080") == [(1080, 1920)]
+    assert set(NAMED_SIZES) >= {"1080p", "4k"}
+
+
+@pytest.mark.parametrize("text", ["", "256,,512", "abc", "0", "12x", "64x0", "-5", "8k", "3.5"])
+def test_parse_sizes_rejects_bad_entries(text: str) -> None:
+    with pytest.raises(SizeError, match="--sizes"):
+        parse_sizes(text)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak RSS needs /proc")
+def test_cpu_peak_memory_sees_a_transient_allocation() -> None:
+    """A 64 MiB buffer written and freed inside the call shows in the growth: the peak is
+    the kernel's high-water mark, not a sample of the resident set after the call."""
+
+    def allocate() -> None:
+        buffer = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+        del buffer
+
+    allocate()  # first, so that the heap holds the freed pages: the trim must release them
+    peak, growth, measure = measure_peak_memory(allocate, torch.device("cpu"))
+    assert "VmHWM" in measure
+    assert growth is not None and peak is not None
+    assert 60 <= growth < 200
+    assert peak >= growth
+
+
+def test_time_interleaved_calls_each_function_warmup_plus_runs_times() -> None:
+    calls: list[str] = []
+    times = time_interleaved(
+        [lambda: calls.append("a"), lambda: calls.append("b")], 3, 2, torch.device("cpu")
+    )
+    assert calls == ["a", "b"] * 5  # interleaved round by round
+    assert [len(t) for t in times] == [3, 3]
+    assert all(t >= 0 for series in times for t in series)
+
+
+def test_profile_json_has_the_figures(tmp_path, one_thread: None) -> None:
+    settings = ProfileSettings(
+        config="tiny", sizes=((64, 64), (60, 90)), runs=2, warmup=1, device="cpu"
+    )
+    report = run_profile(settings)
+    path = tmp_path / "sub" / "profile.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert {"cpu", "logical_cores", "torch", "device"} <= set(data["machine"])
+    assert data["settings"]["runs"] == 2 and data["settings"]["config"] == "tiny"
+    assert data["comparisons"] == []
+    assert [r["size"] for r in data["results"]] == ["64", "90x60"]
+    config = OPIRConfig.from_name("tiny")
+    model = OPIR(config)
+    for r in data["results"]:
+        assert r["model"] == "OPIR tiny"
+        assert (r["padded_height"], r["padded_width"]) == (
+            r["height"] + (-r["height"] % config.multiple_of),
+            r["width"] + (-r["width"] % config.multiple_of),
+        )
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
+        assert r["images_per_s"] == pytest.approx(1e3 / r["latency_ms_p50"])
+        assert r["megapixels_per_s"] == pytest.approx(
+            r["height"] * r["width"] / 1e6 * r["images_per_s"]
+        )
+        flops = count_opir_flops(config, r["padded_height"], r["padded_width"]).counted
+        assert r["gflops_per_image"] == pytest.approx(flops / 1e9)
+        assert r["gmacs_per_image"] == pytest.approx(flops / 2e9)
+        assert r["analytic_gflops_per_image"] == pytest.approx(r["gflops_per_image"])
+        assert r["achieved_gflops_per_s"] == pytest.approx(
+            r["gflops_per_image"] * r["images_per_s"]
+        )
+        assert r["parameters"] == sum(p.numel() for p in model.parameters())
+        assert r["peak_memory_growth_mb"] is not None and r["peak_memory_growth_mb"] >= 0
+        assert [p["name"] for p in r["parts"]] == [
+            "pre/post-processing (pad, crop)",
+            "KPN stage 1",
+            "degradation head",
+            "op stage 1 (TAM + op)",
+            "KPN stage 2",
+            "op stage 2 (TAM + op)",
+        ]
+        assert all(p["ms_p50"] >= 0 for p in r["parts"])
+        assert r["op_ms_p50"] > 0 and r["op_gb_per_s"] > 0
+        assert r["op_bandwidth_pct_of_peak"] is None  # no peak known for a CPU
+
+
+def test_profile_compare_promptir_reports_ratios(one_thread: None) -> None:
+    settings = ProfileSettings(
+        config="tiny", sizes=((64, 64),), runs=1, warmup=0, device="cpu", breakdown=False,
+        compare="promptir",
+    )  # fmt: skip
+    report = run_profile(settings)
+    opir, promptir = report.results
+    assert (opir.model, promptir.model) == ("OPIR tiny", "PromptIR")
+    assert promptir.parameters == pytest.approx(35.38e6, rel=1e-3)
+    assert opir.parts == [] and promptir.parts == []
+    (comparison,) = report.comparisons
+    assert comparison.size == "64"
+    assert comparison.flops_ratio == pytest.approx(
+        promptir.gflops_per_image / opir.gflops_per_image
+    )
+    assert comparison.flops_ratio > 100  # tiny OPIR is a few thousand parameters
+    assert comparison.latency_ratio == pytest.approx(promptir.latency_ms_p50 / opir.latency_ms_p50)
+
+
+def test_build_opir_from_a_checkpoint_or_a_config(tmp_path) -> None:
+    torch.manual_seed(3)
+    saved = OPIR(OPIRConfig.from_name("tiny"))
+    path = tmp_path / "mine.safetensors"
+    save_checkpoint(path, saved, {"note": "test"})
+    loaded, name = build_opir(config="paper", weights=str(path))  # the weights win
+    assert name == "OPIR mine"
+    assert loaded.config == saved.config
+    for key, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    model, name = build_opir(config="small")
+    assert name == "OPIR small" and model.config == OPIRConfig.from_name("small")
+    with pytest.raises(WeightsError, match="missing"):
+        build_opir(weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ProfileError, match="--config"):
+        build_opir(config="huge")
+
+
+def test_bad_device_precision_and_settings_are_reported() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError):
+        resolve_device("gpu0")
+    with pytest.raises(PrecisionError, match="fp8"):
+        resolve_precision("fp8", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ProfileError, match="--runs"):
+        run_profile(ProfileSettings(config="tiny", runs=0))
+    with pytest.raises(ProfileError, match="--compare"):
+        run_profile(ProfileSettings(config="tiny", compare="restormer"))
+    with pytest.raises(ProfileError, match="warm"):
+        run_profile(ProfileSettings(config="tiny", compile=True, warmup=0))
