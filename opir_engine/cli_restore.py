@@ -167,8 +167,9 @@ def print_models() -> None:
             continue
         val = card.get("validation") or {}
         gains = ", ".join(
-            f"{t} {val[t]['in_psnr']:.1f}->{val[t]['psnr']:.1f}"
-            for t in ("rain", "snow", "haze") if t in val
+            f"{t} {val[t]['input_psnr']:.1f}->{val[t]['psnr']:.1f}"
+            for t in ("rain", "snow", "haze")
+            if isinstance(val.get(t), dict) and val[t].get("input_psnr") is not None
         )  # fmt: skip
         cfg = card.get("config", {})
         table.add_row(name, f"width {cfg.get('width')}", str(card.get("parameters", "?")),

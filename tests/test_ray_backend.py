@@ -57,6 +57,16 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # type: ignore[no-untyped-def]
+    """Each actor runs torch on its 1-CPU share; the local reference must too, since a
+    convolution split over more threads rounds differently and can flip an 8-bit level."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     """`count` real photos, downscaled to size = (W, H), saved as PNG in folder."""
     folder.mkdir(parents=True, exist_ok=True)
