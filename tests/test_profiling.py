@@ -277,3 +277,32 @@ def test_bad_device_precision_and_settings_are_reported() -> None:
         run_profile(ProfileSettings(config="tiny", compare="restormer"))
     with pytest.raises(ProfileError, match="warm"):
         run_profile(ProfileSettings(config="tiny", compile=True, warmup=0))
+
+
+def test_profile_cli_writes_json(tmp_path):
+    """`opir profile` through Typer's runner: a table on stdout and the same figures as JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from opir_engine.cli import app
+
+    out = tmp_path / "profile.json"
+    args = ["profile", "--config", "tiny", "--sizes", "64", "--runs", "2", "--warmup", "1"]
+    result = CliRunner().invoke(app, [*args, "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "OPIR tiny" in result.output
+    data = json.loads(out.read_text())
+    assert json.dumps(data)  # plain JSON
+    text = out.read_text()
+    assert "p50" in text and "flops" in text.lower()
+
+
+def test_profile_cli_bad_size_is_one_line_error():
+    from typer.testing import CliRunner
+
+    from opir_engine.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--config", "tiny", "--sizes", "huge"])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "huge" in result.output
