@@ -5,3 +5,28 @@ import os
 # Triton reads this when it is first imported: set it before any test module imports opir, so
 # kernel tests on CPU run the Triton kernels through its interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny OPIR, every parameter moved by N(0, 0.02) so outputs differ from inputs,
+    saved with its card: the checkpoint the engine, restore and Ray tests load."""
+    import torch
+
+    from opir_engine.checkpoint import save_checkpoint
+    from opir_engine.model import OPIR, OPIRConfig
+
+    path = tmp_path_factory.mktemp("weights") / "test-tiny.safetensors"
+    torch.manual_seed(0)
+    model = OPIR(OPIRConfig.from_name("tiny"))
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    save_checkpoint(path, model, {"name": "test-tiny"})
+    return path

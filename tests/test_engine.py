@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opir_engine.checkpoint import CheckpointError, save_checkpoint
+from opir_engine.checkpoint import CheckpointError
 from opir_engine.engine import EngineError, OPIREngine, RestoreResult, to_tensor
 from opir_engine.image_io import read_image
-from opir_engine.model import CLASSES, OPIR, OPIRConfig
+from opir_engine.model import CLASSES, OPIRConfig
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PHOTO = DATA / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"  # 1024x800
@@ -28,23 +28,6 @@ URBAN = DATA / "clean" / "Urban100_subset" / "img_047.png"
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
 )
-
-
-def make_tiny_checkpoint(path: Path) -> Path:
-    """A seeded tiny OPIR, every parameter moved by N(0, 0.02), saved with its card."""
-    torch.manual_seed(0)
-    model = OPIR(OPIRConfig.from_name("tiny"))
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=noise))
-    save_checkpoint(path, model, {"name": "test-tiny"})
-    return path
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "test-tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from opir_engine.batch import FileRecord, RestoreOptions, plan_jobs, run_jobs  # noqa: E402
-from opir_engine.checkpoint import save_checkpoint  # noqa: E402
 from opir_engine.cli import app  # noqa: E402
 from opir_engine.engine import OPIREngine  # noqa: E402
-from opir_engine.model import OPIR, OPIRConfig  # noqa: E402
 from opir_engine.ray_backend import restore_with_ray  # noqa: E402
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -41,20 +39,6 @@ def ray_instance():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded tiny OPIR, every parameter moved by N(0, 0.02), saved with its card."""
-    path = tmp_path_factory.mktemp("weights") / "ray-tiny.safetensors"
-    torch.manual_seed(0)
-    model = OPIR(OPIRConfig.from_name("tiny"))
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=noise))
-    save_checkpoint(path, model, {"name": "ray-tiny"})
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -25,10 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps
 from typer.testing import CliRunner
 
-from opir_engine.checkpoint import save_checkpoint
 from opir_engine.cli import app
 from opir_engine.image_io import read_image, write_image
-from opir_engine.model import OPIR, OPIRConfig
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CLEAN = DATA / "clean"
@@ -42,20 +40,6 @@ pytestmark = pytest.mark.skipif(
 needs_script = pytest.mark.skipif(
     not OPIR_SCRIPT.is_file(), reason=f"`opir` console script not installed at {OPIR_SCRIPT}"
 )
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded tiny OPIR, every parameter moved by N(0, 0.02), saved with its card."""
-    path = tmp_path_factory.mktemp("weights") / "test-tiny.safetensors"
-    torch.manual_seed(0)
-    model = OPIR(OPIRConfig.from_name("tiny"))
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=noise))
-    save_checkpoint(path, model, {"name": "test-tiny"})
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
