@@ -20,7 +20,7 @@ from PIL import Image
 
 from opir_engine.checkpoint import CheckpointError, load_checkpoint
 from opir_engine.model import CLASSES, OPIR
-from opir_engine.padding import crop_to
+from opir_engine.padding import crop_to, pad_reflect_to
 from opir_engine.tiling import process_tiled
 
 DEFAULT_WEIGHTS = "opir-small-allinone"
@@ -251,7 +251,7 @@ class OPIREngine:
             size = [max(1, min(CLASSIFY_SIDE, round(s * scale))) for s in x.shape[-2:]]
             x = F.interpolate(x, size=size, mode="area")
         m = self.model.multiple_of
-        x = _pad_reflect(x, -(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
+        x = pad_reflect_to(x, -(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
         probs = torch.softmax(self.model.classify(x.to(self.dtype)).float(), dim=1)[0].cpu()
         pixels = x.shape[-2] * x.shape[-1]
         return {name: float(p) for name, p in zip(CLASSES, probs, strict=True)}, pixels
@@ -327,7 +327,9 @@ class OPIREngine:
         """One attempt of `_run_tiled` at this tile size."""
         weights = weights.to(self.device, self.dtype)
         height, width = rgb.shape[-2:]
-        x = _pad_reflect(rgb[None], self._padded_side(height, tile), self._padded_side(width, tile))
+        x = pad_reflect_to(
+            rgb[None], self._padded_side(height, tile), self._padded_side(width, tile)
+        )
         tiled = max(x.shape[-2:]) > tile
         full = self.tiles_per_batch
         pixels = 0
@@ -351,21 +353,6 @@ class OPIREngine:
             restored, uncertainty = run(x)
         restored = crop_to(restored, (height, width))[0].clamp_(0, 1).cpu()
         return restored, crop_to(uncertainty, (height, width))[0].cpu(), pixels
-
-
-def _pad_reflect(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad (B, C, h, w) at the bottom and right to (B, C, height, width) by reflection.
-
-    Reflection keeps image statistics at the border (zeros would look like a dark frame to the
-    network); a pad longer than the side reflects again, and a 1-pixel side repeats.
-    """
-    while image.shape[-2] < height or image.shape[-1] < width:
-        h, w = image.shape[-2:]
-        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-        if (pad_h and h == 1) or (pad_w and w == 1):  # reflection needs 2 pixels
-            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
-        image = F.pad(image, (0, min(pad_w, w - 1), 0, min(pad_h, h - 1)), mode="reflect")
-    return image
 
 
 def describe(engine: OPIREngine) -> dict[str, Any]:

@@ -23,3 +23,18 @@ def pad_to_multiple(image: Tensor, multiple: int) -> tuple[Tensor, tuple[int, in
 def crop_to(image: Tensor, size: tuple[int, int]) -> Tensor:
     """Undo `pad_to_multiple`: keep the top-left `size` = (H, W)."""
     return image[..., : size[0], : size[1]]
+
+
+def pad_reflect_to(image: Tensor, height: int, width: int) -> Tensor:
+    """Pad (B, C, h, w) at the bottom and right to (B, C, height, width) by reflection.
+
+    Reflection keeps image statistics at the border (zeros would look like a dark frame to the
+    network); a pad longer than the side reflects again, and a 1-pixel side repeats.
+    """
+    while image.shape[-2] < height or image.shape[-1] < width:
+        h, w = image.shape[-2:]
+        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
+        if (pad_h and h == 1) or (pad_w and w == 1):  # reflection needs 2 pixels
+            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        image = F.pad(image, (0, min(pad_w, w - 1), 0, min(pad_h, h - 1)), mode="reflect")
+    return image

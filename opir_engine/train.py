@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.data import Pair, class_index, exclude, find_paired_sets, list_images, load_rgb
-from opir_engine.evaluation import validation_items
+from opir_engine.evaluation import finite_mean, validation_items
 from opir_engine.metrics import psnr, ssim
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.padding import crop_to, pad_to_multiple
@@ -175,12 +175,6 @@ class ValidationSet:
         return cls(validation_items(split_path, data_root))
 
 
-def _mean_finite(values: list[float]) -> float | None:
-    """Mean of the finite values; None when there are none (PSNR of identical images is inf)."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
 @torch.inference_mode()
 def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
     """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself.
@@ -211,7 +205,7 @@ def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
         m["identical"].append(float(torch.equal(restored, y)))
     model.train()
     summary: dict[str, Any] = {
-        task: {k: _mean_finite(vals) for k, vals in m.items()} | {"n": len(m["psnr"])}
+        task: {k: finite_mean(vals) for k, vals in m.items()} | {"n": len(m["psnr"])}
         for task, m in per_task.items()
     }
     restore_tasks = [t for t in ("rain", "snow", "haze") if t in summary]
