@@ -100,6 +100,63 @@ def train(
     run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile)
 
 
+@app.command("train-classifier")
+def train_classifier(
+    weights: Path = typer.Argument(..., help="Trained checkpoint (.safetensors) to extend."),
+    out: Path = typer.Option(..., "--out", help="Write the checkpoint with its classifier here."),
+    data: list[str] = typer.Option(
+        [], "--data", help="Paired folder tagged with its task: rain=DIR (targets count as clean)."
+    ),
+    photos: list[str] = typer.Option(
+        [], "--photos", help="Degraded photos without targets, tagged: snow=DIR."
+    ),
+    clean: list[Path] = typer.Option([], "--clean", help="Folder of clean photos."),
+    split: Path | None = typer.Option(None, help="Validation split JSON: never trained on."),
+    data_root: Path | None = typer.Option(None, help="Root the split's paths are relative to."),
+    views: int = typer.Option(600, help="Views rendered per class."),
+    steps: int = typer.Option(3000),
+    width: int = typer.Option(16, help="The classifier trunk's first width."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the `--task auto` classifier on whole images as the engine sees them; every
+    other weight is kept (a second phase after `opir train`)."""
+    from rich.progress import Progress
+
+    from opir_engine.classifier_training import (
+        ClassifierData,
+        ClassifierRecipe,
+        ClassifierTrainingError,
+        describe,
+        train_classifier_checkpoint,
+    )
+
+    if out.resolve() == weights.resolve():
+        raise typer.BadParameter("refusing to overwrite the input checkpoint", param_hint="--out")
+    spec = ClassifierData(paired=_parse_tagged(data, "--data"),
+                          photos=_parse_tagged(photos, "--photos"), clean=[str(c) for c in clean],
+                          split=str(split) if split else None,
+                          data_root=str(data_root) if data_root else None)  # fmt: skip
+    recipe = ClassifierRecipe(views_per_class=views, steps=steps, width=width, seed=seed)
+    try:
+        with Progress(console=err, transient=True) as progress:
+            render = progress.add_task("rendering views", total=views * 4)
+            train = progress.add_task("training", total=steps, start=False)
+
+            def on_step(step: int, loss: float) -> None:
+                progress.start_task(train)
+                progress.update(train, completed=step, description=f"training (loss {loss:.3f})")
+
+            report = train_classifier_checkpoint(
+                weights, out, spec, recipe,
+                on_view=lambda done, total: progress.update(render, completed=done, total=total),
+                on_step=on_step,
+            )  # fmt: skip
+    except ClassifierTrainingError as e:
+        err.print(f"error: {e}")
+        raise typer.Exit(2) from e
+    err.print(describe(report, out), highlight=False)
+
+
 @app.command()
 def restore(
     input: Path = typer.Argument(..., help="An image file or a folder of images."),

@@ -12,7 +12,9 @@ from opir_engine.evaluation import (
     EvaluationError,
     evaluate_engine,
     evaluate_folders,
+    evaluate_head,
     finite_mean,
+    photo_items,
     rows_to_card,
     validation_items,
     write_scores_csv,
@@ -87,6 +89,8 @@ def eval_engine(
         return 2
     engine = OPIREngine.from_pretrained(weights, device=device, compile=False)
     rows = evaluate_engine(engine, items, y_channel=y)
+    if split is not None:
+        rows += evaluate_head(engine, photo_items(split, data_root))
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "baseline",
                 "baseline PSNR/SSIM", "head acc."):  # fmt: skip

@@ -84,10 +84,13 @@ def _rank(key: str, seed: int) -> str:
 
 
 def choose_validation(
-    items: Sequence[str], groups: Sequence[str], seed: int = SPLIT_SEED
+    items: Sequence[str],
+    groups: Sequence[str],
+    seed: int = SPLIT_SEED,
+    fraction: float = VALIDATION_FRACTION,
 ) -> list[str]:
-    """Pick whole groups in a seeded order until at least VALIDATION_FRACTION of the items."""
-    wanted = math.ceil(VALIDATION_FRACTION * len(items))
+    """Pick whole groups in a seeded order until at least `fraction` of the items."""
+    wanted = math.ceil(fraction * len(items))
     by_group: dict[str, list[str]] = {}
     for item, group in zip(items, groups, strict=True):
         by_group.setdefault(group, []).append(item)
@@ -103,7 +106,8 @@ def make_split(data_root: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
     """The validation split of the shared data: file paths relative to `data_root`.
 
     Every paired set of rain/ and haze/ gives about 15% of its pairs (whole scenes); the clean
-    photos give 15% of each folder (EXIF test folders excluded: they are for I/O tests).
+    photos give 15% of each folder (EXIF test folders excluded: they are for I/O tests);
+    `snow_photos` holds real snowy photos without ground truth, scored by the head alone.
     """
     data_root = Path(data_root)
     split: dict[str, list[str]] = {"rain": [], "haze": [], "snow": [], "clean": []}
@@ -117,6 +121,11 @@ def make_split(data_root: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
                 continue
             names = [str(p.input.relative_to(data_root)) for p in pairs]
             split[task] += choose_validation(names, [p.group for p in pairs], seed)
+    # Real snowy photos have no ground truth: a third of them (5 of 15) check the head alone
+    photos = data_root / "snow" / "real_snow_samples" / "real"
+    if photos.is_dir():
+        names = [str(p.relative_to(data_root)) for p in list_images(photos)]
+        split["snow_photos"] = choose_validation(names, names, seed, fraction=1 / 3)
     for folder in sorted((data_root / "clean").iterdir()):
         if not folder.is_dir() or folder.name.startswith("EXIF"):
             continue

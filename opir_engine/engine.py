@@ -30,6 +30,21 @@ _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
 
+def classification_view(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """What the head sees of an image (3, H, W): a (1, 3, h, w) copy at most CLASSIFY_SIDE
+    long (area filter), reflect-padded to the model's multiple. Head calibration
+    (`head_calibration.py`) fits the head on exactly this view."""
+    x = image[None].float()
+    long_side = max(x.shape[-2:])
+    if long_side > CLASSIFY_SIDE:
+        scale = CLASSIFY_SIDE / long_side
+        size = [max(1, min(CLASSIFY_SIDE, round(s * scale))) for s in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="area")
+    return pad_reflect_to(
+        x, -(-x.shape[-2] // multiple) * multiple, -(-x.shape[-1] // multiple) * multiple
+    )
+
+
 class EngineError(Exception):
     """Bad engine options (device, precision, task) or inputs."""
 
@@ -244,14 +259,7 @@ class OPIREngine:
     @torch.inference_mode()
     def _classify_image(self, image: torch.Tensor) -> tuple[dict[str, float], int]:
         """(probabilities, pixels the head saw) for (3, H, W)."""
-        x = image[None].to(self.device, torch.float32)
-        long_side = max(x.shape[-2:])
-        if long_side > CLASSIFY_SIDE:
-            scale = CLASSIFY_SIDE / long_side
-            size = [max(1, min(CLASSIFY_SIDE, round(s * scale))) for s in x.shape[-2:]]
-            x = F.interpolate(x, size=size, mode="area")
-        m = self.model.multiple_of
-        x = pad_reflect_to(x, -(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
+        x = classification_view(image.to(self.device, torch.float32), self.model.multiple_of)
         probs = torch.softmax(self.model.classify(x.to(self.dtype)).float(), dim=1)[0].cpu()
         pixels = x.shape[-2] * x.shape[-1]
         return {name: float(p) for name, p in zip(CLASSES, probs, strict=True)}, pixels

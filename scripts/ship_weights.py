@@ -1,7 +1,11 @@
-"""Ship a run's best checkpoint as `weights/NAME.safetensors` with a measured model card.
+"""Ship a run's checkpoint as `weights/NAME.safetensors` with a measured model card.
 
     python scripts/ship_weights.py runs/small-allinone opir-small-allinone \
-        --split splits/validation.json --data-root ../shared/data
+        --split splits/validation.json --data-root ../shared/data \
+        [--checkpoint runs/small-allinone/best-classifier.safetensors]
+
+--checkpoint defaults to the run's best.safetensors; pass the output of `opir
+train-classifier` to ship the run's weights with their trained `--task auto` classifier.
 
 The card's `validation` table is measured here, through the engine (`opir eval --weights ...
 --split ...` prints the same numbers), on the held-out split; the training card of the run
@@ -17,7 +21,13 @@ from pathlib import Path
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.engine import OPIREngine
-from opir_engine.evaluation import evaluate_engine, rows_to_card, validation_items
+from opir_engine.evaluation import (
+    evaluate_engine,
+    evaluate_head,
+    photo_items,
+    rows_to_card,
+    validation_items,
+)
 
 PAPER_TABLE_1 = {
     "note": "The paper's own all-in-one results (Table 1, full-size OPIR, trained on 13k+ pairs, "
@@ -45,13 +55,14 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--split", type=Path, required=True)
     parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--checkpoint", default="best.safetensors")
+    parser.add_argument("--checkpoint", type=Path, default=None)
     args = parser.parse_args()
 
-    source = args.run_dir / args.checkpoint
+    source = args.checkpoint or args.run_dir / "best.safetensors"
     model, card = load_checkpoint(source)
     engine = OPIREngine.from_pretrained(source, device="cpu", compile=False)
     rows = evaluate_engine(engine, validation_items(args.split, args.data_root))
+    rows += evaluate_head(engine, photo_items(args.split, args.data_root))
     card = {
         **card,
         "name": args.name,
@@ -59,7 +70,8 @@ def main() -> None:
         "validation_protocol": (
             "held-out split splits/validation.json; engine with --task auto (tile 512, overlap "
             "32); outputs rounded to 8 bits; PSNR/SSIM on RGB; snow pairs synthesized from "
-            "held-out clean photos (no real snow pairs exist in the data)"
+            "held-out clean photos (no real snow pairs exist in the data); snow_photos: real "
+            "snowy photos without ground truth, classifier accuracy only (not in head_accuracy)"
         ),
         "training_curve": training_curve(args.run_dir),
         "paper_reference": PAPER_TABLE_1,
@@ -68,7 +80,10 @@ def main() -> None:
             "--data snow=DATA/snow/snow100k_allweather_sample --clean DATA/clean/BSDS500_test "
             "--clean DATA/clean/BSDS500_val_extra --clean DATA/clean/CBSD68 --clean "
             "DATA/clean/SunHays80 --clean DATA/clean/Urban100_subset --split "
-            "splits/validation.json --data-root DATA --steps 16000 (then --resume RUN)"
+            "splits/validation.json --data-root DATA --steps 16000 (then --resume RUN); "
+            "then opir train-classifier RUN/best.safetensors --out RUN/best-classifier."
+            "safetensors with the same --data, --clean, --split and --data-root, plus "
+            "--photos snow=DATA/snow/real_snow_samples/real"
         ),
     }
     out = Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"

@@ -374,6 +374,38 @@ def test_bad_config_values_raise() -> None:
         _tiny(dilations=(0, 1))
     with pytest.raises(ValueError, match="same number of levels"):
         _tiny(dec_blocks=(1,))
+    with pytest.raises(ValueError, match="classifier must be 'bottleneck' or 'trunk'"):
+        _tiny(classifier="resnet")
+
+
+# ---------------------------------------------------------------------------------------------
+# The trunk classifier (model/classifier.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trunk_classifier_reads_the_image_not_the_kpn() -> None:
+    model = _model(_tiny(classifier="trunk", classifier_width=8), perturb=0.05)
+    assert not hasattr(model, "head")
+    x = _image(seed=11)
+    out = model(x)
+    torch.testing.assert_close(out.class_logits, model.classifier(x))
+    torch.testing.assert_close(model.classify(x), model.classifier(x))
+    # the KPN does not feed it: changing the KPN leaves the logits alone
+    with torch.no_grad():
+        model.kpn.intro.weight.add_(1.0)
+    torch.testing.assert_close(model.classify(x), out.class_logits)
+    # padded strided convolutions: any size the model takes goes through, even 4 pixels high
+    assert model.classify(torch.rand(1, 3, 4, 4)).shape == (1, len(CLASSES))
+    assert model.classify(torch.rand(1, 3, 4, 1000)).shape == (1, len(CLASSES))
+
+
+def test_trunk_classifier_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _model(_tiny(classifier="trunk", classifier_width=8), perturb=0.05)
+    save_checkpoint(tmp_path / "t.safetensors", model, {"name": "t"})
+    loaded, card = load_checkpoint(tmp_path / "t.safetensors")
+    assert card["config"]["classifier"] == "trunk" and loaded.config == model.config
+    x = _image(seed=12)
+    torch.testing.assert_close(loaded.classify(x), model.classify(x))
 
 
 # ---------------------------------------------------------------------------------------------

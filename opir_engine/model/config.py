@@ -28,6 +28,8 @@ class OPIRConfig:
     task_dim: int = 16
     tam_hidden: int = 8
     head_hidden: int = 64
+    classifier: str = "bottleneck"  # or "trunk": its own light CNN (model/classifier.py)
+    classifier_width: int = 16
     stages: int = 2
     use_uncertainty: bool = True
     use_tam: bool = True
@@ -39,6 +41,8 @@ class OPIRConfig:
             raise ValueError("enc_blocks and dec_blocks must have the same number of levels")
         if self.stages not in (1, 2):
             raise ValueError(f"stages must be 1 or 2, got {self.stages}")
+        if self.classifier not in ("bottleneck", "trunk"):
+            raise ValueError(f"classifier must be 'bottleneck' or 'trunk', got {self.classifier!r}")
         if not self.dilations or any(d < 1 for d in self.dilations):
             raise ValueError(f"dilations must be positive, got {self.dilations}")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opir_engine.model.classifier import DegradationClassifier, DegradationHead
 from opir_engine.model.config import OPIRConfig
 from opir_engine.model.kpn import KPN, KPNOutput
 from opir_engine.model.tam import TAM
@@ -18,22 +18,7 @@ class OPIROutput(NamedTuple):
     restored: Tensor  # (B, 3, H, W): the last stage, or the input where auto mode saw "clean"
     stages: tuple[Tensor, ...]  # (J1,) or (J1, J2), each (B, 3, H, W), before pass-through
     uncertainty: Tensor  # (B, 1, H, W): UM of stage 1 (Eq. 11)
-    class_logits: Tensor  # (B, num_classes): the degradation head on the stage-1 bottleneck
-
-
-class DegradationHead(nn.Module):
-    """Classifies the degradation (clean, rain, snow, haze) from the KPN bottleneck."""
-
-    def __init__(self, channels: int, hidden: int, num_classes: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(2 * channels, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, bottleneck: Tensor) -> Tensor:
-        """(B, C, h, w) -> logits (B, num_classes). Mean and max pooling: haze is global,
-        rain and snow are sparse and show in the max."""
-        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
-        return self.fc2(F.gelu(self.fc1(pooled)))
+    class_logits: Tensor  # (B, num_classes): the degradation classifier (model/classifier.py)
 
 
 class OPIR(nn.Module):
@@ -44,7 +29,14 @@ class OPIR(nn.Module):
         self.config = config
         num_classes = len(config.classes)
         self.kpn = KPN(config)
-        self.head = DegradationHead(self.kpn.bottleneck_channels, config.head_hidden, num_classes)
+        if config.classifier == "trunk":
+            self.classifier = DegradationClassifier(
+                num_classes, config.classifier_width, config.head_hidden
+            )
+        else:
+            self.head = DegradationHead(
+                self.kpn.bottleneck_channels, config.head_hidden, num_classes
+            )
         self.tams = nn.ModuleList(
             [TAM(num_classes, config.task_dim, config.tam_hidden) for _ in range(config.stages)]
             if config.use_tam
@@ -56,8 +48,11 @@ class OPIR(nn.Module):
         return self.config.multiple_of
 
     def classify(self, image: Tensor) -> Tensor:
-        """Degradation logits (B, num_classes) from the stage-1 encoder alone."""
+        """Degradation logits (B, num_classes): the classifier's trunk, or the stage-1 encoder
+        and the bottleneck head; the decoder does not run."""
         self._check_size(image)
+        if self.config.classifier == "trunk":
+            return self.classifier(image)
         bottleneck, _ = self.kpn.encode(image)
         return self.head(bottleneck)
 
@@ -70,7 +65,10 @@ class OPIR(nn.Module):
         """
         self._check_size(image)
         kpn1 = self.kpn(image)
-        class_logits = self.head(kpn1.bottleneck)
+        if self.config.classifier == "trunk":
+            class_logits = self.classifier(image)
+        else:
+            class_logits = self.head(kpn1.bottleneck)
         weights = torch.softmax(class_logits, dim=1) if task_weights is None else task_weights
         j1, uncertainty = self._apply_operator(image, kpn1, 0, weights)  # Eq. 12
         stages = (j1,)

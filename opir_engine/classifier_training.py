@@ -1,0 +1,356 @@
+"""Training the degradation classifier on whole images, as `--task auto` sees them.
+
+The restoration run sees 128x128 crops; the engine classifies a whole photo from one copy at
+most 512 px long (`engine.classification_view`). This second phase takes a trained checkpoint,
+gives it a `trunk` classifier (model/classifier.py) and trains that alone, every other weight
+unchanged, on views drawn the engine's way: a random part of a photo (at least `min_crop` of
+each side), weather synthesized on it where the class asks for it, then the classification
+view. Classes are balanced; the clean class includes the clean targets of the real pairs, so
+the classifier learns the weather rather than the kind of scene (the haze pairs are indoor
+rooms and hazy landscapes, the clean photos mostly outdoor).
+
+Views are rendered once into a pool (synthesis costs more than a classifier step); steps take
+random crops of them. A seeded part of the source photos is held out: its loss picks the
+checkpoint (early stopping), and the split of `splits/validation.json` is never read except to
+report accuracy at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from opir_engine.data import class_index, exclude, find_paired_sets, list_images, load_rgb
+from opir_engine.engine import classification_view
+from opir_engine.model import CLASSES, OPIR
+from opir_engine.padding import pad_reflect_to
+from opir_engine.synthesis import scale_for_size, synthesize
+
+
+class ClassifierTrainingError(Exception):
+    """The data or options of a classifier run are unusable."""
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How the view pool is drawn and the classifier trained."""
+
+    views_per_class: int = 600
+    real_ratio: float = 0.5  # weather views from real photos (when a class has any), else synthetic
+    pair_target_ratio: float = 0.3  # clean views from the real pairs' clean targets
+    min_crop: float = 0.6  # a view keeps at least this fraction of each side
+    holdout: float = 0.15  # of the source photos, for early stopping
+    width: int = 16  # the trunk's first width
+    steps: int = 3000
+    batch: int = 32
+    patch: int = 192
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    eval_every: int = 250
+    max_side: int = 1024  # sources are loaded this long at most: weather is drawn at this size
+    seed: int = 0
+
+
+@dataclass
+class ClassifierData:
+    """Where the classifier reads from; the split's files are never used for training."""
+
+    paired: dict[str, list[str]] = field(default_factory=dict)
+    photos: dict[str, list[str]] = field(default_factory=dict)  # degraded photos, no target
+    clean: list[str] = field(default_factory=list)
+    split: str | None = None
+    data_root: str | None = None
+
+
+@dataclass
+class _Source:
+    """One photo a view can be drawn from; `synth` names the weather drawn on it, if any."""
+
+    label: str
+    image: Tensor  # uint8 (3, H, W)
+    key: str  # identifies the photo (pairs by their target), for the held-out part
+    synth: str | None = None
+
+
+class _Sources:
+    """Every photo training may use, loaded once: real degraded per task, pair targets, clean."""
+
+    def __init__(self, data: ClassifierData, recipe: ClassifierRecipe) -> None:
+        excluded: set[str] = set()
+        if data.split:
+            if not data.data_root:
+                raise ClassifierTrainingError(f"{data.split}: a validation split needs --data-root")
+            with open(data.split) as f:
+                excluded = {n for names in json.load(f)["validation"].values() for n in names}
+        root = Path(data.data_root) if data.data_root else Path("/")
+
+        def load(path: Path) -> Tensor:
+            return load_rgb(path, recipe.max_side)
+
+        self.real: dict[str, list[_Source]] = {t: [] for t in CLASSES[1:]}
+        self.targets: list[_Source] = []
+        for task, folders in data.paired.items():
+            pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
+            kept = set(exclude([p.input for p in pairs], excluded, root))
+            seen: set[Path] = set()
+            for p in pairs:
+                if p.input not in kept:
+                    continue
+                self.real[task].append(_Source(task, load(p.input), str(p.target)))
+                if p.target not in seen:  # haze levels share one clean target
+                    seen.add(p.target)
+                    self.targets.append(_Source("clean", load(p.target), str(p.target)))
+        for task, folders in data.photos.items():
+            paths = exclude([q for f in folders for q in list_images(Path(f))], excluded, root)
+            self.real[task] += [_Source(task, load(q), str(q)) for q in paths]
+        clean = exclude([q for f in data.clean for q in list_images(Path(f))], excluded, root)
+        self.clean = [_Source("clean", load(q), str(q)) for q in clean]
+        if not self.clean:
+            raise ClassifierTrainingError("no clean photos (pass --clean DIR)")
+
+    def pick(
+        self, label: str, rng: np.random.Generator, recipe: ClassifierRecipe
+    ) -> tuple[_Source, str]:
+        """A source for a view of `label`, and which kind it is (real, pair target, synthetic)."""
+        if label == "clean":
+            if self.targets and rng.random() < recipe.pair_target_ratio:
+                return self.targets[rng.integers(len(self.targets))], "pair_targets"
+            return self.clean[rng.integers(len(self.clean))], "real"
+        real = self.real[label]
+        if real and rng.random() < recipe.real_ratio:
+            return real[rng.integers(len(real))], "real"
+        photo = self.clean[rng.integers(len(self.clean))]
+        return _Source(label, photo.image, photo.key, synth=label), "synthetic"
+
+
+def _is_held_out(key: str, recipe: ClassifierRecipe) -> bool:
+    """A seeded hash of the photo decides, so every view of one photo is on one side."""
+    digest = hashlib.sha256(f"{recipe.seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") / 2**32 < recipe.holdout
+
+
+def render_view(
+    source: _Source, rng: np.random.Generator, recipe: ClassifierRecipe, multiple: int
+) -> Tensor:
+    """A random part (at least `min_crop` of each side) and flip of the photo, weather drawn
+    on it when the source asks for it, as an 8-bit file would hold it, then the engine's
+    classification view: uint8 (3, h, w)."""
+    image = source.image
+    h, w = image.shape[-2:]
+    ch = round(h * rng.uniform(recipe.min_crop, 1.0))
+    cw = round(w * rng.uniform(recipe.min_crop, 1.0))
+    y, x = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    crop = image[:, y : y + ch, x : x + cw].float() / 255.0
+    if rng.random() < 0.5:
+        crop = crop.flip(-1)
+    if source.synth is not None:
+        seed = int(rng.integers(0, 2**62))
+        crop, _ = synthesize(crop, source.synth, seed, scale=scale_for_size(ch, cw))
+    view = classification_view(crop.clamp(0, 1), multiple)[0]
+    return (view * 255).round().to(torch.uint8)
+
+
+@dataclass
+class ViewPool:
+    """Rendered views (uint8 (3, h, w), sizes vary), class indices and held-out flags."""
+
+    views: list[Tensor]
+    labels: Tensor
+    held_out: Tensor
+    counts: dict[str, dict[str, int]]  # per class: views from real / pair targets / synthetic
+
+
+def render_pool(
+    data: ClassifierData,
+    recipe: ClassifierRecipe,
+    multiple: int,
+    on_view: Callable[[int, int], None] | None = None,
+) -> ViewPool:
+    """`views_per_class` views of each class; view i of a class depends on (seed, class, i)."""
+    sources = _Sources(data, recipe)
+    views, labels, held = [], [], []
+    counts: dict[str, dict[str, int]] = {}
+    total = recipe.views_per_class * len(CLASSES)
+    for label in CLASSES:
+        tally = counts.setdefault(label, {"real": 0, "pair_targets": 0, "synthetic": 0})
+        for i in range(recipe.views_per_class):
+            rng = np.random.default_rng([recipe.seed, class_index(label), i])
+            source, kind = sources.pick(label, rng, recipe)
+            tally[kind] += 1
+            views.append(render_view(source, rng, recipe, multiple))
+            labels.append(class_index(label))
+            held.append(_is_held_out(source.key, recipe))
+            if on_view:
+                on_view(len(views), total)
+    return ViewPool(views, torch.tensor(labels), torch.tensor(held), counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch(
+    pool: ViewPool, indices: Tensor, step: int, recipe: ClassifierRecipe
+) -> tuple[Tensor, Tensor]:
+    """Random `patch`-square crops (reflect-padded where a view is smaller) and flips."""
+    rng = np.random.default_rng([recipe.seed, 1, step])
+    chosen = indices[torch.from_numpy(rng.integers(len(indices), size=recipe.batch))]
+    p = recipe.patch
+    crops = []
+    for i in chosen.tolist():
+        view = pool.views[i][None].float() / 255.0
+        view = pad_reflect_to(view, max(p, view.shape[-2]), max(p, view.shape[-1]))[0]
+        y = int(rng.integers(view.shape[-2] - p + 1))
+        x = int(rng.integers(view.shape[-1] - p + 1))
+        crop = view[:, y : y + p, x : x + p]
+        crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+    return torch.stack(crops), pool.labels[chosen]
+
+
+@torch.no_grad()
+def _score_views(model: OPIR, views: list[Tensor], labels: Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the classifier on whole views."""
+    logits = torch.cat([model.classifier(v[None].float() / 255.0) for v in views])
+    loss = float(F.cross_entropy(logits, labels))
+    return loss, float((logits.argmax(1) == labels).float().mean())
+
+
+def with_trunk_classifier(model: OPIR, width: int, seed: int) -> OPIR:
+    """A copy of `model` whose classifier is a fresh, seeded `trunk` (all else unchanged)."""
+    config = dataclasses.replace(model.config, classifier="trunk", classifier_width=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = OPIR(config)
+    state = {
+        k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "classifier."))
+    }
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("classifier.") for k in missing)
+    return new
+
+
+def train_classifier(
+    model: OPIR,
+    pool: ViewPool,
+    recipe: ClassifierRecipe,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[OPIR, dict[str, Any]]:
+    """Train a fresh trunk classifier on the held-in views (AdamW, cosine); keep the state
+    with the lowest held-out loss. Returns (model copy with it, report)."""
+    t0 = time.monotonic()
+    new = with_trunk_classifier(model, recipe.width, recipe.seed)
+    classifier = new.classifier
+    train_idx = torch.nonzero(~pool.held_out).flatten()
+    held_idx = torch.nonzero(pool.held_out).flatten().tolist()
+    if len(train_idx) == 0:
+        raise ClassifierTrainingError("every view is held out: lower the holdout fraction")
+    held_views = [pool.views[i] for i in held_idx]
+    held_labels = pool.labels[held_idx]
+    optimizer = torch.optim.AdamW(
+        classifier.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
+    best: dict[str, Any] = {"loss": float("inf"), "step": recipe.steps, "accuracy": None}
+    best_state = copy.deepcopy(classifier.state_dict())
+    history = []
+    classifier.train()
+    for step in range(1, recipe.steps + 1):
+        images, labels = _batch(pool, train_idx, step, recipe)
+        loss = F.cross_entropy(classifier(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if on_step:
+            on_step(step, float(loss.detach()))
+        if held_views and (step % recipe.eval_every == 0 or step == recipe.steps):
+            classifier.eval()
+            held_loss, held_acc = _score_views(new, held_views, held_labels)
+            classifier.train()
+            history.append({"step": step, "held_out_loss": round(held_loss, 4),
+                            "held_out_accuracy": round(held_acc, 4)})  # fmt: skip
+            if held_loss < best["loss"]:
+                best = {"loss": held_loss, "step": step, "accuracy": held_acc}
+                best_state = copy.deepcopy(classifier.state_dict())
+    if held_views:
+        classifier.load_state_dict(best_state)
+    else:
+        best = {"loss": None, "step": recipe.steps, "accuracy": None}
+    new.eval()
+    report = {
+        "recipe": asdict(recipe),
+        "views": pool.counts,
+        "held_out": {"views": len(held_views), **best},
+        "history": history,
+        "parameters": sum(p.numel() for p in classifier.parameters()),
+        "train_seconds": round(time.monotonic() - t0, 1),
+    }
+    return new, report
+
+
+@torch.inference_mode()
+def split_accuracy(
+    model: OPIR, items: list[tuple[str, str, Tensor]]
+) -> dict[str, dict[str, float | int]]:
+    """Classifier accuracy (argmax) per group of (group, class, image (3, H, W) in [0, 1])
+    items, through the engine's view of each image."""
+    per_group: dict[str, list[float]] = {}
+    for group, label, image in items:
+        logits = model.classify(classification_view(image, model.multiple_of))
+        per_group.setdefault(group, []).append(float(int(logits.argmax()) == class_index(label)))
+    return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in per_group.items()}
+
+
+def train_classifier_checkpoint(
+    weights: Path,
+    out: Path,
+    data: ClassifierData,
+    recipe: ClassifierRecipe,
+    on_view: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Load `weights`, train its classifier, score it on the split, write `out`
+    (.safetensors + card: the input card plus a `classifier_training` entry)."""
+    from opir_engine.checkpoint import load_checkpoint, save_checkpoint
+    from opir_engine.evaluation import photo_items, validation_items
+
+    t0 = time.monotonic()
+    model, card = load_checkpoint(weights)
+    pool = render_pool(data, recipe, model.multiple_of, on_view)
+    render_seconds = time.monotonic() - t0
+    trained, report = train_classifier(model, pool, recipe, on_step)
+    report = {"source": str(weights), "data": asdict(data), **report}
+    report["render_seconds"] = round(render_seconds, 1)
+    if data.split and data.data_root:
+        split, root = Path(data.split), Path(data.data_root)
+        items = [(task, task, degraded) for task, _n, degraded, _t in validation_items(split, root)]
+        items += [(f"{task}_photos", task, image) for task, _n, image in photo_items(split, root)]
+        report["split_accuracy"] = split_accuracy(trained, items)
+    save_checkpoint(out, trained, {**card, "classifier_training": report})
+    return report
+
+
+def describe(report: dict[str, Any], out: Path) -> str:
+    """A few lines for the terminal: views, the held-out pick, accuracy on the split."""
+    views = ", ".join(f"{k} {sum(v.values())}" for k, v in report["views"].items())
+    held = report["held_out"]
+    lines = [f"wrote {out}", f"views: {views}"]
+    if held["accuracy"] is not None:
+        lines.append(f"held-out photos: {held['views']} views, best at step {held['step']}: "
+                     f"accuracy {100 * held['accuracy']:.1f}%")  # fmt: skip
+    for group, score in report.get("split_accuracy", {}).items():
+        lines.append(f"split {group}: {100 * score['accuracy']:.1f}% of {score['n']}")
+    return "\n".join(lines)

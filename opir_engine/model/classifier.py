@@ -1,0 +1,74 @@
+"""The degradation classifier behind `--task auto`: clean, rain, snow or haze, per image.
+
+The paper gives the task; opir must also recognise it. A head on the KPN bottleneck (the
+`bottleneck` choice, `DegradationHead`) shares the restoration encoder, but frozen features of
+that encoder told the four classes apart poorly: held-out photos 57-67% with pooled
+statistics of every encoder level (run `runs/small-allinone`, step 1000, 2400 views). The
+`trunk` choice gives the classifier a light trunk of its own, trained on whole images as the
+engine shows them (`classifier_training.py`): it costs a few MFLOPs on the engine's
+512-pixel view, next to the restoration's GFLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from opir_engine.model.nafnet import NAFBlock
+
+
+class DegradationHead(nn.Module):
+    """Classifies the degradation from the KPN bottleneck (the `bottleneck` choice)."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * channels, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, bottleneck: Tensor) -> Tensor:
+        """(B, C, h, w) -> logits (B, num_classes). Mean and max pooling: haze is global,
+        rain and snow are sparse and show in the max."""
+        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+        return self.fc2(F.gelu(self.fc1(pooled)))
+
+
+class DegradationClassifier(nn.Module):
+    """Logits from the image itself (the `trunk` choice).
+
+    A two-convolution stem down to 1/4 resolution (a 3x3 at stride 2 still sees a streak one
+    pixel wide), then one NAFBlock per level and a stride-2 convolution between levels
+    (padded, so any size goes through);
+    mean and standard deviation of the last features: haze shifts the mean, streaks and
+    flakes raise the spread. No max pooling: a max grows with the image, and the classifier
+    trains on crops but reads whole views.
+    """
+
+    def __init__(self, num_classes: int, width: int, hidden: int, levels: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 2, stride=2),
+        )
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        channels = width
+        for level in range(levels):
+            self.blocks.append(NAFBlock(channels))
+            if level < levels - 1:
+                self.downs.append(nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1))
+                channels *= 2
+        self.fc1 = nn.Linear(2 * channels, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, 3, H, W) in [0, 1], H and W >= 2 -> logits (B, num_classes)."""
+        x = self.stem(image)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.downs):
+                x = self.downs[i](x)
+        flat = x.flatten(2)
+        pooled = torch.cat([flat.mean(-1), flat.std(-1, correction=0)], dim=1)
+        return self.fc2(F.gelu(self.fc1(pooled)))

@@ -1,0 +1,263 @@
+"""Classifier training: a trunk classifier trained on the engine's view of whole images.
+
+The data is a handful of small crops of real pairs, real snowy photos and clean photos from the
+shared data, written as PNG into pytest's tmp folder; the split tests read the real folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from opir_engine.checkpoint import load_checkpoint
+from opir_engine.classifier_training import (
+    ClassifierData,
+    ClassifierRecipe,
+    ViewPool,
+    render_pool,
+    split_accuracy,
+    train_classifier,
+    with_trunk_classifier,
+)
+from opir_engine.cli import app
+from opir_engine.data import make_split
+from opir_engine.engine import OPIREngine, classification_view
+from opir_engine.evaluation import TaskRow, evaluate_head, photo_items, rows_to_card
+from opir_engine.model import CLASSES, OPIR, OPIRConfig
+
+DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
+
+_FILES = [
+    ("rain/Rain13K-subset/input/1.jpg", "rain/input/r1.png"),
+    ("rain/Rain13K-subset/target/1.jpg", "rain/target/r1.png"),
+    ("rain/Rain13K-subset/input/2.jpg", "rain/input/r2.png"),
+    ("rain/Rain13K-subset/target/2.jpg", "rain/target/r2.png"),
+    ("haze/SOTS-indoor/input/1400_1.png", "haze/input/h1.png"),
+    ("haze/SOTS-indoor/target/1400_1.png", "haze/target/h1.png"),
+    ("snow/real_snow_samples/real/dgsa_413.tif", "snowy/s1.png"),
+    ("snow/real_snow_samples/real/jstasr_testImg_1.tif", "snowy/s2.png"),
+    ("clean/CBSD68/101085.png", "clean/c1.png"),
+    ("clean/CBSD68/101087.png", "clean/c2.png"),
+    ("clean/CBSD68/102061.png", "clean/c3.png"),
+]
+_HELD_OUT = {
+    "rain": ["rain/input/r2.png"],
+    "clean": ["clean/c3.png"],
+    "snow_photos": ["snowy/s2.png"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {DATA} (set OPIR_DATA)")
+    root = tmp_path_factory.mktemp("head-data")
+    for source, dest in _FILES:
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(DATA / source) as im:
+            im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
+    (root / "split.json").write_text(json.dumps({"validation": _HELD_OUT}))
+    return root
+
+
+def _data(root: Path) -> ClassifierData:
+    return ClassifierData(
+        paired={"rain": [str(root / "rain")], "haze": [str(root / "haze")]},
+        photos={"snow": [str(root / "snowy")]},
+        clean=[str(root / "clean")],
+        split=str(root / "split.json"),
+        data_root=str(root),
+    )
+
+
+def _tiny() -> OPIR:
+    torch.manual_seed(0)
+    return OPIR(OPIRConfig.from_name("tiny")).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The view and the pool
+# ---------------------------------------------------------------------------------------------
+
+
+def test_engine_classifies_through_classification_view(weights: Path) -> None:
+    """What the classifier trains on is what `--task auto` reads: the engine's probabilities
+    are softmax(classify(classification_view(image)))."""
+    model, _ = load_checkpoint(weights)
+    trunk = with_trunk_classifier(model, width=8, seed=0)
+    engine = OPIREngine(trunk, {"name": "trunk"}, torch.device("cpu"), torch.float32, False)
+    image = torch.rand(3, 700, 530, generator=torch.Generator().manual_seed(0))
+    view = classification_view(image, trunk.multiple_of)
+    assert view.shape[-2:] == (512, 388)  # long side 512, short side padded to the multiple
+    with torch.inference_mode():
+        expected = torch.softmax(trunk.classify(view), dim=1)[0]
+    got = torch.tensor([engine.classify(image)[c] for c in CLASSES])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_is_seeded_balanced_and_never_reads_the_split(data_root: Path) -> None:
+    data = _data(data_root)
+    recipe = ClassifierRecipe(views_per_class=6, holdout=0.5, max_side=64, seed=1)
+    first = render_pool(data, recipe, multiple=4)
+    again = render_pool(data, recipe, multiple=4)
+    assert all(torch.equal(a, b) for a, b in zip(first.views, again.views, strict=True))
+    assert all(v.dtype == torch.uint8 and v.shape[-1] % 4 == 0 for v in first.views)
+    assert first.labels.tolist() == [c for c in range(len(CLASSES)) for _ in range(6)]
+    assert {k: sum(v.values()) for k, v in first.counts.items()} == dict.fromkeys(CLASSES, 6)
+    assert first.counts["snow"]["real"] > 0 and first.counts["snow"]["synthetic"] > 0
+    assert first.counts["clean"]["pair_targets"] > 0
+    other = render_pool(data, ClassifierRecipe(views_per_class=6, max_side=64, seed=2), 4)
+    assert not all(torch.equal(a, b) for a, b in zip(first.views, other.views, strict=True))
+
+    # only held-in photos are sources: the held-out rain pair, clean photo and snowy photo
+    # never are
+    from opir_engine.classifier_training import _Sources
+
+    sources = _Sources(data, recipe)
+    keys = {s.key for group in (sources.clean, sources.targets, *sources.real.values())
+            for s in group}  # fmt: skip
+    names = {Path(k).name for k in keys}
+    assert names == {"r1.png", "h1.png", "s1.png", "c1.png", "c2.png"}  # pairs keyed by target
+    assert len(sources.targets) == 2 and len(sources.real["snow"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _stripes_pool(n: int, seed: int) -> ViewPool:
+    """Views whose class is plain to see: flat (clean), vertical stripes (rain), dots (snow),
+    a bright veil (haze), with noise, at varied sizes."""
+    g = torch.Generator().manual_seed(seed)
+    views, labels = [], []
+    for i in range(n):
+        label = i % 4
+        h, w = 32 + 4 * int(torch.randint(0, 5, (1,), generator=g)), 40
+        x = 0.3 + 0.1 * torch.rand(3, h, w, generator=g)
+        if label == 1:
+            x[:, :, ::4] += 0.5
+        elif label == 2:
+            x[:, ::5, ::5] += 0.6
+        elif label == 3:
+            x = 0.3 * x + 0.6
+        views.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+        labels.append(label)
+    held = torch.zeros(n, dtype=torch.bool)
+    held[-n // 4 :] = True
+    return ViewPool(views, torch.tensor(labels), held, {})
+
+
+def test_train_classifier_learns_and_touches_nothing_else() -> None:
+    model = _tiny()
+    pool = _stripes_pool(80, seed=0)
+    recipe = ClassifierRecipe(width=8, steps=120, batch=16, patch=32, lr=3e-3, eval_every=40)
+    trained, report = train_classifier(model, pool, recipe)
+    assert trained.config.classifier == "trunk" and model.config.classifier == "bottleneck"
+    assert report["held_out"]["views"] == 20
+    assert report["held_out"]["accuracy"] >= 0.9
+    assert [h["step"] for h in report["history"]] == [40, 80, 120]
+    assert report["held_out"]["step"] in (40, 80, 120)
+    with torch.inference_mode():
+        logits = torch.cat([trained.classify(v[None].float() / 255) for v in pool.views[-20:]])
+    assert (logits.argmax(1) == pool.labels[-20:]).float().mean() >= 0.9
+    before, after = model.state_dict(), trained.state_dict()
+    assert {k for k in after if k.startswith("classifier.")}
+    assert not any(k.startswith("head.") for k in after)
+    for key, value in after.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(before[key], value), key
+
+
+def test_train_classifier_is_seeded() -> None:
+    pool = _stripes_pool(24, seed=1)
+    recipe = ClassifierRecipe(width=8, steps=6, batch=4, patch=32, eval_every=3)
+    first, _ = train_classifier(_tiny(), pool, recipe)
+    again, _ = train_classifier(_tiny(), pool, recipe)
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------------------------
+# The command and the split
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_a_checkpoint_the_engine_loads(
+    tmp_path: Path, data_root: Path, weights: Path
+) -> None:
+    out = tmp_path / "with-classifier.safetensors"
+    args = ["train-classifier", str(weights), "--out", str(out),
+            "--data", f"rain={data_root / 'rain'}", "--data", f"haze={data_root / 'haze'}",
+            "--photos", f"snow={data_root / 'snowy'}", "--clean", str(data_root / "clean"),
+            "--split", str(data_root / "split.json"), "--data-root", str(data_root),
+            "--views", "4", "--steps", "3"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "views: clean 4, rain 4, snow 4, haze 4" in result.output
+    model, card = load_checkpoint(out)
+    assert model.config.classifier == "trunk" and card["config"]["classifier"] == "trunk"
+    report = card["classifier_training"]
+    assert report["source"] == str(weights)
+    # snow: synthesized from the held-out clean photo, as `opir eval --split` does
+    assert set(report["split_accuracy"]) == {"rain", "clean", "snow", "snow_photos"}
+    assert report["split_accuracy"]["snow_photos"]["n"] == 1
+    # the same figure again from the written file
+    with Image.open(data_root / "snowy" / "s2.png") as im:
+        image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) / 255
+    again = split_accuracy(model, [("snow_photos", "snow", image)])
+    assert again["snow_photos"] == report["split_accuracy"]["snow_photos"]
+    original, _ = load_checkpoint(weights)
+    assert torch.equal(original.kpn.intro.weight, model.kpn.intro.weight)
+    engine = OPIREngine.from_pretrained(out, device="cpu", compile=False)
+    assert engine.restore(image).task in CLASSES
+
+
+def test_cli_refuses_to_overwrite_its_input(tmp_path: Path, weights: Path) -> None:
+    copy = tmp_path / "w.safetensors"
+    copy.write_bytes(weights.read_bytes())
+    before = copy.read_bytes()
+    result = CliRunner().invoke(app, ["train-classifier", str(copy), "--out", str(copy)])
+    assert result.exit_code == 2
+    assert "refusing to overwrite the input checkpoint" in result.output
+    assert copy.read_bytes() == before
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder not found at {DATA}")
+def test_committed_split_is_what_make_split_gives() -> None:
+    committed = json.loads(SPLIT.read_text())["validation"]
+    assert committed == make_split(DATA)
+    assert len(committed["snow_photos"]) == 5
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder not found at {DATA}")
+def test_real_snow_photos_are_scored_by_the_classifier_alone(weights: Path) -> None:
+    engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+    photos = photo_items(SPLIT, DATA)
+    assert [t for t, _n, _i in photos] == ["snow"] * 5
+    rows = evaluate_head(engine, photos)
+    assert [r.task for r in rows] == ["snow_photos"] and rows[0].n == 5
+    hits = [max(p := engine.classify(i), key=p.get) == "snow" for _t, _n, i in photos]
+    assert rows[0].head_accuracy == sum(hits) / 5
+    # the card's overall head accuracy counts the four classes only
+    clean = TaskRow("clean", 3, None, None, None, None, "-", None, None, 1.0, 1.0)
+    card = rows_to_card([clean, *rows], y_channel=False)
+    assert card["head_accuracy"] == 1.0
+    assert card["snow_photos"]["n"] == 5
