@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import machine_tag  # bench/machine.py (the script's folder)
 
 SIZES = ("256x256", "512x512", "1920x1080", "4000x3000")  # W x H
 TILE, OVERLAP = 512, 32
@@ -154,11 +155,6 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
     }
-
-
-def machine_tag(machine: dict) -> str:
-    name = machine["gpu"] or f"{machine['cpu']}-{machine['cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _available_mb() -> float | None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import triton
+from machine import machine_tag  # bench/machine.py (the script's folder)
 from rich.console import Console
 from rich.table import Table
 
@@ -245,11 +246,6 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
     }
-
-
-def machine_tag(machine: dict) -> str:
-    name = machine["gpu"] or f"{machine['cpu']}-{machine['cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _skip_reason(impl: str, height: int, width: int, device: str) -> str | None:

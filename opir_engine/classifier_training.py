@@ -343,6 +343,25 @@ def train_classifier_checkpoint(
     return report
 
 
+def transplant_classifier(weights: Path, donor: Path, out: Path) -> dict[str, Any]:
+    """Write `out`: `weights` with the trained trunk classifier of `donor` (the trunk reads the
+    image alone, so it serves any restoration weights of the same classes); the card keeps
+    the donor's `classifier_training` report."""
+    from opir_engine.checkpoint import load_checkpoint, save_checkpoint
+
+    model, card = load_checkpoint(weights)
+    giver, giver_card = load_checkpoint(donor)
+    if giver.config.classifier != "trunk" or "classifier_training" not in giver_card:
+        raise ClassifierTrainingError(f"{donor}: has no classifier trained by train-classifier")
+    if giver.config.classes != model.config.classes:
+        raise ClassifierTrainingError(f"{donor}: classes {giver.config.classes} differ")
+    new = with_trunk_classifier(model, giver.config.classifier_width, seed=0)
+    new.classifier.load_state_dict(giver.classifier.state_dict())
+    report = {**giver_card["classifier_training"], "transplanted_from": str(donor)}
+    save_checkpoint(out, new.eval(), {**card, "classifier_training": report})
+    return report
+
+
 def describe(report: dict[str, Any], out: Path) -> str:
     """A few lines for the terminal: views, the held-out pick, accuracy on the split."""
     views = ", ".join(f"{k} {sum(v.values())}" for k, v in report["views"].items())

@@ -117,21 +117,35 @@ def train_classifier(
     steps: int = typer.Option(3000),
     width: int = typer.Option(16, help="The classifier trunk's first width."),
     seed: int = typer.Option(0),
+    donor: Path | None = typer.Option(
+        None, "--from", help="Copy the trained classifier of this checkpoint instead of training."
+    ),
 ) -> None:
     """Train the `--task auto` classifier on whole images as the engine sees them; every
-    other weight is kept (a second phase after `opir train`)."""
+    other weight is kept (a second phase after `opir train`). With --from, reuse a trained
+    classifier: it reads the image alone, so it fits newer restoration weights as they are."""
     from rich.progress import Progress
 
+    from opir_engine.checkpoint import CheckpointError
     from opir_engine.classifier_training import (
         ClassifierData,
         ClassifierRecipe,
         ClassifierTrainingError,
         describe,
         train_classifier_checkpoint,
+        transplant_classifier,
     )
 
     if out.resolve() == weights.resolve():
         raise typer.BadParameter("refusing to overwrite the input checkpoint", param_hint="--out")
+    if donor is not None:
+        try:
+            report = transplant_classifier(weights, donor, out)
+        except (ClassifierTrainingError, CheckpointError) as e:
+            err.print(f"error: {e}")
+            raise typer.Exit(2) from e
+        err.print(describe(report, out), highlight=False)
+        return
     spec = ClassifierData(paired=_parse_tagged(data, "--data"),
                           photos=_parse_tagged(photos, "--photos"), clean=[str(c) for c in clean],
                           split=str(split) if split else None,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from opir_engine.checkpoint import load_checkpoint
+from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.classifier_training import (
     ClassifierData,
     ClassifierRecipe,
@@ -228,6 +228,36 @@ def test_cli_writes_a_checkpoint_the_engine_loads(
     assert torch.equal(original.kpn.intro.weight, model.kpn.intro.weight)
     engine = OPIREngine.from_pretrained(out, device="cpu", compile=False)
     assert engine.restore(image).task in CLASSES
+
+
+def test_cli_from_copies_a_trained_classifier(tmp_path: Path, weights: Path) -> None:
+    """--from: newer restoration weights keep a trained classifier (it reads the image alone)."""
+    base, _ = load_checkpoint(weights)
+    trained, report = train_classifier(
+        base, _stripes_pool(16, seed=2), ClassifierRecipe(width=8, steps=4, batch=4, patch=32)
+    )
+    donor = tmp_path / "donor.safetensors"
+    save_checkpoint(donor, trained, {"name": "donor", "classifier_training": report})
+    newer = _tiny()  # other restoration weights (seed 0, no noise)
+    newer_path = tmp_path / "newer.safetensors"
+    save_checkpoint(newer_path, newer, {"name": "newer"})
+    out = tmp_path / "combined.safetensors"
+    result = CliRunner().invoke(
+        app, ["train-classifier", str(newer_path), "--out", str(out), "--from", str(donor)]
+    )
+    assert result.exit_code == 0, result.output
+    combined, card = load_checkpoint(out)
+    assert card["name"] == "newer"
+    assert card["classifier_training"]["transplanted_from"] == str(donor)
+    for key, value in combined.state_dict().items():
+        source = trained if key.startswith("classifier.") else newer
+        assert torch.equal(value, source.state_dict()[key]), key
+    # a checkpoint without a trained classifier is no donor
+    result = CliRunner().invoke(
+        app, ["train-classifier", str(newer_path), "--out", str(out), "--from", str(weights)]
+    )
+    assert result.exit_code == 2
+    assert "has no classifier trained by train-classifier" in " ".join(result.output.split())
 
 
 def test_cli_refuses_to_overwrite_its_input(tmp_path: Path, weights: Path) -> None:
