@@ -243,11 +243,36 @@ def _kpn_flops(config: OPIRConfig, height: int, width: int, batch: int) -> tuple
     return conv + config.middle_blocks * block_conv, elementwise + config.middle_blocks * block_elem
 
 
+def _trunk_classifier_flops(
+    config: OPIRConfig, height: int, width: int, batch: int
+) -> tuple[int, int, int]:
+    """(conv, linear, elementwise FLOPs) of the `trunk` classifier (model/classifier.py):
+    stem 3x3/2 then 2x2/2, a NAFBlock per level, padded 3x3/2 downs, mean/std pooling, MLP."""
+    w, num_classes = config.classifier_width, len(config.classes)
+    h, wd = -(-height // 2), -(-width // 2)  # 3x3 stride 2, padding 1: ceil
+    conv = batch * 2 * h * wd * 3 * w * 9
+    elementwise = batch * h * wd * w * (1 + _GELU_FLOPS)
+    h, wd = h // 2, wd // 2  # 2x2 stride 2
+    conv += batch * 2 * h * wd * w * w * 4
+    c = w
+    for level in range(4):
+        block_conv, block_elem = _nafblock_flops(c, h * wd, batch)
+        conv, elementwise = conv + block_conv, elementwise + block_elem
+        if level < 3:
+            h, wd = -(-h // 2), -(-wd // 2)
+            conv += batch * 2 * h * wd * c * 2 * c * 9
+            c *= 2
+    elementwise += batch * 3 * h * wd * c  # mean and standard deviation
+    linear = batch * 2 * (2 * c * config.head_hidden + config.head_hidden * num_classes)
+    return conv, linear, elementwise + batch * _GELU_FLOPS * config.head_hidden
+
+
 def count_opir_flops(config: OPIRConfig, height: int, width: int, batch: int = 1) -> FlopCount:
     """Analytic FLOPs of one OPIR forward (auto task) on (batch, 3, height, width).
 
     `counted` matches torch.utils.flop_counter term by term: the KPN's convolutions (once per
-    stage), the degradation head's two linears, each TAM's task projection and its per-tap
+    stage), the degradation classifier (the bottleneck head's two linears, or the trunk's
+    convolutions and linears), each TAM's task projection and its per-tap
     output layer (a hidden -> 1 linear on all 9 HW taps), and the op's formula per stage.
     `elementwise` adds what torch leaves out (LayerNorms, gates, GELUs, biases, residuals).
     """
@@ -255,8 +280,11 @@ def count_opir_flops(config: OPIRConfig, height: int, width: int, batch: int = 1
     num_classes, levels = len(config.classes), len(config.enc_blocks)
     kpn_conv, kpn_elem = _kpn_flops(config, height, width, batch)
     bottleneck = config.width * 2**levels
+    head_conv = 0
     head = batch * 2 * (2 * bottleneck * config.head_hidden + config.head_hidden * num_classes)
     head_elem = batch * (2 * bottleneck * (hw // 4**levels) + _GELU_FLOPS * config.head_hidden)
+    if config.classifier == "trunk":
+        head_conv, head, head_elem = _trunk_classifier_flops(config, height, width, batch)
     tam, tam_elem = 0, 0
     if config.use_tam:
         hidden, taps = config.tam_hidden, 9 * hw
@@ -265,7 +293,7 @@ def count_opir_flops(config: OPIRConfig, height: int, width: int, batch: int = 1
     op = inverse_operator_flops(batch, 3, height, width, len(config.dilations), config.use_tam)
     guide = batch * 3 * hw if stages == 2 and config.use_uncertainty else 0
     return FlopCount(
-        convolutions=stages * kpn_conv,
+        convolutions=stages * kpn_conv + head_conv,
         linears=head + stages * tam,
         operator=stages * op,
         elementwise=stages * (kpn_elem + tam_elem) + head_elem + guide,
@@ -543,12 +571,18 @@ def _opir_parts(
     the parts can then sum to more than the whole).
     """
     wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
-    kpn, head = wrap(model.kpn), wrap(model.head)
+    kpn = wrap(model.kpn)
     apply_operator = wrap(model._apply_operator)  # TAM + op: the stage's operator, Eq. 9-10
     cfg, multiple = model.config, model.multiple_of
     x, size = pad_to_multiple(image, multiple)
     kpn1 = kpn(x)
-    weights = torch.softmax(head(kpn1.bottleneck), dim=1)
+    if cfg.classifier == "trunk":  # its own trunk on the image
+        trunk = wrap(model.classifier)
+        classify = lambda: torch.softmax(trunk(x), dim=1)  # noqa: E731
+    else:  # the head on the stage-1 bottleneck
+        head = wrap(model.head)
+        classify = lambda: torch.softmax(head(kpn1.bottleneck), dim=1)  # noqa: E731
+    weights = classify()
     j1, uncertainty = apply_operator(x, kpn1, 0, weights)
 
     def pad_and_crop() -> Tensor:
@@ -557,7 +591,7 @@ def _opir_parts(
     parts: list[tuple[str, Callable[[], object]]] = [
         ("pre/post-processing (pad, crop)", pad_and_crop),
         ("KPN stage 1", lambda: kpn(x)),
-        ("degradation head", lambda: torch.softmax(head(kpn1.bottleneck), dim=1)),
+        ("degradation classifier", classify),
         ("op stage 1 (TAM + op)", lambda: apply_operator(x, kpn1, 0, weights)),
     ]
     op_inputs = [(x, kpn1)]

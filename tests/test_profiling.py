@@ -61,14 +61,15 @@ def _flop_counter(model: torch.nn.Module, image: torch.Tensor) -> FlopCounterMod
     return counter
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", "small", "small-trunk"])
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (48, 80)])
 def test_opir_analytic_flops_match_flop_counter(preset: str, height: int, width: int) -> None:
     """The analytic count (KPN convolutions per stage, head and TAM linears, the op's formula)
     against torch.utils.flop_counter over a real forward: both count a multiply-add as 2 and
     skip biases, norms and activations, so they agree to the FLOP; the op term is the
     formula the op registers, which flop_counter picked up from the dispatcher."""
-    config = OPIRConfig.from_name(preset)
+    name, _, classifier = preset.partition("-")  # "-trunk": the classifier with its own trunk
+    config = OPIRConfig.from_name(name, classifier=classifier or "bottleneck")
     torch.manual_seed(0)
     model = OPIR(config).eval()
     counter = _flop_counter(model, torch.rand(1, 3, height, width))
@@ -215,7 +216,7 @@ def test_profile_json_has_the_figures(tmp_path, one_thread: None) -> None:
         assert [p["name"] for p in r["parts"]] == [
             "pre/post-processing (pad, crop)",
             "KPN stage 1",
-            "degradation head",
+            "degradation classifier",
             "op stage 1 (TAM + op)",
             "KPN stage 2",
             "op stage 2 (TAM + op)",

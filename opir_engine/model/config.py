@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Classes of the degradation head; the restoration tasks are the last three.
+# Classes of the degradation classifier; the restoration tasks are the last three.
 CLASSES: tuple[str, ...] = ("clean", "rain", "snow", "haze")
 TASKS: tuple[str, ...] = CLASSES[1:]
 

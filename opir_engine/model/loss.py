@@ -1,4 +1,4 @@
-"""Training objective of appendix A (Eq. 22), plus cross-entropy for the degradation head."""
+"""Training objective of appendix A (Eq. 22), plus cross-entropy for the degradation classifier."""
 
 from __future__ import annotations
 
