@@ -113,9 +113,9 @@ def train_classifier(
     clean: list[Path] = typer.Option([], "--clean", help="Folder of clean photos."),
     split: Path | None = typer.Option(None, help="Validation split JSON: never trained on."),
     data_root: Path | None = typer.Option(None, help="Root the split's paths are relative to."),
-    views: int = typer.Option(600, help="Views rendered per class."),
-    steps: int = typer.Option(3000),
-    width: int = typer.Option(16, help="The classifier trunk's first width."),
+    views: int = typer.Option(1000, help="Views rendered per class."),
+    steps: int = typer.Option(4000),
+    width: int = typer.Option(24, help="The classifier trunk's first width."),
     seed: int = typer.Option(0),
     donor: Path | None = typer.Option(
         None, "--from", help="Copy the trained classifier of this checkpoint instead of training."

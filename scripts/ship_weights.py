@@ -66,6 +66,7 @@ def main() -> None:
     card = {
         **card,
         "name": args.name,
+        "parameters": sum(p.numel() for p in model.parameters()),  # the classifier may differ
         "validation": rows_to_card(rows, y_channel=False),
         "validation_protocol": (
             "held-out split splits/validation.json; engine with --task auto (tile 512, overlap "

@@ -29,7 +29,7 @@ class OPIRConfig:
     tam_hidden: int = 8
     head_hidden: int = 64
     classifier: str = "bottleneck"  # or "trunk": its own light CNN (model/classifier.py)
-    classifier_width: int = 16
+    classifier_width: int = 24
     stages: int = 2
     use_uncertainty: bool = True
     use_tam: bool = True
