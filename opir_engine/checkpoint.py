@@ -72,7 +72,9 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: the card's config is invalid ({e})") from e
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            # clone: the tensors sit at the file's offsets, not 64-byte aligned, and CPU
+            # kernels take other (slower, last-bit different) paths on unaligned weights
+            state = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read weights, truncated or corrupt ({e})") from e
     with torch.device("meta"):
