@@ -269,3 +269,59 @@ def test_compiled_engine_matches_eager_and_reuses_its_graphs(weights: Path) -> N
         assert result.task == reference.task
         assert float((result.image - reference.image).abs().max()) < 1e-4
         assert float((result.uncertainty - reference.uncertainty).abs().max()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory on CUDA: smaller tiles instead of failing
+# ---------------------------------------------------------------------------------------------
+
+
+class _SmallGPUEngine(OPIREngine):
+    """Raises CUDA's out-of-memory error for tiles over `fits` pixels, as a small GPU would.
+
+    CUDA itself cannot run on this machine: while a tile does not fit, the engine's device reads
+    cuda (so the retry path runs, when `on_cuda`); each attempt that fits runs the real
+    pipeline on the CPU.
+    """
+
+    fits = 256
+    on_cuda = True
+
+    def _process(self, rgb: torch.Tensor, weights: torch.Tensor, tile: int):  # type: ignore[no-untyped-def]
+        self.attempts.append(tile)
+        if tile > self.fits:
+            self.device = torch.device("cuda" if self.on_cuda else "cpu")
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a {tile}-pixel tile)")
+        self.device = torch.device("cpu")
+        return super()._process(rgb, weights, tile)
+
+
+def _small_gpu(weights: Path, tile: int, on_cuda: bool = True) -> _SmallGPUEngine:
+    model = OPIREngine.from_pretrained(weights, device="cpu", compile=False).model
+    engine = _SmallGPUEngine(model, {"name": "t"}, torch.device("cpu"), torch.float32, False,
+                             tile=tile, tile_overlap=32)  # fmt: skip
+    engine.attempts, engine.on_cuda = [], on_cuda
+    return engine
+
+
+def test_cuda_out_of_memory_retries_with_half_tiles(weights: Path) -> None:
+    photo = torch.rand(3, 600, 500, generator=torch.Generator().manual_seed(0))
+    engine = _small_gpu(weights, tile=1024)
+    result = engine.restore(photo, task="rain")
+    assert engine.attempts == [1024, 512, 256]
+    # the same as an engine that tiles at 256 from the start
+    direct = _small_gpu(weights, tile=256).restore(photo, task="rain")
+    assert torch.equal(result.image, direct.image)
+
+
+def test_out_of_memory_below_the_smallest_tile_or_off_cuda_is_raised(weights: Path) -> None:
+    photo = torch.rand(3, 300, 300, generator=torch.Generator().manual_seed(1))
+    engine = _small_gpu(weights, tile=1024)
+    engine.fits = 64  # nothing from 1024 down to the floor (128) fits
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.restore(photo, task="rain")
+    assert engine.attempts == [1024, 512, 256, 128]
+    cpu = _small_gpu(weights, tile=1024, on_cuda=False)  # a CPU error is not CUDA's to retry
+    with pytest.raises(torch.OutOfMemoryError):
+        cpu.restore(photo, task="rain")
+    assert cpu.attempts == [1024]
