@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import machine_tag  # bench/machine.py (the script's folder)
+from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
 SIZES = ("256x256", "512x512", "1920x1080", "4000x3000")  # W x H
 TILE, OVERLAP = 512, 32
@@ -138,23 +137,6 @@ def run_case(case: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The parent: machine record, one subprocess per case, tables.
 # ---------------------------------------------------------------------------------------------
-
-
-def describe_machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-    total = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.M)
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(int(total.group(1)) / 2**20, 1) if total else None,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_start": os.getloadavg(),
-    }
 
 
 def _available_mb() -> float | None:

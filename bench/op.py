@@ -27,7 +27,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -36,9 +35,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import machine  # bench/machine.py (the script's folder)
 import torch
 import triton
-from machine import machine_tag  # bench/machine.py (the script's folder)
+from machine import machine_tag
 from rich.console import Console
 from rich.table import Table
 
@@ -230,22 +230,7 @@ def measure_case(impl: str, height: int, width: int, reps: int, budget_s: float)
 
 
 def describe_machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-    mem = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.M)
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "load_average": os.getloadavg(),
-    }
+    return {**machine.describe_machine(), "triton": triton.__version__}
 
 
 def _skip_reason(impl: str, height: int, width: int, device: str) -> str | None:

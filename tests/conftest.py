@@ -7,9 +7,22 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test. Small tensors gain nothing from two, and on a busy
+    2-core machine OpenMP's spinning second thread makes them 10-20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +34,7 @@ RAIN_SET = DATA / "rain" / "Rain13K-subset"
 EPS = 1e-3  # Charbonnier epsilon of appendix A
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is fastest, and on a busy machine several threads spin-wait on
-    each other (the overfit test runs ~20x slower with 2 threads beside a training run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _tiny(**overrides: object) -> OPIRConfig:

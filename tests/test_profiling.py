@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,16 +36,6 @@ from opir_kernels.inverse_operator import inverse_operator_flops
 # Parameters of the published PromptIR that its forward never uses: six 1x1 convolutions the
 # release defines (64->64, 128->128, 320->256, 112->48, 224->96, 448->192, no bias).
 PROMPTIR_UNUSED_PARAMETERS = 64 * 64 + 128 * 128 + 320 * 256 + 112 * 48 + 224 * 96 + 448 * 192
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Forwards on one thread: on a loaded 2-core machine, OpenMP's spinning second thread
-    makes PromptIR's 64 x 64 forward take anywhere from 2 to 16 s; one thread, under 1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
