@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opir_engine.data import class_index, exclude, find_paired_sets, list_images, load_rgb
+from opir_engine.data import class_index, held_out_names, kept_images, kept_pairs, load_rgb
 from opir_engine.engine import classification_view
 from opir_engine.model import CLASSES, OPIR
 from opir_engine.padding import pad_reflect_to
@@ -92,8 +91,7 @@ class _Sources:
         if data.split:
             if not data.data_root:
                 raise ClassifierTrainingError(f"{data.split}: a validation split needs --data-root")
-            with open(data.split) as f:
-                excluded = {n for names in json.load(f)["validation"].values() for n in names}
+            excluded = held_out_names(Path(data.split))
         root = Path(data.data_root) if data.data_root else Path("/")
 
         def load(path: Path) -> Tensor:
@@ -102,20 +100,16 @@ class _Sources:
         self.real: dict[str, list[_Source]] = {t: [] for t in CLASSES[1:]}
         self.targets: list[_Source] = []
         for task, folders in data.paired.items():
-            pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
-            kept = set(exclude([p.input for p in pairs], excluded, root))
             seen: set[Path] = set()
-            for p in pairs:
-                if p.input not in kept:
-                    continue
+            for p in kept_pairs(folders, task, excluded, root):
                 self.real[task].append(_Source(task, load(p.input), str(p.target)))
                 if p.target not in seen:  # haze levels share one clean target
                     seen.add(p.target)
                     self.targets.append(_Source("clean", load(p.target), str(p.target)))
         for task, folders in data.photos.items():
-            paths = exclude([q for f in folders for q in list_images(Path(f))], excluded, root)
+            paths = kept_images(folders, excluded, root)
             self.real[task] += [_Source(task, load(q), str(q)) for q in paths]
-        clean = exclude([q for f in data.clean for q in list_images(Path(f))], excluded, root)
+        clean = kept_images(data.clean, excluded, root)
         self.clean = [_Source("clean", load(q), str(q)) for q in clean]
         if not self.clean:
             raise ClassifierTrainingError("no clean photos (pass --clean DIR)")

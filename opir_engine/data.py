@@ -166,3 +166,24 @@ def exclude(paths: Iterable[Path], excluded: set[str], data_root: Path) -> list[
         if rel not in excluded:
             kept.append(p)
     return kept
+
+
+def held_out_names(split: Path) -> set[str]:
+    """Every file a split holds out (all its lists), as paths relative to the data root."""
+    return set().union(*load_split(split).values())
+
+
+def kept_pairs(
+    folders: Iterable[str], task: str, held_out: set[str], data_root: Path
+) -> list[Pair]:
+    """The pairs of `folders` (see `find_paired_sets`) whose degraded input is not held out."""
+    pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
+    kept = set(exclude([p.input for p in pairs], held_out, data_root))
+    return [p for p in pairs if p.input in kept]
+
+
+def kept_images(folders: Iterable[str], held_out: set[str], data_root: Path) -> list[Path]:
+    """The images of `folders` that are not held out, in folder then name order."""
+    return exclude(
+        [p for folder in folders for p in list_images(Path(folder))], held_out, data_root
+    )

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
-from opir_engine.data import Pair, class_index, exclude, find_paired_sets, list_images, load_rgb
+from opir_engine.data import (
+    Pair,
+    class_index,
+    held_out_names,
+    kept_images,
+    kept_pairs,
+    load_rgb,
+)
 from opir_engine.evaluation import finite_mean, validation_items
 from opir_engine.metrics import psnr, ssim
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
@@ -81,20 +88,15 @@ class TrainingSet:
         if spec.split:
             if not spec.data_root:  # the split's paths are relative: nothing would be excluded
                 raise TrainingError(f"{spec.split}: a validation split needs --data-root")
-            with open(spec.split) as f:
-                excluded = {n for names in json.load(f)["validation"].values() for n in names}
+            excluded = held_out_names(Path(spec.split))
         root = Path(spec.data_root) if spec.data_root else Path("/")
         self.paths: list[Path] = []  # every file loaded, in order (tests check the exclusion)
         self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for task, folders in spec.paired.items():
-            pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
-            kept = set(exclude([p.input for p in pairs], excluded, root))
-            self.pairs[task] = [
-                self._load_pair(p, recipe.max_side) for p in pairs if p.input in kept
-            ]
-            self.paths += [q for p in pairs if p.input in kept for q in (p.input, p.target)]
-        clean_paths = [p for folder in spec.clean for p in list_images(Path(folder))]
-        clean_paths = exclude(clean_paths, excluded, root)
+            pairs = kept_pairs(folders, task, excluded, root)
+            self.pairs[task] = [self._load_pair(p, recipe.max_side) for p in pairs]
+            self.paths += [q for p in pairs for q in (p.input, p.target)]
+        clean_paths = kept_images(spec.clean, excluded, root)
         self.clean = [load_rgb(p, recipe.max_side) for p in clean_paths]
         self.paths += clean_paths
         if not self.clean:
