@@ -7,7 +7,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,32 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SHARED_DATA = Path(
+    os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture(scope="session")
+def crop_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`crop_data(files, held_out)`: a fresh folder holding a 62x46 crop of each shared-data
+    file ((source relative to the shared data, destination) pairs), written as PNG, plus
+    `split.json` holding `held_out` aside. Skips the test when the shared data is absent."""
+    from PIL import Image
+
+    def write(files: list[tuple[str, str]], held_out: dict[str, list[str]]) -> Path:
+        if not SHARED_DATA.is_dir():
+            pytest.skip(f"shared data folder not found at {SHARED_DATA} (set OPIR_DATA)")
+        root = tmp_path_factory.mktemp("data")
+        for source, dest in files:
+            (root / dest).parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(SHARED_DATA / source) as im:
+                im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
+        (root / "split.json").write_text(json.dumps({"validation": held_out}))
+        return root
+
+    return write
 
 
 @pytest.fixture(scope="session")

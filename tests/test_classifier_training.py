@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {DATA} (set OPIR_DATA)")
-    root = tmp_path_factory.mktemp("head-data")
-    for source, dest in _FILES:
-        (root / dest).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(DATA / source) as im:
-            im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
-    (root / "split.json").write_text(json.dumps({"validation": _HELD_OUT}))
-    return root
+def data_root(crop_data: Callable[..., Path]) -> Path:
+    return crop_data(_FILES, _HELD_OUT)
 
 
 def _data(root: Path) -> ClassifierData:

@@ -14,12 +14,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from opir_engine.checkpoint import load_checkpoint
@@ -67,17 +67,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_root(crop_data: Callable[..., Path]) -> Path:
     """Small crops of real pairs and photos, plus a split holding one of each aside."""
-    if not DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {DATA} (set OPIR_DATA)")
-    root = tmp_path_factory.mktemp("data")
-    for source, dest in _FIXTURE_FILES:
-        (root / dest).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(DATA / source) as im:
-            im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
-    (root / "split.json").write_text(json.dumps({"validation": _HELD_OUT}))
-    return root
+    return crop_data(_FIXTURE_FILES, _HELD_OUT)
 
 
 def _spec(root: Path, split: bool = False) -> DataSpec:
