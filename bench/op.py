@@ -35,9 +35,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import machine  # bench/machine.py (the script's folder)
 import torch
 import triton
+from machine import describe_machine as describe_host  # bench/machine.py (the script's folder)
 from machine import machine_tag
 from rich.console import Console
 from rich.table import Table
@@ -230,7 +230,7 @@ def measure_case(impl: str, height: int, width: int, reps: int, budget_s: float)
 
 
 def describe_machine() -> dict:
-    return {**machine.describe_machine(), "triton": triton.__version__}
+    return {**describe_host(), "triton": triton.__version__}
 
 
 def _skip_reason(impl: str, height: int, width: int, device: str) -> str | None:

@@ -31,9 +31,9 @@ _INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
 
 def classification_view(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    """What the head sees of an image (3, H, W): a (1, 3, h, w) copy at most CLASSIFY_SIDE
-    long (area filter), reflect-padded to the model's multiple. Head calibration
-    (`head_calibration.py`) fits the head on exactly this view."""
+    """What the classifier sees of an image (3, H, W): a (1, 3, h, w) copy at most
+    CLASSIFY_SIDE long (area filter), reflect-padded to the model's multiple.
+    `classifier_training.py` trains the classifier on exactly this view."""
     x = image[None].float()
     long_side = max(x.shape[-2:])
     if long_side > CLASSIFY_SIDE:
