@@ -11,8 +11,9 @@ rooms and hazy landscapes, the clean photos mostly outdoor).
 
 Views are rendered once into a pool (synthesis costs more than a classifier step); steps take
 random crops of them. A seeded part of the source photos is held out: its loss picks the
-checkpoint (early stopping), and the split of `splits/validation.json` is never read except to
-report accuracy at the end.
+checkpoint (early stopping) and its views set the model's `clean_threshold` (the confidence
+above which `--task auto` returns a photo unchanged); the split of `splits/validation.json` is
+never read except to report accuracy at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opir_engine.data import class_index, held_out_names, kept_images, kept_pairs, load_rgb
-from opir_engine.engine import classification_view
+from opir_engine.engine import auto_decision, classification_view
 from opir_engine.model import CLASSES, OPIR
 from opir_engine.padding import pad_reflect_to
 from opir_engine.synthesis import scale_for_size, synthesize
@@ -222,6 +223,28 @@ def _score_views(model: OPIR, views: list[Tensor], labels: Tensor) -> tuple[floa
     return loss, float((logits.argmax(1) == labels).float().mean())
 
 
+CLEAN_THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
+
+
+def choose_clean_threshold(
+    probs: Tensor, labels: Tensor, candidates: tuple[float, ...] = CLEAN_THRESHOLDS
+) -> tuple[float, dict[str, float]]:
+    """The `clean_threshold` under which `--task auto` (engine.auto_decision) gets the most of
+    these views right, as the mean of per-class accuracies; ties go to the higher threshold
+    (restoring a clean photo costs less than leaving weather in one).
+
+    Returns (threshold, {threshold: balanced accuracy}).
+    """
+    present = labels.unique()
+    scores = {}
+    for threshold in candidates:
+        right = auto_decision(probs, threshold) == labels
+        per_class = [right[labels == c].float().mean() for c in present]
+        scores[threshold] = float(torch.stack(per_class).mean())
+    best = max(candidates, key=lambda t: (round(scores[t], 9), t))
+    return best, {f"{t:.2f}": round(v, 4) for t, v in scores.items()}
+
+
 def with_trunk_classifier(model: OPIR, width: int, seed: int) -> OPIR:
     """A copy of `model` whose classifier is a fresh, seeded `trunk` (all else unchanged)."""
     config = dataclasses.replace(model.config, classifier="trunk", classifier_width=width)
@@ -279,8 +302,15 @@ def train_classifier(
             if held_loss < best["loss"]:
                 best = {"loss": held_loss, "step": step, "accuracy": held_acc}
                 best_state = copy.deepcopy(classifier.state_dict())
+    threshold: dict[str, Any] = {"value": new.config.clean_threshold, "chosen_on": None}
     if held_views:
         classifier.load_state_dict(best_state)
+        classifier.eval()
+        with torch.no_grad():
+            probs = torch.cat([new.classifier(v[None].float() / 255.0) for v in held_views])
+        value, scores = choose_clean_threshold(probs.softmax(dim=1), held_labels)
+        new.config = dataclasses.replace(new.config, clean_threshold=value)
+        threshold = {"value": value, "chosen_on": "held-out views", "balanced_accuracy": scores}
     else:
         best = {"loss": None, "step": recipe.steps, "accuracy": None}
     new.eval()
@@ -288,6 +318,7 @@ def train_classifier(
         "recipe": asdict(recipe),
         "views": pool.counts,
         "held_out": {"views": len(held_views), **best},
+        "clean_threshold": threshold,
         "history": history,
         "parameters": sum(p.numel() for p in classifier.parameters()),
         "train_seconds": round(time.monotonic() - t0, 1),
@@ -351,6 +382,8 @@ def transplant_classifier(weights: Path, donor: Path, out: Path) -> dict[str, An
         raise ClassifierTrainingError(f"{donor}: classes {giver.config.classes} differ")
     new = with_trunk_classifier(model, giver.config.classifier_width, seed=0)
     new.classifier.load_state_dict(giver.classifier.state_dict())
+    # The threshold was chosen for this classifier's probabilities: it travels with it.
+    new.config = dataclasses.replace(new.config, clean_threshold=giver.config.clean_threshold)
     report = {**giver_card["classifier_training"], "transplanted_from": str(donor)}
     save_checkpoint(out, new.eval(), {**card, "classifier_training": report})
     return report
@@ -364,6 +397,9 @@ def describe(report: dict[str, Any], out: Path) -> str:
     if held["accuracy"] is not None:
         lines.append(f"held-out photos: {held['views']} views, best at step {held['step']}: "
                      f"accuracy {100 * held['accuracy']:.1f}%")  # fmt: skip
+    chosen = report.get("clean_threshold", {})
+    if chosen.get("chosen_on"):
+        lines.append(f"clean_threshold {chosen['value']:.2f} (best on the {chosen['chosen_on']})")
     for group, score in report.get("split_accuracy", {}).items():
         lines.append(f"split {group}: {100 * score['accuracy']:.1f}% of {score['n']}")
     return "\n".join(lines)

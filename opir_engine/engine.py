@@ -62,6 +62,17 @@ class RestoreResult:
     flops: int = 0  # FLOPs spent on this image (model count x pixels processed)
 
 
+def auto_decision(probs: torch.Tensor, clean_threshold: float) -> torch.Tensor:
+    """What `--task auto` does with the classifier's probabilities (N, classes), as class
+    indices (N,): clean (0, the image comes back unchanged) only when clean is the likeliest
+    class with at least `clean_threshold`; otherwise the likeliest weather, so that an image the
+    classifier half-believes clean is still restored as whatever weather it most resembles."""
+    top = probs.argmax(dim=1)
+    weather = probs[:, 1:].argmax(dim=1) + 1
+    passes = (top == 0) & (probs[:, 0] >= clean_threshold)
+    return torch.where(passes, torch.zeros_like(top), weather)
+
+
 def resolve_weights(name_or_path: str | Path) -> Path:
     """A shipped checkpoint's name (see `list_shipped`) or a path to a .safetensors file."""
     path = Path(name_or_path)
@@ -283,17 +294,15 @@ class OPIREngine:
         classify_flops = int(self.classify_flops_per_pixel * classify_pixels)
         t1 = time.perf_counter()
         if task == "auto":
-            chosen = max(probs, key=probs.__getitem__)
-            confidence = probs[chosen]
             weights = torch.tensor([[probs[c] for c in CLASSES]])
-            if chosen == "clean" and confidence >= self.model.config.clean_threshold:
+            chosen = CLASSES[int(auto_decision(weights, self.model.config.clean_threshold))]
+            confidence = probs[chosen]
+            if chosen == "clean":
                 timings = {"classify": 1000 * (t1 - t0), "restore": 0.0}
                 timings["total"] = timings["classify"]
                 unchanged = rgb.cpu()
                 return RestoreResult(unchanged, "clean", confidence, probs, None, timings,
                                      classify_flops)  # fmt: skip
-            if chosen == "clean":  # not sure enough to pass through: restore as the likeliest
-                chosen = max(CLASSES[1:], key=probs.__getitem__)
         else:
             chosen, confidence = task, 1.0
             weights = F.one_hot(torch.tensor([CLASSES.index(task)]), len(CLASSES)).float()

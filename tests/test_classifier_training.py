@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.classifier_training import (
+    CLEAN_THRESHOLDS,
     ClassifierData,
     ClassifierRecipe,
     ViewPool,
+    choose_clean_threshold,
     render_pool,
     split_accuracy,
     train_classifier,
@@ -29,7 +31,7 @@ from opir_engine.classifier_training import (
 )
 from opir_engine.cli import app
 from opir_engine.data import make_split
-from opir_engine.engine import OPIREngine, classification_view
+from opir_engine.engine import OPIREngine, auto_decision, classification_view
 from opir_engine.evaluation import TaskRow, evaluate_head, photo_items, rows_to_card
 from opir_engine.model import CLASSES, OPIR, OPIRConfig
 
@@ -152,6 +154,33 @@ def _stripes_pool(n: int, seed: int) -> ViewPool:
     return ViewPool(views, torch.tensor(labels), held, {})
 
 
+def test_auto_decision_passes_through_only_confident_clean() -> None:
+    probs = torch.tensor(
+        [
+            [0.95, 0.02, 0.02, 0.01],  # confident clean: unchanged
+            [0.60, 0.10, 0.25, 0.05],  # clean, unsure: restored as the likeliest weather (snow)
+            [0.10, 0.20, 0.10, 0.60],  # haze
+            [0.30, 0.40, 0.20, 0.10],  # rain
+        ]
+    )
+    assert auto_decision(probs, 0.9).tolist() == [0, 2, 3, 1]
+    assert auto_decision(probs, 0.5).tolist() == [0, 0, 3, 1]
+
+
+def test_choose_clean_threshold_balances_the_classes() -> None:
+    """Clean photos at 0.95 and 0.70 confidence, a rainy one the classifier calls clean at 0.62:
+    every threshold in (0.62, 0.70] gets all four right, and the higher one is kept."""
+    probs = torch.tensor(
+        [[0.95, 0.05, 0, 0], [0.70, 0.30, 0, 0], [0.10, 0.90, 0, 0], [0.62, 0.38, 0, 0]]
+    )
+    labels = torch.tensor([0, 0, 1, 1])
+    threshold, scores = choose_clean_threshold(probs, labels)
+    assert threshold == 0.70
+    assert scores["0.70"] == scores["0.65"] == 1.0
+    assert scores["0.75"] == 0.75  # the 0.70 clean photo is restored
+    assert scores["0.60"] == 0.75  # the rainy photo is passed through
+
+
 def test_train_classifier_learns_and_touches_nothing_else() -> None:
     model = _tiny()
     pool = _stripes_pool(80, seed=0)
@@ -162,6 +191,10 @@ def test_train_classifier_learns_and_touches_nothing_else() -> None:
     assert report["held_out"]["accuracy"] >= 0.9
     assert [h["step"] for h in report["history"]] == [40, 80, 120]
     assert report["held_out"]["step"] in (40, 80, 120)
+    chosen = report["clean_threshold"]
+    assert chosen["chosen_on"] == "held-out views" and chosen["value"] in CLEAN_THRESHOLDS
+    assert trained.config.clean_threshold == chosen["value"]
+    assert model.config.clean_threshold == 0.9  # the input model is left as it was
     with torch.inference_mode():
         logits = torch.cat([trained.classify(v[None].float() / 255) for v in pool.views[-20:]])
     assert (logits.argmax(1) == pool.labels[-20:]).float().mean() >= 0.9
@@ -236,6 +269,8 @@ def test_cli_from_copies_a_trained_classifier(tmp_path: Path, weights: Path) -> 
     combined, card = load_checkpoint(out)
     assert card["name"] == "newer"
     assert card["classifier_training"]["transplanted_from"] == str(donor)
+    assert combined.config.clean_threshold == trained.config.clean_threshold
+    assert card["config"]["clean_threshold"] == trained.config.clean_threshold
     for key, value in combined.state_dict().items():
         source = trained if key.startswith("classifier.") else newer
         assert torch.equal(value, source.state_dict()[key]), key
