@@ -18,6 +18,7 @@ from opir_kernels.inverse_operator import (
     inverse_operator_backward_triton,
     inverse_operator_flops,
     inverse_operator_forward_triton,
+    inverse_operator_planes,
     inverse_operator_reference,
     inverse_operator_unfold,
     kernel_backend,
@@ -212,6 +213,31 @@ def test_reference_matches_unfold(shape, dilations, has_modulation, has_bias) ->
     assert restored.dtype == unf_restored.dtype == torch.float64
     torch.testing.assert_close(restored, unf_restored, atol=1e-12, rtol=0)
     torch.testing.assert_close(uncertainty, unf_uncertainty, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
+def test_planes_match_reference(shape, dilations, has_modulation, has_bias, dtype, atol, rtol):
+    """The flattened form inductor compiles equals the reference: borders (no tap wraps into the
+    next row), dilations past the image, 1x1, batches, half precision."""
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, dtype)
+    args = [inputs[k] for k in NAMES]
+    expected = inverse_operator_reference(*_upcast(inputs).values(), dilations)
+    got = inverse_operator_planes(*args, dilations)
+    assert got[0].dtype == got[1].dtype == dtype
+    _assert_close(got[0], expected[0], atol, rtol, "restored")
+    _assert_close(got[1], expected[1], atol, rtol, "uncertainty")
+
+
+def test_planes_read_zero_outside_the_image() -> None:
+    """A single tap at offset (0, +1), dilation 1: each pixel takes its right neighbour, and the
+    last column reads 0 (not the first pixel of the next row)."""
+    image = torch.arange(12.0).view(1, 1, 3, 4)
+    kernel = torch.zeros(1, 9, 3, 4)
+    kernel[:, 5] = 1.0  # delta = (0, +1)
+    restored, _ = inverse_operator_planes(image, kernel, None, torch.zeros(1, 1, 3, 4), None, [1])
+    expected = torch.tensor([[1.0, 2, 3, 0], [5, 6, 7, 0], [9, 10, 11, 0]])
+    torch.testing.assert_close(restored[0, 0], expected)
 
 
 @pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
