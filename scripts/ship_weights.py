@@ -6,6 +6,8 @@
 
 --checkpoint defaults to the run's best.safetensors; pass the output of `opir
 train-classifier` to ship the run's weights with their trained `--task auto` classifier.
+--out writes the checkpoint elsewhere (to compare a candidate with the shipped card before
+replacing it). The script ends by printing the README's table rows from the new card.
 
 The card's `validation` table is measured here, through the engine (`opir eval --weights ...
 --split ...` prints the same numbers), on the held-out split; the training card of the run
@@ -49,6 +51,35 @@ def training_curve(run_dir: Path) -> list[dict]:
     return curve
 
 
+def _f(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def readme_rows(validation: dict) -> list[str]:
+    """The README's table of the shipped model, from a card's `validation` entry."""
+    lines = []
+    for task, label in (("rain", "rain (real pairs)"), ("snow", "snow (synthetic)"),
+                        ("haze", "haze (real pairs)")):  # fmt: skip
+        r = validation[task]
+        lines.append(
+            f"| {label} | {r['n']} | {_f(r['input_psnr'], 2)} / {_f(r['input_ssim'], 3)} | "
+            f"{_f(r['psnr'], 2)} / {_f(r['ssim'], 3)} | {r['gain']:+.2f} dB | {r['baseline']} | "
+            f"{_f(r['baseline_psnr'], 2)} / {_f(r['baseline_ssim'], 3)} | "
+            f"{100 * r['head_accuracy']:.0f}% |"
+        )
+    c = validation["clean"]
+    lines.append(
+        f"| clean photos | {c['n']} | - | {100 * c['identical']:.0f}% returned unchanged; the "
+        f"rest {_f(c['psnr'], 2)} / {_f(c['ssim'], 3)} | | | | {100 * c['head_accuracy']:.0f}% |"
+    )
+    if "snow_photos" in validation:
+        p = validation["snow_photos"]
+        lines.append(f"| snow ({p['n']} real photos, no ground truth) | {p['n']} | | | | | | "
+                     f"{100 * p['head_accuracy']:.0f}% |")  # fmt: skip
+    lines.append(f"all four classes: {100 * validation['head_accuracy']:.1f}% right")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -56,6 +87,7 @@ def main() -> None:
     parser.add_argument("--split", type=Path, required=True)
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default: weights/NAME")
     args = parser.parse_args()
 
     source = args.checkpoint or args.run_dir / "best.safetensors"
@@ -87,10 +119,13 @@ def main() -> None:
             "--photos snow=DATA/snow/real_snow_samples/real"
         ),
     }
-    out = Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
+    weights = Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
+    out = args.out or weights
     save_checkpoint(out, model, card)
     for row in rows:
         print(row)
+    print(f"wrote {out}")
+    print("\n".join(readme_rows(card["validation"])))
 
 
 if __name__ == "__main__":
