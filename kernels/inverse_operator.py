@@ -548,7 +548,8 @@ def inverse_operator_backward_triton(
 
 # ---------------------------------------------------------------------------------------------
 # The custom op: `torch.ops.opir.inverse_operator`. `triton_op` lets torch.compile trace into
-# the body, so on CPU inductor fuses the reference, and on CUDA it sees the Triton kernels.
+# the body, so on CPU inductor fuses `inverse_operator_planes`, and on CUDA it sees the Triton
+# kernels.
 # ---------------------------------------------------------------------------------------------
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -562,7 +563,9 @@ def kernel_backend(name: str) -> Iterator[None]:
     "auto" (default; env OPIR_KERNEL sets it at import): Triton for CUDA tensors, the reference
     elsewhere. "triton": always Triton; on CPU tensors that needs TRITON_INTERPRET=1 set before
     opir is imported (Triton's interpreter, slow but exact: how the tests exercise the kernels).
-    "reference": always the PyTorch reference. Under torch.compile it applies at trace time.
+    "reference": always PyTorch: the reference eager, `inverse_operator_planes` (the same maths
+    written for inductor) under torch.compile. Under torch.compile the choice applies at trace
+    time.
     """
     global _backend
     if name not in _BACKENDS:

@@ -228,14 +228,17 @@ CLEAN_THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 ..
 
 def choose_clean_threshold(
     probs: Tensor, labels: Tensor, candidates: tuple[float, ...] = CLEAN_THRESHOLDS
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float | None, dict[str, float]]:
     """The `clean_threshold` under which `--task auto` (engine.auto_decision) gets the most of
     these views right, as the mean of per-class accuracies; ties go to the higher threshold
     (restoring a clean photo costs less than leaving weather in one).
 
-    Returns (threshold, {threshold: balanced accuracy}).
+    Returns (threshold, {threshold: balanced accuracy}), or (None, {}) when the views lack clean
+    or weather ones: the trade-off cannot be measured then.
     """
     present = labels.unique()
+    if 0 not in present or len(present) < 2:
+        return None, {}
     scores = {}
     for threshold in candidates:
         right = auto_decision(probs, threshold) == labels
@@ -309,8 +312,9 @@ def train_classifier(
         with torch.no_grad():
             probs = torch.cat([new.classifier(v[None].float() / 255.0) for v in held_views])
         value, scores = choose_clean_threshold(probs.softmax(dim=1), held_labels)
-        new.config = dataclasses.replace(new.config, clean_threshold=value)
-        threshold = {"value": value, "chosen_on": "held-out views", "balanced_accuracy": scores}
+        if value is not None:
+            new.config = dataclasses.replace(new.config, clean_threshold=value)
+            threshold = {"value": value, "chosen_on": "held-out views", "balanced_accuracy": scores}
     else:
         best = {"loss": None, "step": recipe.steps, "accuracy": None}
     new.eval()
@@ -370,8 +374,10 @@ def train_classifier_checkpoint(
 
 def transplant_classifier(weights: Path, donor: Path, out: Path) -> dict[str, Any]:
     """Write `out`: `weights` with the trained trunk classifier of `donor` (the trunk reads the
-    image alone, so it serves any restoration weights of the same classes); the card keeps
-    the donor's `classifier_training` report."""
+    image alone, so it serves any restoration weights of the same classes) and the donor's
+    `clean_threshold` (chosen for that classifier's probabilities; a donor trained before the
+    threshold was chosen carries the default 0.9); the card keeps the donor's
+    `classifier_training` report."""
     from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(weights)

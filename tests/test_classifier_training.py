@@ -179,6 +179,9 @@ def test_choose_clean_threshold_balances_the_classes() -> None:
     assert scores["0.70"] == scores["0.65"] == 1.0
     assert scores["0.75"] == 0.75  # the 0.70 clean photo is restored
     assert scores["0.60"] == 0.75  # the rainy photo is passed through
+    # Without clean views (or without weather ones) there is no trade-off to measure.
+    assert choose_clean_threshold(probs[2:], labels[2:]) == (None, {})
+    assert choose_clean_threshold(probs[:2], labels[:2]) == (None, {})
 
 
 def test_train_classifier_learns_and_touches_nothing_else() -> None:
@@ -192,7 +195,12 @@ def test_train_classifier_learns_and_touches_nothing_else() -> None:
     assert [h["step"] for h in report["history"]] == [40, 80, 120]
     assert report["held_out"]["step"] in (40, 80, 120)
     chosen = report["clean_threshold"]
-    assert chosen["chosen_on"] == "held-out views" and chosen["value"] in CLEAN_THRESHOLDS
+    scores = chosen["balanced_accuracy"]
+    assert chosen["chosen_on"] == "held-out views" and set(scores) == {
+        f"{t:.2f}" for t in CLEAN_THRESHOLDS
+    }
+    best = max(scores.values())
+    assert chosen["value"] == max(float(t) for t, v in scores.items() if v == best)
     assert trained.config.clean_threshold == chosen["value"]
     assert model.config.clean_threshold == 0.9  # the input model is left as it was
     with torch.inference_mode():

@@ -6,6 +6,7 @@ so that outputs differ from inputs; real photos come from the shared data folder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -207,7 +208,7 @@ def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path) -> No
     for w in seen:
         assert torch.allclose(w, expected, atol=1e-6)
     assert result.task in ("rain", "snow", "haze")  # the likeliest weather class
-    assert result.confidence == pytest.approx(max(result.probabilities.values()))
+    assert result.confidence == pytest.approx(result.probabilities[result.task])
 
 
 @needs_data
@@ -222,6 +223,25 @@ def test_clean_head_passes_the_image_through_unchanged(weights: Path) -> None:
     assert result.uncertainty is None
     # A given task still restores.
     assert not torch.equal(engine.restore(x, task="rain").image, x)
+
+
+@needs_data
+def test_clean_below_the_threshold_is_restored_as_the_likeliest_weather(weights: Path) -> None:
+    """Clean is the likeliest class (p ~ 0.6) but under clean_threshold: the photo is restored,
+    reported as the likeliest weather (snow here) with that class's probability."""
+    engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+    with torch.no_grad():
+        engine.model.head.fc2.bias.copy_(torch.tensor([20.0, 18.0, 19.0, 17.0]))
+    x = _photo(URBAN, (48, 64))
+    result = engine.restore(x, task="auto")
+    probs = result.probabilities
+    assert max(probs, key=probs.__getitem__) == "clean" and probs["clean"] < 0.9
+    assert result.task == "snow" and result.confidence == pytest.approx(probs["snow"])
+    assert not torch.equal(result.image, x) and result.uncertainty is not None
+    # The same photo passes through once the threshold is under its clean probability.
+    engine.model.config = dataclasses.replace(engine.model.config, clean_threshold=0.5)
+    again = engine.restore(x, task="auto")
+    assert again.task == "clean" and torch.equal(again.image, x)
 
 
 @needs_data

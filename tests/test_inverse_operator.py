@@ -25,6 +25,7 @@ from opir_kernels.inverse_operator import (
 )
 
 NAMES = ("image", "kernel", "modulation", "fusion_logits", "bias")
+DILATIONS_4 = (1, 2, 3, 4)
 
 # (B, C, H, W), dilations, has_modulation, has_bias. BLOCK is 256 pixels per program.
 CASES = [
@@ -229,6 +230,35 @@ def test_planes_match_reference(shape, dilations, has_modulation, has_bias, dtyp
     _assert_close(got[1], expected[1], atol, rtol, "uncertainty")
 
 
+@pytest.mark.parametrize("layout", ["fp64", "channels_last", "transposed"])
+def test_planes_match_reference_in_fp64_and_strided_layouts(layout: str) -> None:
+    inputs = _make_inputs((2, 3, 7, 9), 4, dtype=torch.float64)
+    expected = inverse_operator_reference(*inputs.values(), DILATIONS_4)
+    if layout == "channels_last":
+        inputs = {k: t.contiguous(memory_format=torch.channels_last) for k, t in inputs.items()}
+    elif layout == "transposed":  # same values, H and W strides swapped
+        inputs = {k: t.transpose(-1, -2).contiguous().transpose(-1, -2) for k, t in inputs.items()}
+    got = inverse_operator_planes(*inputs.values(), DILATIONS_4)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dilations", "has_modulation", "has_bias"),
+    [CASES[4], CASES[7], CASES[8]],  # no modulation, a dilation past the image, S = 1 bare
+)
+def test_compiled_forward_matches_reference(shape, dilations, has_modulation, has_bias) -> None:
+    """What inductor makes of `inverse_operator_planes` equals the eager reference."""
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias)
+    args = [inputs[k] for k in NAMES]
+    compiled = torch.compile(inverse_operator, fullgraph=True, dynamic=False)
+    with kernel_backend("auto"), torch._inductor.config.patch(force_disable_caches=True):
+        got = compiled(*args, dilations=dilations)
+    expected = inverse_operator_reference(*args, dilations)
+    _assert_close(got[0], expected[0], 1e-6, 1e-5, "restored")
+    _assert_close(got[1], expected[1], 1e-6, 1e-5, "uncertainty")
+
+
 def test_planes_read_zero_outside_the_image() -> None:
     """A single tap at offset (0, +1), dilation 1: each pixel takes its right neighbour, and the
     last column reads 0 (not the first pixel of the next row)."""
@@ -325,7 +355,7 @@ def test_inverse_operator_opcheck_triton_backend() -> None:
 @pytest.mark.slow
 def test_inverse_operator_compiles_fullgraph() -> None:
     """torch.compile(fullgraph=True) traces through the op (no graph break); forward and grads
-    equal eager. On CPU inductor compiles the reference that the op decomposes into."""
+    equal eager. On CPU the op decomposes into `inverse_operator_planes` for inductor."""
     dilations = (1, 2, 3, 4)
     inputs = _make_inputs((1, 3, 9, 11), len(dilations))
 
