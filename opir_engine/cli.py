@@ -64,7 +64,8 @@ def train(
     ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the step."),
 ) -> None:
-    """Train OPIR on paired folders plus weather synthesized from clean photos (resumable)."""
+    """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;
+    Ctrl-C stops after the step in progress with everything saved, a second Ctrl-C at once)."""
     from opir_engine.train import (
         DataSpec,
         Recipe,

@@ -13,6 +13,9 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,6 +265,33 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training: the first finishes the step in progress (a
+    validation included) and stops with everything saved at that step boundary, so `--resume`
+    continues exactly; a second Ctrl-C stops at once (the state is still saved, but a step cut
+    in the middle of the optimizer update would not resume bit-exactly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 class Trainer:
     """Owns one run directory: `run.json` (recipe, data), `state/` (resume), `log.jsonl`,
     `best.safetensors` + `best.json` (the best validation so far), `last.*`."""
@@ -348,43 +378,47 @@ class Trainer:
         last_saved = time.monotonic()
         log = open(self.run_dir / "log.jsonl", "a")  # noqa: SIM115
         self.model.train()
-        try:
-            while self.step < stop_step:
-                if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
-                    break
-                t0 = time.monotonic()
-                degraded, target, labels = training_set.batch(self.step)
-                t1 = time.monotonic()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.recipe.lr_at(self.step)
-                weights = F.one_hot(labels, len(CLASSES)).float()
-                total, parts = self.loss(forward(degraded, weights), target, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
-                self.step += 1
-                t2 = time.monotonic()
-                self.wall_seconds += t2 - t0
-                # detach: float() of a tensor that requires grad warns on every run
-                stats = {"loss": float(total.detach()),
-                         **{k: float(v.detach()) for k, v in parts.items()},
-                         "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
-                         "lr": self.recipe.lr_at(self.step - 1)}  # fmt: skip
-                if on_step:
-                    on_step(self.step, stats)
-                if self.step % self.recipe.log_every == 0:
-                    log.write(json.dumps({"step": self.step, **stats}) + "\n")
-                    log.flush()
-                if validation is not None and self.step % self.recipe.val_every == 0:
-                    self._validate(validation, log)
-                if self.step % self.recipe.ckpt_every == 0 or time.monotonic() - last_saved > 600:
-                    self.save_state()
-                    last_saved = time.monotonic()
-        finally:
-            log.close()
-            self.save_state()
-            save_checkpoint(self.run_dir / "last.safetensors", self.model, self.card(None))
+        with _StopRequest() as stop:
+            try:
+                while self.step < stop_step:
+                    if stop.requested:
+                        break
+                    if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
+                        break
+                    t0 = time.monotonic()
+                    degraded, target, labels = training_set.batch(self.step)
+                    t1 = time.monotonic()
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.recipe.lr_at(self.step)
+                    weights = F.one_hot(labels, len(CLASSES)).float()
+                    total, parts = self.loss(forward(degraded, weights), target, labels)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.optimizer.step()
+                    self.step += 1
+                    t2 = time.monotonic()
+                    self.wall_seconds += t2 - t0
+                    # detach: float() of a tensor that requires grad warns on every run
+                    stats = {"loss": float(total.detach()),
+                             **{k: float(v.detach()) for k, v in parts.items()},
+                             "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
+                             "lr": self.recipe.lr_at(self.step - 1)}  # fmt: skip
+                    if on_step:
+                        on_step(self.step, stats)
+                    if self.step % self.recipe.log_every == 0:
+                        log.write(json.dumps({"step": self.step, **stats}) + "\n")
+                        log.flush()
+                    if validation is not None and self.step % self.recipe.val_every == 0:
+                        self._validate(validation, log)
+                    due = time.monotonic() - last_saved > 600  # at least every 10 minutes
+                    if self.step % self.recipe.ckpt_every == 0 or due:
+                        self.save_state()
+                        last_saved = time.monotonic()
+            finally:
+                log.close()
+                self.save_state()
+                save_checkpoint(self.run_dir / "last.safetensors", self.model, self.card(None))
 
     def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
         t = time.monotonic()

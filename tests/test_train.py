@@ -12,8 +12,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,6 +264,39 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
     assert json.loads((run / "last.json").read_text())["steps"] == 4
     assert load_checkpoint(run / "last.safetensors")[1]["steps"] == 4
     assert json.loads((run / "run.json").read_text())["recipe"]["config"] == "tiny"
+
+
+@pytest.mark.skipif(
+    not OPIR_SCRIPT.is_file(), reason=f"console script not installed: {OPIR_SCRIPT}"
+)
+def test_cli_ctrl_c_stops_at_a_step_boundary_and_resumes(tmp_path: Path, data_root: Path) -> None:
+    """SIGINT mid-run: the step in progress finishes, everything is saved at that step, exit 0,
+    and --resume carries on from it."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    args = [*_train_args(run, data_root)]
+    args[args.index("--steps") + 1] = "100000"
+    proc = subprocess.Popen(
+        [str(OPIR_SCRIPT), *args], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)  # a few dozen tiny steps
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopping after this step" in _flat(stderr)
+    step = json.loads((run / "state" / "trainer.json").read_text())["step"]
+    assert 0 < step < 100000
+    assert json.loads((run / "last.json").read_text())["steps"] == step
+    assert f"stopped at step {step}" in _flat(stderr)
+    resumed = subprocess.run(
+        [str(OPIR_SCRIPT), "train", "--out", str(run), "--resume", "--stop-at", str(step + 2)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == step + 2
 
 
 def test_cli_refuses_to_overwrite_a_run(tmp_path: Path, data_root: Path) -> None:
