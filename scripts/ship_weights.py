@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="default: weights/NAME")
+    parser.add_argument("--note", action="append", default=[], help="a line for the card")
     args = parser.parse_args()
 
     source = args.checkpoint or args.run_dir / "best.safetensors"
@@ -108,6 +109,7 @@ def main() -> None:
         ),
         "training_curve": training_curve(args.run_dir),
         "paper_reference": PAPER_TABLE_1,
+        **({"notes": args.note} if args.note else {}),
         "reproduce": (
             "opir train --out RUN --config small --data rain=DATA/rain --data haze=DATA/haze "
             "--data snow=DATA/snow/snow100k_allweather_sample --clean DATA/clean/BSDS500_test "
