@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opir_engine.data import class_index, held_out_names, kept_images, kept_pairs, load_rgb
-from opir_engine.engine import auto_decision, classification_view
-from opir_engine.model import CLASSES, OPIR
+from opir_engine.engine import classification_view
+from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.padding import pad_reflect_to
 from opir_engine.synthesis import scale_for_size, synthesize
 
@@ -229,7 +229,7 @@ CLEAN_THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 ..
 def choose_clean_threshold(
     probs: Tensor, labels: Tensor, candidates: tuple[float, ...] = CLEAN_THRESHOLDS
 ) -> tuple[float | None, dict[str, float]]:
-    """The `clean_threshold` under which `--task auto` (engine.auto_decision) gets the most of
+    """The `clean_threshold` under which `--task auto` (model.auto_decision) gets the most of
     these views right, as the mean of per-class accuracies; ties go to the higher threshold
     (restoring a clean photo costs less than leaving weather in one).
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from opir_engine.checkpoint import CheckpointError, load_checkpoint
-from opir_engine.model import CLASSES, OPIR
+from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.padding import crop_to, pad_reflect_to
 from opir_engine.tiling import process_tiled
 
@@ -60,17 +60,6 @@ class RestoreResult:
     uncertainty: torch.Tensor | None  # (1, H, W) UM of stage 1 (Eq. 11), None if passed through
     timings: dict[str, float] = field(default_factory=dict)  # ms: classify, restore, total
     flops: int = 0  # FLOPs spent on this image (model count x pixels processed)
-
-
-def auto_decision(probs: torch.Tensor, clean_threshold: float) -> torch.Tensor:
-    """What `--task auto` does with the classifier's probabilities (N, classes), as class
-    indices (N,): clean (0, the image comes back unchanged) only when clean is the likeliest
-    class with at least `clean_threshold`; otherwise the likeliest weather, so that an image the
-    classifier half-believes clean is still restored as whatever weather it most resembles."""
-    top = probs.argmax(dim=1)
-    weather = probs[:, 1:].argmax(dim=1) + 1
-    passes = (top == 0) & (probs[:, 0] >= clean_threshold)
-    return torch.where(passes, torch.zeros_like(top), weather)
 
 
 def resolve_weights(name_or_path: str | Path) -> Path:

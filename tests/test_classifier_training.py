@@ -31,9 +31,9 @@ from opir_engine.classifier_training import (
 )
 from opir_engine.cli import app
 from opir_engine.data import make_split
-from opir_engine.engine import OPIREngine, auto_decision, classification_view
+from opir_engine.engine import OPIREngine, classification_view
 from opir_engine.evaluation import TaskRow, evaluate_head, photo_items, rows_to_card
-from opir_engine.model import CLASSES, OPIR, OPIRConfig
+from opir_engine.model import CLASSES, OPIR, OPIRConfig, auto_decision
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"

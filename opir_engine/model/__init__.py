@@ -3,7 +3,7 @@
 from opir_engine.model.config import CLASSES, PRESETS, TASKS, OPIRConfig
 from opir_engine.model.kpn import KPN
 from opir_engine.model.loss import OPIRLoss
-from opir_engine.model.opir import OPIR, OPIROutput
+from opir_engine.model.opir import OPIR, OPIROutput, auto_decision
 from opir_engine.model.tam import TAM
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "OPIRConfig",
     "OPIRLoss",
     "OPIROutput",
+    "auto_decision",
 ]

@@ -21,6 +21,17 @@ class OPIROutput(NamedTuple):
     class_logits: Tensor  # (B, num_classes): the degradation classifier (model/classifier.py)
 
 
+def auto_decision(probs: Tensor, clean_threshold: float) -> Tensor:
+    """What `--task auto` does with the classifier's probabilities (N, classes), as class
+    indices (N,): clean (0, the image comes back unchanged) only when clean is the likeliest
+    class with at least `clean_threshold`; otherwise the likeliest weather, so that an image the
+    classifier half-believes clean is still restored as whatever weather it most resembles."""
+    top = probs.argmax(dim=1)
+    weather = probs[:, 1:].argmax(dim=1) + 1
+    passes = (top == 0) & (probs[:, 0] >= clean_threshold)
+    return torch.where(passes, torch.zeros_like(top), weather)
+
+
 class OPIR(nn.Module):
     """G(I) = G2(G1(I; theta_t1); theta_t2) (Eq. 8) with one shared KPN and a TAM per stage."""
 
@@ -78,8 +89,7 @@ class OPIR(nn.Module):
             stages = (j1, j2)
         restored = stages[-1]
         if task_weights is None:
-            probs = weights
-            clean = (probs.argmax(dim=1) == 0) & (probs[:, 0] >= self.config.clean_threshold)
+            clean = auto_decision(weights, self.config.clean_threshold) == 0
             restored = torch.where(clean[:, None, None, None], image, restored)
         return OPIROutput(restored, stages, uncertainty, class_logits)
 
