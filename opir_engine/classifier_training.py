@@ -216,11 +216,11 @@ def _batch(
 
 
 @torch.no_grad()
-def _score_views(model: OPIR, views: list[Tensor], labels: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the classifier on whole views."""
+def _score_views(model: OPIR, views: list[Tensor], labels: Tensor) -> tuple[float, float, Tensor]:
+    """(mean cross-entropy, accuracy, logits (N, classes)) of the classifier on whole views."""
     logits = torch.cat([model.classifier(v[None].float() / 255.0) for v in views])
     loss = float(F.cross_entropy(logits, labels))
-    return loss, float((logits.argmax(1) == labels).float().mean())
+    return loss, float((logits.argmax(1) == labels).float().mean()), logits
 
 
 CLEAN_THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
@@ -285,6 +285,7 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
     best: dict[str, Any] = {"loss": float("inf"), "step": recipe.steps, "accuracy": None}
     best_state = copy.deepcopy(classifier.state_dict())
+    best_logits: Tensor | None = None  # held-out logits of best_state
     history = []
     classifier.train()
     for step in range(1, recipe.steps + 1):
@@ -298,25 +299,24 @@ def train_classifier(
             on_step(step, float(loss.detach()))
         if held_views and (step % recipe.eval_every == 0 or step == recipe.steps):
             classifier.eval()
-            held_loss, held_acc = _score_views(new, held_views, held_labels)
+            held_loss, held_acc, held_logits = _score_views(new, held_views, held_labels)
             classifier.train()
             history.append({"step": step, "held_out_loss": round(held_loss, 4),
                             "held_out_accuracy": round(held_acc, 4)})  # fmt: skip
             if held_loss < best["loss"]:
                 best = {"loss": held_loss, "step": step, "accuracy": held_acc}
                 best_state = copy.deepcopy(classifier.state_dict())
+                best_logits = held_logits
     threshold: dict[str, Any] = {"value": new.config.clean_threshold, "chosen_on": None}
     if held_views:
         classifier.load_state_dict(best_state)
-        classifier.eval()
-        with torch.no_grad():
-            probs = torch.cat([new.classifier(v[None].float() / 255.0) for v in held_views])
-        value, scores = choose_clean_threshold(probs.softmax(dim=1), held_labels)
+    else:
+        best = {"loss": None, "step": recipe.steps, "accuracy": None}
+    if best_logits is not None:  # the logits that picked the kept state also pick the threshold
+        value, scores = choose_clean_threshold(best_logits.softmax(dim=1), held_labels)
         if value is not None:
             new.config = dataclasses.replace(new.config, clean_threshold=value)
             threshold = {"value": value, "chosen_on": "held-out views", "balanced_accuracy": scores}
-    else:
-        best = {"loss": None, "step": recipe.steps, "accuracy": None}
     new.eval()
     report = {
         "recipe": asdict(recipe),

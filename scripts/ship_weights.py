@@ -121,8 +121,7 @@ def main() -> None:
             "--photos snow=DATA/snow/real_snow_samples/real"
         ),
     }
-    weights = Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
-    out = args.out or weights
+    out = args.out or Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
     save_checkpoint(out, model, card)
     for row in rows:
         print(row)
