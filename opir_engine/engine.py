@@ -347,7 +347,10 @@ class OPIREngine:
                 # The last chunk of tiles is padded to a full batch: one shape, one graph.
                 batch = torch.cat([batch, batch[-1:].expand(full - count, -1, -1, -1)])
             pixels += batch.shape[0] * batch.shape[-2] * batch.shape[-1]
-            batch = batch.to(self.device, self.dtype)
+            # A tile is a view into the whole image, its strides set by the image's width, and
+            # the compiled graph guards on strides: without a dense copy every new width would
+            # recompile (minutes on CPU), and the ninth would hit Dynamo's recompile limit.
+            batch = batch.to(self.device, self.dtype).contiguous()
             out = self._forward(batch, weights.expand(batch.shape[0], -1))
             return out.restored[:count].float(), out.uncertainty[:count].float()
 

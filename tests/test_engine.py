@@ -270,21 +270,30 @@ def test_compiled_engine_matches_eager_and_reuses_its_graphs(weights: Path) -> N
 
     Two photos of different sizes (120x168 and 100x150) fall in the same shape bucket (a side
     up to tile / 2 is padded to tile / 2, up to tile to tile), so the second one runs the
-    graphs the first compiled. Compiled and eager (with the same buckets) agree to 1e-4.
+    graphs the first compiled. Two wide photos (200x600 and 180x700) are tiled: their tiles
+    have one shape, and (being copied out dense) one set of strides whatever the photo's
+    width, so the second reuses the first's graph too. Compiled and eager (with the same
+    buckets) agree to 1e-4.
     """
     from torch._dynamo.utils import counters
 
     options = {"device": "cpu", "tile": 256, "tile_overlap": 32}
     compiled = OPIREngine.from_pretrained(weights, compile=True, **options)
     eager = OPIREngine.from_pretrained(weights, compile=False, buckets=True, **options)
-    first = _photo(PHOTO, (120, 168))
-    second = _photo(URBAN, (100, 150))
-    a = compiled.restore(first, task="auto")
-    graphs = counters["stats"]["unique_graphs"]
-    b = compiled.restore(second, task="auto")
-    assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
-    for result, x in ((a, first), (b, second)):
-        reference = eager.restore(x, task="auto")
+    photos = [
+        _photo(PHOTO, (120, 168)),
+        _photo(URBAN, (100, 150)),
+        _photo(PHOTO, (200, 600)),
+        _photo(PHOTO, (180, 700)),
+    ]
+    results = []
+    for i, x in enumerate(photos):
+        graphs = counters["stats"]["unique_graphs"]
+        results.append(compiled.restore(x, task="rain"))
+        if i % 2:  # the second of each pair: nothing recompiled
+            assert counters["stats"]["unique_graphs"] == graphs
+    for result, x in zip(results, photos, strict=True):
+        reference = eager.restore(x, task="rain")
         assert result.image.shape == x.shape
         assert result.task == reference.task
         assert float((result.image - reference.image).abs().max()) < 1e-4
