@@ -92,12 +92,12 @@ def eval_engine(
     if split is not None:
         rows += evaluate_head(engine, photo_items(split, data_root))
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")
-    for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "baseline",
-                "baseline PSNR/SSIM", "head acc."):  # fmt: skip
+    for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
+                "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.task, str(r.n), f"{_f(r.input_psnr)} / {_f(r.input_ssim, 4)}",
-                      f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), r.baseline,
+                      f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), _f(r.set_psnr), r.baseline,
                       f"{_f(r.baseline_psnr)} / {_f(r.baseline_ssim, 4)}",
                       f"{100 * r.head_accuracy:.1f}%")  # fmt: skip
     Console().print(table)

@@ -38,6 +38,17 @@ def finite_mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def set_psnr(values: Iterable[float]) -> float | None:
+    """PSNR of a set of images (peak 1) from their PSNRs: 10 log10(1 / mean MSE). An output
+    identical to its target (inf dB) adds an MSE of 0, so the figure stays finite where the
+    mean of per-image PSNRs would not: how a folder of clean photos fares as a whole."""
+    mses = [10.0 ** (-v / 10.0) for v in values]
+    if not mses:
+        return None
+    mean = float(np.mean(mses))
+    return math.inf if mean == 0 else -10.0 * math.log10(mean)
+
+
 def _score(a: torch.Tensor, b: torch.Tensor, y: bool) -> tuple[float, float]:
     # On Y, round as MATLAB does on 8-bit files (the deraining protocol); RGB files are 8-bit.
     return psnr(a, b, y_channel=y, quantize=y), ssim(a, b, y_channel=y, quantize=y)
@@ -100,6 +111,7 @@ class TaskRow:
     baseline_ssim: float | None
     head_accuracy: float
     identical: float  # share of outputs equal to the target (clean photos passed through)
+    set_psnr: float | None = None  # the PSNR of all the task's outputs together (see set_psnr)
 
     @property
     def gain(self) -> float | None:
@@ -207,6 +219,7 @@ def evaluate_engine(
             finite_mean(m["bs"]),
             float(np.mean(m["acc"])),
             float(np.mean(m["same"])),
+            set_psnr(m["p"]),
         )
         for task, m in sorted(per_task.items(), key=lambda kv: order.index(kv[0]))
     ]

@@ -70,7 +70,8 @@ def readme_rows(validation: dict) -> list[str]:
     c = validation["clean"]
     lines.append(
         f"| clean photos | {c['n']} | - | {100 * c['identical']:.0f}% returned unchanged; the "
-        f"rest {_f(c['psnr'], 2)} / {_f(c['ssim'], 3)} | | | | {100 * c['head_accuracy']:.0f}% |"
+        f"rest {_f(c['psnr'], 2)} / {_f(c['ssim'], 3)}; all {c['n']} as one set "
+        f"{_f(c.get('set_psnr'), 2)} dB | | | | {100 * c['head_accuracy']:.0f}% |"
     )
     if "snow_photos" in validation:
         p = validation["snow_photos"]

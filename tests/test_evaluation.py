@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,13 @@ from typer.testing import CliRunner
 
 from opir_engine.baselines import dehaze_dark_channel, median_filter
 from opir_engine.cli import app
-from opir_engine.evaluation import EvaluationError, evaluate_engine, evaluate_folders, rows_to_card
+from opir_engine.evaluation import (
+    EvaluationError,
+    evaluate_engine,
+    evaluate_folders,
+    rows_to_card,
+    set_psnr,
+)
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RAIN = DATA / "rain" / "Rain13K-subset"
@@ -132,8 +139,10 @@ def test_evaluate_engine_rows_and_card(tmp_path):
     assert [r.task for r in rows] == ["rain", "haze", "clean"]
     assert all(0.0 <= r.head_accuracy <= 1.0 and r.n == 1 for r in rows)
     assert rows[0].baseline == "median 5x5" and rows[1].baseline == "dark channel prior"
+    assert rows[0].set_psnr == pytest.approx(rows[0].psnr)  # one image: its own PSNR
     card = rows_to_card(rows, y_channel=False)
     assert card["rain"]["gain"] == pytest.approx(rows[0].psnr - rows[0].input_psnr)
+    assert card["clean"]["set_psnr"] == rows[2].set_psnr
     json.dumps(card)  # the card entry is plain JSON
 
 
@@ -169,3 +178,69 @@ def test_box_filter_equals_average_pooling(radius):
     padded = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
     expected = torch.nn.functional.avg_pool2d(padded, 2 * radius + 1, stride=1)
     torch.testing.assert_close(_box(x, radius), expected, atol=1e-12, rtol=0)
+
+
+def test_set_psnr_pools_the_mse_by_hand():
+    # 30 dB is an MSE of 1e-3 and 40 dB of 1e-4: their mean 5.5e-4 is 32.596 dB.
+    assert set_psnr([30.0, 40.0]) == pytest.approx(-10 * math.log10(5.5e-4))
+    assert set_psnr([30.0, 40.0]) == pytest.approx(32.5964, abs=1e-4)
+    # An identical output adds an MSE of 0: nine identical and one at 30 dB give 40 dB.
+    assert set_psnr([math.inf] * 9 + [30.0]) == pytest.approx(40.0)
+    assert set_psnr([math.inf, math.inf]) == math.inf
+    assert set_psnr([]) is None
+
+
+def test_set_psnr_matches_psnr_of_the_stacked_images():
+    """The set PSNR of same-sized images is the PSNR of the images side by side."""
+    from opir_engine.metrics import psnr
+
+    gen = torch.Generator().manual_seed(0)
+    targets = [torch.rand(3, 16, 24, generator=gen) for _ in range(3)]
+    outputs = [(t + 0.05 * k * torch.randn(3, 16, 24, generator=gen)).clamp(0, 1)
+               for k, t in enumerate(targets)]  # fmt: skip
+    outputs[0] = targets[0].clone()  # one passed through unchanged
+    per_image = [psnr(o, t) for o, t in zip(outputs, targets, strict=True)]
+    together = psnr(torch.cat(outputs, dim=2), torch.cat(targets, dim=2))
+    assert per_image[0] == math.inf
+    assert set_psnr(per_image) == pytest.approx(together, rel=1e-6)
+
+
+def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path):
+    """`opir eval --weights W --data rain=DIR --json F`: the CLI's JSON holds the same figures
+    as `evaluate_engine` run here on the same pairs with the same checkpoint."""
+    from opir_engine.checkpoint import save_checkpoint
+    from opir_engine.engine import OPIREngine
+    from opir_engine.model import OPIR, OPIRConfig
+
+    torch.manual_seed(0)
+    weights = tmp_path / "t.safetensors"
+    save_checkpoint(weights, OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
+    pairs = tmp_path / "rain"
+    items = []
+    for stem in ("1", "10"):
+        crops = []
+        for side in ("input", "target"):
+            (pairs / side).mkdir(parents=True, exist_ok=True)
+            crop = _load(RAIN / side / f"{stem}.jpg")[:48, :72]
+            Image.fromarray(crop).save(pairs / side / f"{stem}.png")
+            crops.append(torch.from_numpy(crop).permute(2, 0, 1).float() / 255)
+        items.append(("rain", stem, *crops))
+    out = tmp_path / "table.json"
+    result = CliRunner().invoke(app, ["eval", "--weights", str(weights), "--data", f"rain={pairs}",
+                                      "--device", "cpu", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "rain" in result.output  # the table (rich wraps its headers at 80 columns)
+    card = json.loads(out.read_text())
+    engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+    (row,) = evaluate_engine(engine, items)
+    assert card["rain"]["n"] == 2
+    for key in ("input_psnr", "psnr", "ssim", "baseline_psnr", "set_psnr", "head_accuracy"):
+        assert card["rain"][key] == pytest.approx(getattr(row, key), abs=1e-9)
+
+
+def test_eval_cli_split_needs_data_root(tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text('{"validation": {}}')
+    result = CliRunner().invoke(app, ["eval", "--weights", "w", "--split", str(split)])
+    assert result.exit_code == 2
+    assert "--split needs --data-root" in result.output
