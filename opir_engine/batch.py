@@ -74,6 +74,7 @@ class FileRecord:
     height: int | None = None
     ms: float | None = None
     flops: int = 0
+    restored_at: str = ""  # "WxH" the model ran at: the photo's size or the working side's
     error: str = ""
 
 
@@ -166,6 +167,8 @@ def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # ty
         record.ms = round(1000 * (time.perf_counter() - t0), 2)
         record.task, record.confidence = result.task, round(result.confidence, 4)
         record.flops = result.flops
+        if result.work_size is not None:
+            record.restored_at = f"{result.work_size[1]}x{result.work_size[0]}"
     except ImageIOError as e:
         # Read errors name the input, which the error line starts with anyway; write errors
         # name the output.

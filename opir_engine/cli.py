@@ -186,6 +186,11 @@ def restore(
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     tile: int = typer.Option(512, help="Tile side for large images (bounds memory)."),
     tile_overlap: int = typer.Option(32, help="Overlap between tiles, blended smoothly."),
+    work_side: int = typer.Option(
+        1024,  # engine.DEFAULT_WORK_SIDE
+        help="Photos longer than this are restored at this size and the correction is carried "
+        "back to full size (the model knows weather at the scale it trained on); 0: full size.",
+    ),
     batch_size: int = typer.Option(1, min=1, help="Tiles per forward pass."),
     compile: bool | None = typer.Option(
         None,
@@ -227,7 +232,8 @@ def restore(
         err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
-                       tile_overlap=tile_overlap, compile=compile)  # fmt: skip
+                       tile_overlap=tile_overlap, compile=compile,
+                       work_side=work_side or None)  # fmt: skip
     ray_args = None
     if backend == "ray":
         ray_args = dict(address=address, workers=workers, gpus_per_worker=gpus_per_worker)

@@ -22,9 +22,16 @@ from opir_engine.checkpoint import CheckpointError, load_checkpoint
 from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.padding import crop_to, pad_reflect_to
 from opir_engine.tiling import process_tiled
+from opir_engine.working_scale import enlarge_to, shrink_to_side, transfer_correction
 
 DEFAULT_WEIGHTS = "opir-small-allinone"
 CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
+# Photos longer than this are restored shrunk to it (working_scale.py). 1024 leaves photos of
+# the size the model was validated on (up to 800 px) as they were, and restores larger ones
+# better and several times faster than at full size (bench/results/working_scale-*.md).
+# MIN_WORK_SIDE keeps a shrunken copy worth restoring.
+DEFAULT_WORK_SIDE: int | None = 1024
+MIN_WORK_SIDE = 64
 TASK_CHOICES = ("auto", "rain", "snow", "haze")
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
@@ -34,12 +41,7 @@ def classification_view(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """What the classifier sees of an image (3, H, W): a (1, 3, h, w) copy at most
     CLASSIFY_SIDE long (area filter), reflect-padded to the model's multiple.
     `classifier_training.py` trains the classifier on exactly this view."""
-    x = image[None].float()
-    long_side = max(x.shape[-2:])
-    if long_side > CLASSIFY_SIDE:
-        scale = CLASSIFY_SIDE / long_side
-        size = [max(1, min(CLASSIFY_SIDE, round(s * scale))) for s in x.shape[-2:]]
-        x = F.interpolate(x, size=size, mode="area")
+    x = shrink_to_side(image[None].float(), CLASSIFY_SIDE)
     return pad_reflect_to(
         x, -(-x.shape[-2] // multiple) * multiple, -(-x.shape[-1] // multiple) * multiple
     )
@@ -60,6 +62,7 @@ class RestoreResult:
     uncertainty: torch.Tensor | None  # (1, H, W) UM of stage 1 (Eq. 11), None if passed through
     timings: dict[str, float] = field(default_factory=dict)  # ms: classify, restore, total
     flops: int = 0  # FLOPs spent on this image (model count x pixels processed)
+    work_size: tuple[int, int] | None = None  # (H, W) the model ran at; None if passed through
 
 
 def resolve_weights(name_or_path: str | Path) -> Path:
@@ -175,6 +178,7 @@ class OPIREngine:
         tile_overlap: int = 32,
         tiles_per_batch: int = 1,
         buckets: bool | None = None,
+        work_side: int | None = DEFAULT_WORK_SIDE,
     ) -> None:
         m = model.multiple_of
         if tile % m or tile < 2 * m or tile_overlap < 0 or tile <= 2 * tile_overlap:
@@ -184,6 +188,12 @@ class OPIREngine:
             )
         if tiles_per_batch < 1:
             raise EngineError(f"tiles per batch must be at least 1, got {tiles_per_batch}")
+        if work_side is not None and work_side < MIN_WORK_SIDE:
+            raise EngineError(
+                f"working side must be at least {MIN_WORK_SIDE} pixels (or None for full size), "
+                f"got {work_side}"
+            )
+        self.work_side = work_side
         self.model = model.to(device=device, dtype=dtype).eval()
         self.card = card
         self.device = device
@@ -210,6 +220,7 @@ class OPIREngine:
         tile_overlap: int = 32,
         tiles_per_batch: int = 1,
         buckets: bool | None = None,
+        work_side: int | None = DEFAULT_WORK_SIDE,
     ) -> OPIREngine:
         """Load shipped weights by name, or a .safetensors file with its JSON card beside it.
 
@@ -219,7 +230,8 @@ class OPIREngine:
         dev = pick_device(device)
         dtype = pick_dtype(precision, dev)
         model, card = load_checkpoint(resolve_weights(name_or_path))
-        return cls(model, card, dev, dtype, compile, tile, tile_overlap, tiles_per_batch, buckets)
+        return cls(model, card, dev, dtype, compile, tile, tile_overlap, tiles_per_batch, buckets,
+                   work_side)  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -295,18 +307,34 @@ class OPIREngine:
         else:
             chosen, confidence = task, 1.0
             weights = F.one_hot(torch.tensor([CLASSES.index(task)]), len(CLASSES)).float()
-        restored, uncertainty, pixels = self._run_tiled(rgb, weights)
+        restored, uncertainty, pixels, work_size = self._restore_at_working_scale(rgb, weights)
         t2 = time.perf_counter()
         timings = {"classify": 1000 * (t1 - t0), "restore": 1000 * (t2 - t1)}
         timings["total"] = timings["classify"] + timings["restore"]
         flops = int(self.flops_per_pixel * pixels) + classify_flops
-        return RestoreResult(restored, chosen, confidence, probs, uncertainty, timings, flops)
+        return RestoreResult(restored, chosen, confidence, probs, uncertainty, timings, flops,
+                             work_size)  # fmt: skip
 
     def restore_batch(
         self, images: Iterable[Image.Image | np.ndarray | torch.Tensor], task: str = "auto"
     ) -> list[RestoreResult]:
         """Restore many images, in order; each is classified and tiled on its own."""
         return [self.restore(image, task) for image in images]
+
+    @torch.inference_mode()
+    def _restore_at_working_scale(
+        self, rgb: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+        """(restored (3, H, W), uncertainty (1, H, W), pixels processed, (h, w) the model ran
+        at). A photo longer than `work_side` is restored shrunk to it and the model's
+        correction is carried back to full size (`working_scale.py` says why)."""
+        small = shrink_to_side(rgb, self.work_side) if self.work_side else rgb
+        restored, uncertainty, pixels = self._run_tiled(small, weights)
+        if small is not rgb:
+            size = tuple(rgb.shape[-2:])
+            restored = transfer_correction(rgb, small, restored)
+            uncertainty = enlarge_to(uncertainty, size).clamp_(min=0)  # type: ignore[arg-type]
+        return restored, uncertainty, pixels, tuple(small.shape[-2:])  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _run_tiled(
@@ -373,4 +401,5 @@ def describe(engine: OPIREngine) -> dict[str, Any]:
         "compile": engine.compiled,
         "tile": engine.tile,
         "tile_overlap": engine.tile_overlap,
+        "work_side": engine.work_side,
     }

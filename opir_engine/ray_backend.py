@@ -92,8 +92,8 @@ def _record_from_row(row: dict[str, Any]) -> FileRecord:
         if values[name] is not None:
             values[name] = int(values[name])
     values["flops"] = int(values["flops"] or 0)
-    values["task"] = values["task"] or ""
-    values["error"] = values["error"] or ""
+    for name in ("task", "restored_at", "error"):
+        values[name] = values[name] or ""
     return FileRecord(**values)
 
 

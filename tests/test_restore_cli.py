@@ -257,8 +257,10 @@ def test_recursive_format_suffix_csv_uncertainty_dry_run_and_overwrite(
     with open(report, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
-        "input", "output", "status", "task", "confidence", "width", "height", "ms", "flops", "error"
+        "input", "output", "status", "task", "confidence", "width", "height", "ms", "flops",
+        "restored_at", "error",
     ]  # fmt: skip
+    assert {r["restored_at"] for r in rows} == {"80x60"}  # under the working side: full size
     assert sorted(Path(r["output"]).relative_to(out) for r in rows) == sorted(expected)
     assert {r["status"] for r in rows} == {"done"} and {r["task"] for r in rows} == {"rain"}
     assert {(r["width"], r["height"]) for r in rows} == {("80", "60")}

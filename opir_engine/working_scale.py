@@ -1,0 +1,60 @@
+"""Restoring a large photo at the scale the model learned its weather at.
+
+The model is trained on photos shrunk to at most `recipe.max_side` (512) pixels long, so it
+knows rain streaks, flakes and haze at that scale. In a 12-megapixel photo the same rain is six
+times wider and longer than anything it has seen, and restored at full size it is left in place
+(measured in bench/results/working_scale-*.md). So a photo longer than the working side is
+restored at that side, and only the correction the model made, restored minus input, is
+brought back up to full size and added to the full-size photo: weather is removed at the scale
+the model knows, while the photo's own fine detail, which the shrunken copy lost, is kept (it
+is in the full-size input, not in the correction).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def shrink_to_side(image: Tensor, side: int) -> Tensor:
+    """(..., C, H, W) with its long side brought down to `side` by area averaging (each output
+    pixel the mean of the input pixels it covers, so thin streaks fade as they would in a
+    photo taken at that size); unchanged when the long side is already at most `side`."""
+    height, width = image.shape[-2:]
+    size = working_size(height, width, side)
+    if size == (height, width):
+        return image
+    batch = image.reshape(-1, *image.shape[-3:])
+    return F.interpolate(batch, size=size, mode="area").reshape(*image.shape[:-2], *size)
+
+
+def enlarge_to(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(..., C, h, w) -> (..., C, H, W) by bicubic interpolation (smooth, no blocks)."""
+    batch = image.reshape(-1, *image.shape[-3:])
+    out = F.interpolate(batch, size=size, mode="bicubic", align_corners=False)
+    return out.reshape(*image.shape[:-2], *size)
+
+
+def transfer_correction(image: Tensor, small: Tensor, restored_small: Tensor) -> Tensor:
+    """The full-size restoration of `image` (..., C, H, W) from a restoration made at a
+    smaller size: image + enlarge(restored_small - small), clamped to [0, 1].
+
+    `small` is the shrunken input the model saw and `restored_small` its output, same shape.
+    """
+    if small.shape != restored_small.shape:
+        raise ValueError(
+            f"small input {tuple(small.shape)} and its restoration "
+            f"{tuple(restored_small.shape)} differ in shape"
+        )
+    correction = enlarge_to(restored_small.to(image.dtype) - small.to(image.dtype),
+                            tuple(image.shape[-2:]))  # fmt: skip
+    return (image + correction).clamp_(0, 1)
+
+
+def working_size(height: int, width: int, side: int | None) -> tuple[int, int]:
+    """The (H, W) the model runs at for an image of (height, width) with working side `side`
+    (None: always full size): the long side becomes `side`, the aspect ratio is kept."""
+    if side is None or max(height, width) <= side:
+        return height, width
+    scale = side / max(height, width)
+    return (max(1, min(side, round(height * scale))), max(1, min(side, round(width * scale))))
