@@ -382,14 +382,14 @@ def test_interrupted_runs_resume_without_partial_or_repeated_outputs(
     first = run_until(3, signal.SIGINT)
     assert first.returncode == 130, first.stderr
     assert "interrupted" in first.stderr
-    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")], sorted(out.iterdir())
     done_first = {p.name for p in out.iterdir()}
-    assert 3 <= len(done_first) < len(names)
+    assert 3 <= len(done_first) < len(names), (sorted(done_first), first.stderr)
 
     second = run_until(len(done_first) + 3, signal.SIGKILL)
-    assert second.returncode == -signal.SIGKILL
+    assert second.returncode == -signal.SIGKILL, (second.returncode, second.stderr)
     existing = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
-    assert done_first <= set(existing) and len(existing) < len(names)
+    assert done_first <= set(existing) and len(existing) < len(names), sorted(existing)
     # What a write cut by SIGKILL leaves: the writer's temporary file for a pending output.
     pending = sorted(set(names) - set(existing))[0]
     (out / f".{pending}.0badc0de.part").write_bytes(b"\x89PNG\r\n")
