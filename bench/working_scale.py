@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
-from opir_engine.data import list_images
+from opir_engine.data import find_paired_sets
 from opir_engine.engine import OPIREngine
 from opir_engine.evaluation import validation_items
 from opir_engine.image_io import read_image
@@ -62,15 +62,12 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str, str, torch.Tensor, 
         for task, name, d, t in weather[:: args.every]
     ]
     for task in ("rain", "haze"):
-        for folder in sorted((args.data_root / task).glob("*/input")):
-            for path in list_images(folder):
-                image = read_image(path).rgb
-                if max(image.shape[-2:]) <= 1000:
-                    continue
-                targets = list_images(folder.parent / "target")
-                target = next(p for p in targets if p.stem == path.stem)
-                name = str(path.relative_to(args.data_root))
-                cases.append(("real large (training)", task, name, image, read_image(target).rgb))
+        for pair in find_paired_sets(args.data_root / task, task):
+            image = read_image(pair.input).rgb
+            if max(image.shape[-2:]) > 1000:
+                name = str(pair.input.relative_to(args.data_root))
+                target = read_image(pair.target).rgb
+                cases.append(("real large (training)", task, name, image, target))
     return cases
 
 

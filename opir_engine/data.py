@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from opir_engine.model.config import CLASSES
+from opir_engine.working_scale import working_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 VALIDATION_FRACTION = 0.15
@@ -144,10 +145,9 @@ def load_rgb(path: Path, max_side: int | None = None) -> torch.Tensor:
     """uint8 (3, H, W), EXIF orientation applied, long side at most `max_side` (area filter)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
-        if max_side is not None and max(im.size) > max_side:
-            scale = max_side / max(im.size)
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            im = im.resize(size, Image.Resampling.BOX)
+        height, width = working_size(im.height, im.width, max_side)
+        if (height, width) != (im.height, im.width):
+            im = im.resize((width, height), Image.Resampling.BOX)
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
 
 
