@@ -32,6 +32,22 @@ def _parse_tagged(values: list[str], option: str) -> dict[str, list[str]]:
     return tagged
 
 
+def _parse_task_weights(values: list[str]) -> tuple[float, float, float]:
+    weights = {"rain": 1.0, "snow": 1.0, "haze": 1.0}
+    for value in values:
+        task, sep, number = value.partition("=")
+        try:
+            if not sep or task not in weights:
+                raise ValueError
+            weights[task] = float(number)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{value!r}: expected rain=W, snow=W or haze=W with W a number",
+                param_hint="--task-weight",
+            ) from None
+    return weights["rain"], weights["snow"], weights["haze"]
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run directory (created)."),
@@ -50,6 +66,12 @@ def train(
         0.6, help="Share of weather samples synthesized from clean photos."
     ),
     clean_ratio: float = typer.Option(0.1, help="Share of clean -> clean samples."),
+    task_weight: list[str] = typer.Option(
+        [], "--task-weight", help="How often a weather is drawn, relative (default 1): rain=2."
+    ),
+    max_side: int = typer.Option(
+        512, help="Photos are loaded at most this long (restore's --work-side is 1024)."
+    ),
     steps: int = typer.Option(20000, help="Length of the cosine schedule."),
     stop_at: int | None = typer.Option(None, help="Stop at this step (resume later)."),
     batch: int = typer.Option(8),
@@ -84,6 +106,7 @@ def train(
                 raise TrainingError(f"{out}: already holds a run; pass --resume to continue it")
             recipe = Recipe(config=config, steps=steps, batch=batch, patch=patch, lr=lr,
                             synth_ratio=synth_ratio, clean_ratio=clean_ratio, seed=seed,
+                            task_weights=_parse_task_weights(task_weight), max_side=max_side,
                             val_every=val_every)  # fmt: skip
             spec = DataSpec(paired=_parse_tagged(data, "--data"), clean=[str(c) for c in clean],
                             split=str(split) if split else None,

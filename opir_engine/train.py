@@ -42,6 +42,8 @@ from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
 
+WEATHER = ("rain", "snow", "haze")  # the order of Recipe.task_weights
+
 
 class TrainingError(Exception):
     """A run directory or training option is unusable."""
@@ -60,11 +62,22 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.999)
     synth_ratio: float = 0.6
     clean_ratio: float = 0.1
+    # How often each weather is drawn, rain/snow/haze (relative): a fine-tune can lean on the
+    # task that lags without starving the others. Equal weights draw as every earlier run did.
+    task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     max_side: int = 512
     seed: int = 0
     val_every: int = 1000
     ckpt_every: int = 250
     log_every: int = 25
+
+    def __post_init__(self) -> None:
+        w = self.task_weights
+        if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+            raise TrainingError(
+                f"task weights must be three finite numbers >= 0 (rain, snow, haze), not all 0; "
+                f"got {tuple(w)}"
+            )
 
     def lr_at(self, step: int) -> float:
         """Cosine annealing from lr to lr_min over `steps` (Loshchilov & Hutter)."""
@@ -128,7 +141,7 @@ class TrainingSet:
         if rng.random() < r.clean_ratio:  # clean -> clean teaches the head and pass-through
             image = self._crop([self.clean[rng.integers(len(self.clean))]], rng)[0]
             return image, image, class_index("clean")
-        task = ("rain", "snow", "haze")[rng.integers(3)]
+        task = WEATHER[self._draw_weather(rng)]
         real = self.pairs.get(task, [])
         if real and rng.random() >= r.synth_ratio:
             degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
@@ -138,6 +151,12 @@ class TrainingSet:
         seed = int(rng.integers(0, 2**62))
         degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
         return degraded.clamp(0, 1), target, class_index(task)
+
+    def _draw_weather(self, rng: np.random.Generator) -> int:
+        weights = np.asarray(self.recipe.task_weights, dtype=np.float64)
+        if np.all(weights == weights[0]):  # uniform: the draw of runs made before the option
+            return int(rng.integers(3))
+        return int(rng.choice(3, p=weights / weights.sum()))
 
     def _crop(self, images: list[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
         """The same random crop and flips of each image, as float (3, P, P)."""
@@ -321,7 +340,11 @@ class Trainer:
             trainer_state = json.loads((run_dir / "state" / "trainer.json").read_text())
         except (OSError, ValueError) as e:
             raise TrainingError(f"{run_dir}: not a resumable run directory ({e})") from e
-        recipe = Recipe(**{**info["recipe"], "betas": tuple(info["recipe"]["betas"])})
+        fields = dict(info["recipe"])
+        fields["betas"] = tuple(fields["betas"])
+        if "task_weights" in fields:  # JSON lists; runs made before the option have none
+            fields["task_weights"] = tuple(fields["task_weights"])
+        recipe = Recipe(**fields)
         trainer = cls(run_dir, recipe, DataSpec(**info["data"]))
         trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
         _load_optimizer(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",

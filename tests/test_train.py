@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from opir_engine.checkpoint import load_checkpoint
 from opir_engine.cli import app
+from opir_engine.model import CLASSES
 from opir_engine.train import (
     DataSpec,
     Recipe,
@@ -158,9 +159,62 @@ def test_resume_is_bit_exact(tmp_path: Path, data_root: Path) -> None:
     assert losses == [entry["loss"] for entry in _log(tmp_path / "split")]
 
 
+def test_resume_of_a_run_made_before_task_weights(tmp_path: Path, data_root: Path) -> None:
+    """runs/small-allinone's run.json has no task_weights: it resumes with equal weights."""
+    recipe = _recipe()
+    Trainer(tmp_path / "run", recipe, _spec(data_root)).train(
+        TrainingSet(_spec(data_root), recipe), None, stop_step=1
+    )
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["recipe"]["task_weights"] == [1.0, 1.0, 1.0]
+    del info["recipe"]["task_weights"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    resumed = Trainer.resume(tmp_path / "run")
+    assert resumed.recipe == recipe and resumed.step == 1
+
+
 def test_resume_of_a_non_run_directory(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="not a resumable run directory"):
         Trainer.resume(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels(spec: DataSpec, steps: range, **overrides: object) -> list[str]:
+    # synth_ratio 0: rain and haze come from the real pairs (fast); snow has none, so synthesized
+    training_set = TrainingSet(spec, _recipe(batch=16, synth_ratio=0.0, **overrides))
+    return [CLASSES[i] for step in steps for i in training_set.batch(step)[2].tolist()]
+
+
+def test_task_weights_choose_how_often_each_weather_is_drawn(data_root: Path) -> None:
+    spec = _spec(data_root)
+    only_haze = _labels(spec, range(4), task_weights=(0.0, 0.0, 1.0))
+    assert set(only_haze) == {"clean", "haze"} and only_haze.count("haze") > 48
+    only_rain = _labels(spec, range(4), task_weights=(5.0, 0.0, 0.0))
+    assert set(only_rain) == {"clean", "rain"}
+    # 3:1 rain to haze, no snow: over 480 samples (~430 weather) the share is near 0.75
+    leaning = _labels(spec, range(30), task_weights=(3.0, 0.0, 1.0))
+    rain, haze = leaning.count("rain"), leaning.count("haze")
+    assert leaning.count("snow") == 0 and 0.68 < rain / (rain + haze) < 0.82
+
+
+def test_equal_task_weights_draw_exactly_as_before(data_root: Path) -> None:
+    """Any equal weights take the uniform draw of runs made before the option, so those runs
+    resume on the same batches."""
+    spec = _spec(data_root)
+    a = TrainingSet(spec, _recipe(batch=6)).batch(5)
+    b = TrainingSet(spec, _recipe(batch=6, task_weights=(2.5, 2.5, 2.5))).batch(5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert set(_labels(spec, range(6))) == {"clean", "rain", "snow", "haze"}
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0, 0.0), (1.0, -1.0, 1.0), (1.0, math.nan, 1.0)])
+def test_bad_task_weights_are_refused(weights: tuple[float, float, float]) -> None:
+    with pytest.raises(TrainingError, match=r"task weights must be three finite numbers >= 0"):
+        Recipe(task_weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +307,11 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
             timeout=300,
         )  # fmt: skip
 
-    started = opir(*_train_args(run, data_root), "--stop-at", "2")
+    started = opir(*_train_args(run, data_root), "--stop-at", "2", "--task-weight", "rain=2",
+                   "--task-weight", "snow=0.5", "--max-side", "48")  # fmt: skip
     assert started.returncode == 0, started.stderr
+    recipe = json.loads((run / "run.json").read_text())["recipe"]
+    assert recipe["task_weights"] == [2.0, 0.5, 1.0] and recipe["max_side"] == 48
     assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 2
     assert "stopped at step 2" in _flat(started.stderr)
 
@@ -264,6 +321,7 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
     assert json.loads((run / "last.json").read_text())["steps"] == 4
     assert load_checkpoint(run / "last.safetensors")[1]["steps"] == 4
     assert json.loads((run / "run.json").read_text())["recipe"]["config"] == "tiny"
+    assert Trainer.resume(run).recipe.task_weights == (2.0, 0.5, 1.0)
 
 
 @pytest.mark.skipif(
@@ -315,6 +373,16 @@ def test_cli_bad_data_tag_is_a_usage_error(tmp_path: Path, data_root: Path) -> N
     assert result.exit_code == 2
     out = _flat(result.output)
     assert "Invalid value for --data" in out and "expected rain=DIR, snow=DIR or haze=DIR" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["fog=2", "rain=lots", "rain"])
+def test_cli_bad_task_weight_is_a_usage_error(tmp_path: Path, data_root: Path, value: str) -> None:
+    result = CliRunner().invoke(app, [*_train_args(tmp_path / "run", data_root),
+                                      "--task-weight", value])  # fmt: skip
+    assert result.exit_code == 2
+    out = _flat(result.output)
+    assert "Invalid value for --task-weight" in out and f"'{value}': expected rain=W" in out
     assert not (tmp_path / "run").exists()
 
 
