@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -43,6 +44,9 @@ from opir_engine.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
 
 WEATHER = ("rain", "snow", "haze")  # the order of Recipe.task_weights
+
+
+_LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")  # kept of an init's card
 
 
 class TrainingError(Exception):
@@ -79,6 +83,15 @@ class Recipe:
                 f"got {tuple(w)}"
             )
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Recipe:
+        """The recipe of a run.json or card (JSON lists back to tuples; runs made before
+        `task_weights` existed get equal weights)."""
+        fields = dict(fields, betas=tuple(fields["betas"]))
+        if "task_weights" in fields:
+            fields["task_weights"] = tuple(fields["task_weights"])
+        return cls(**fields)
+
     def lr_at(self, step: int) -> float:
         """Cosine annealing from lr to lr_min over `steps` (Loshchilov & Hutter)."""
         t = min(step, self.steps) / max(self.steps, 1)
@@ -93,6 +106,49 @@ class DataSpec:
     clean: list[str] = field(default_factory=list)
     split: str | None = None
     data_root: str | None = None
+
+
+def lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trainings behind a checkpoint's card, first to last: each stage's recipe, data, steps,
+    wall time and the weights it started from (`init_weights`, None for a fresh start)."""
+    stages = []
+    node: dict[str, Any] | None = card
+    while node is not None:
+        parent = node.get("init")
+        stages.append({k: node.get(k) for k in ("steps", "wall_time_hours", "recipe", "data")}
+                      | {"init_weights": parent["weights"] if parent else None})  # fmt: skip
+        node = parent
+    return stages[::-1]
+
+
+def train_command(recipe: Recipe, data: DataSpec, init: str | None = None, out: str = "RUN",
+                  data_alias: str = "DATA") -> str:  # fmt: skip
+    """The `opir train` command line that makes a run in `out` with this recipe and data (the
+    data root written as `data_alias`), from `init` weights if given."""
+    root = data.data_root
+
+    def path(p: str) -> str:
+        return shlex.quote(data_alias + p[len(root) :] if root and p.startswith(root) else p)
+
+    defaults = Recipe()
+    args = [f"opir train --out {shlex.quote(out)}", f"--config {recipe.config}"]
+    args += [f"--data {task}={path(f)}" for task, folders in data.paired.items() for f in folders]
+    args += [f"--clean {path(f)}" for f in data.clean]
+    if data.split:
+        args.append(f"--split {path(data.split)}")
+        if root:
+            args.append(f"--data-root {data_alias}")
+    for name in ("synth_ratio", "clean_ratio", "steps", "batch", "patch", "lr", "seed",
+                 "max_side", "val_every"):  # fmt: skip
+        value = getattr(recipe, name)
+        if value != getattr(defaults, name):
+            args.append(f"--{name.replace('_', '-')} {value!r}")
+    for task, weight in zip(WEATHER, recipe.task_weights, strict=True):
+        if recipe.task_weights != defaults.task_weights and weight != 1.0:
+            args.append(f"--task-weight {task}={weight!r}")
+    if init:
+        args.append(f"--init {shlex.quote(init)}")
+    return " ".join(args)
 
 
 class TrainingSet:
@@ -322,9 +378,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the recipe's seed fixes the initial weights
             torch.manual_seed(recipe.seed)
             self.model = OPIR(OPIRConfig.from_name(recipe.config))
+        # Where the weights came from: the init checkpoint's own training, and its init in turn,
+        # so a fine-tune's card still tells the whole recipe, steps and hours behind it.
+        self.init: dict[str, Any] | None = None
         if init is not None:
-            initial, _card = load_checkpoint(init)
+            initial, init_card = load_checkpoint(init)
             self.model.load_state_dict(initial.state_dict())
+            self.init = {"weights": str(init), **{k: init_card.get(k) for k in _LINEAGE_KEYS}}
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
         self.loss = OPIRLoss()
         self.step = 0
@@ -340,11 +400,7 @@ class Trainer:
             trainer_state = json.loads((run_dir / "state" / "trainer.json").read_text())
         except (OSError, ValueError) as e:
             raise TrainingError(f"{run_dir}: not a resumable run directory ({e})") from e
-        fields = dict(info["recipe"])
-        fields["betas"] = tuple(fields["betas"])
-        if "task_weights" in fields:  # JSON lists; runs made before the option have none
-            fields["task_weights"] = tuple(fields["task_weights"])
-        recipe = Recipe(**fields)
+        recipe = Recipe.from_dict(info["recipe"])
         trainer = cls(run_dir, recipe, DataSpec(**info["data"]))
         trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
         _load_optimizer(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",
@@ -352,6 +408,7 @@ class Trainer:
         trainer.step = trainer_state["step"]
         trainer.wall_seconds = trainer_state["wall_seconds"]
         trainer.best = trainer_state["best"]
+        trainer.init = info.get("init")
         return trainer
 
     def save_state(self) -> None:
@@ -377,6 +434,7 @@ class Trainer:
             "machine": machine_description(),
             "validation": metrics,
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "init": self.init,
         }
 
     # -- the loop ------------------------------------------------------------------------------
@@ -393,7 +451,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "run.json", {
             "recipe": dataclasses.asdict(self.recipe), "data": dataclasses.asdict(self.data),
-            "counts": training_set.counts(), "machine": machine_description(),
+            "counts": training_set.counts(), "machine": machine_description(), "init": self.init,
         })  # fmt: skip
         stop_step = min(stop_step or self.recipe.steps, self.recipe.steps)
         forward = torch.compile(self.model) if compile_step else self.model

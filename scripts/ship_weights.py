@@ -30,6 +30,7 @@ from opir_engine.evaluation import (
     rows_to_card,
     validation_items,
 )
+from opir_engine.train import DataSpec, Recipe, lineage, train_command
 
 PAPER_TABLE_1 = {
     "note": "The paper's own all-in-one results (Table 1, full-size OPIR, trained on 13k+ pairs, "
@@ -49,6 +50,17 @@ def training_curve(run_dir: Path) -> list[dict]:
             curve.append({"step": entry["step"], "mean_gain_db": round(v["mean_gain"], 3),
                           "head_accuracy": round(v["head_accuracy"], 3)})  # fmt: skip
     return curve
+
+
+def _run_dirs(stages: list[dict]) -> list[str]:
+    """Where each stage's run went: the folder of the next stage's init weights when those are
+    a run's best or last checkpoint, else a placeholder; the last stage is RUN."""
+    dirs = []
+    for k, later in enumerate(stages[1:], start=1):
+        init = Path(later["init_weights"] or "")
+        dirs.append(str(init.parent) if init.name in ("best.safetensors", "last.safetensors")
+                    else f"RUN{k}")  # fmt: skip
+    return [*dirs, "RUN"]
 
 
 def _f(value: float | None, digits: int) -> str:
@@ -94,6 +106,11 @@ def main() -> None:
 
     source = args.checkpoint or args.run_dir / "best.safetensors"
     model, card = load_checkpoint(source)
+    # A run started with --init names its origin in run.json (cards written by an older opir
+    # mid-run may lack it): each stage's recipe, data, steps and hours go into the card.
+    run_info = json.loads((args.run_dir / "run.json").read_text())
+    card["init"] = card.get("init") or run_info.get("init")
+    stages = lineage(card)
     engine = OPIREngine.from_pretrained(source, device="cpu", compile=False)
     rows = evaluate_engine(engine, validation_items(args.split, args.data_root))
     rows += evaluate_head(engine, photo_items(args.split, args.data_root))
@@ -111,16 +128,24 @@ def main() -> None:
         "training_curve": training_curve(args.run_dir),
         "paper_reference": PAPER_TABLE_1,
         **({"notes": args.note} if args.note else {}),
-        "reproduce": (
-            "opir train --out RUN --config small --data rain=DATA/rain --data haze=DATA/haze "
-            "--data snow=DATA/snow/snow100k_allweather_sample --clean DATA/clean/BSDS500_test "
-            "--clean DATA/clean/BSDS500_val_extra --clean DATA/clean/CBSD68 --clean "
-            "DATA/clean/SunHays80 --clean DATA/clean/Urban100_subset --split "
-            "splits/validation.json --data-root DATA --steps 16000 (then --resume RUN); "
+        "training_total": {
+            "steps": sum(stage["steps"] or 0 for stage in stages),
+            "wall_time_hours": round(sum(stage["wall_time_hours"] or 0 for stage in stages), 3),
+        },
+        "reproduce": [
+            train_command(
+                Recipe.from_dict(stage["recipe"]),
+                DataSpec(**stage["data"]),
+                stage["init_weights"],
+                out,
+            )
+            for stage, out in zip(stages, _run_dirs(stages), strict=True)
+        ]
+        + [
             "then opir train-classifier RUN/best.safetensors --out RUN/best-classifier."
             "safetensors with the same --data, --clean, --split and --data-root, plus "
-            "--photos snow=DATA/snow/real_snow_samples/real"
-        ),
+            "--photos snow=DATA/snow/real_snow_samples/real (or --from a trained one)"
+        ],
     }
     out = args.out or Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
     save_checkpoint(out, model, card)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from opir_engine.train import (
     TrainingError,
     TrainingSet,
     ValidationSet,
+    lineage,
+    train_command,
 )
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -440,3 +443,64 @@ def test_split_without_data_root_is_refused(data_root: Path) -> None:
     spec.data_root = None
     with pytest.raises(TrainingError, match=r"split\.json: a validation split needs --data-root"):
         TrainingSet(spec, _recipe())
+
+
+# ---------------------------------------------------------------------------------------------
+# Where weights came from: --init lineage, and the command that reproduces a run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_init_records_the_weights_it_started_from(tmp_path: Path, data_root: Path) -> None:
+    recipe, spec = _recipe(steps=2), _spec(data_root)
+    training_set = TrainingSet(spec, recipe)
+    first = Trainer(tmp_path / "first", recipe, spec)
+    first.train(training_set, None)
+    assert first.card(None)["init"] is None
+
+    tuned_recipe = _recipe(steps=3, lr=1e-4, task_weights=(2.0, 1.0, 1.0))
+    weights = tmp_path / "first" / "last.safetensors"
+    second = Trainer(tmp_path / "second", tuned_recipe, spec, init=weights)
+    second.train(training_set, None, stop_step=1)
+    record = json.loads((tmp_path / "second" / "run.json").read_text())["init"]
+    assert record["weights"] == str(weights) and record["steps"] == 2 and record["init"] is None
+    assert record["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe)))
+    assert record["data"] == dataclasses.asdict(spec)
+
+    resumed = Trainer.resume(tmp_path / "second")  # the record survives a resume
+    resumed.train(training_set, None)
+    _, card = load_checkpoint(tmp_path / "second" / "last.safetensors")
+    assert card["init"] == record and card["steps"] == 3
+
+    third = Trainer(tmp_path / "third", _recipe(steps=1), spec,
+                    init=tmp_path / "second" / "last.safetensors")  # fmt: skip
+    third.train(training_set, None)
+    stages = lineage(load_checkpoint(tmp_path / "third" / "last.safetensors")[1])
+    assert [s["steps"] for s in stages] == [2, 3, 1]
+    assert [s["init_weights"] for s in stages] == [
+        None, str(weights), str(tmp_path / "second" / "last.safetensors"),
+    ]  # fmt: skip
+    assert stages[1]["recipe"]["task_weights"] == [2.0, 1.0, 1.0]
+
+
+def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) -> None:
+    """The card's `reproduce` command, run through the CLI, makes a run with the same recipe,
+    data and init."""
+    first = Trainer(tmp_path / "first", _recipe(steps=1), _spec(data_root))
+    first.train(TrainingSet(_spec(data_root), first.recipe), None)
+    init = str(tmp_path / "first" / "last.safetensors")
+    recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
+                    clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
+                    val_every=7)  # fmt: skip
+    spec = _spec(data_root, split=True)
+    command = train_command(recipe, spec, init, out="RUN")
+    assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias
+    assert "--task-weight rain=2.0" in command and "--task-weight snow" not in command
+    args = [str(data_root) + a[4:] if a.startswith("DATA") else a for a in shlex.split(command)]
+    args = [str(tmp_path / "again") if a == "RUN" else a for a in args]
+    args = [a.replace("=DATA", f"={data_root}") for a in args]
+    result = CliRunner().invoke(app, args[1:])  # without the leading `opir`
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert Recipe.from_dict(info["recipe"]) == recipe
+    assert DataSpec(**info["data"]) == spec
+    assert info["init"]["weights"] == init and info["init"]["steps"] == 1
