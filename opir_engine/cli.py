@@ -144,6 +144,12 @@ def train_classifier(
     donor: Path | None = typer.Option(
         None, "--from", help="Copy the trained classifier of this checkpoint instead of training."
     ),
+    recalibrate: bool = typer.Option(
+        False,
+        "--recalibrate",
+        help="With --from: choose clean_threshold again on the donor's "
+        "held-out views (by the current rule) and score the split again.",
+    ),
 ) -> None:
     """Train the `--task auto` classifier on whole images as the engine sees them; every
     other weight is kept (a second phase after `opir train`). With --from, reuse a trained
@@ -162,9 +168,11 @@ def train_classifier(
 
     if out.resolve() == weights.resolve():
         raise typer.BadParameter("refusing to overwrite the input checkpoint", param_hint="--out")
+    if recalibrate and donor is None:
+        raise typer.BadParameter("needs --from DONOR", param_hint="--recalibrate")
     if donor is not None:
         try:
-            report = transplant_classifier(weights, donor, out)
+            report = transplant_classifier(weights, donor, out, recalibrate)
         except (ClassifierTrainingError, CheckpointError) as e:
             err.print(f"error: {e}")
             raise typer.Exit(2) from e

@@ -169,19 +169,40 @@ def test_auto_decision_passes_through_only_confident_clean() -> None:
 
 def test_choose_clean_threshold_balances_the_classes() -> None:
     """Clean photos at 0.95 and 0.70 confidence, a rainy one the classifier calls clean at 0.62:
-    every threshold in (0.62, 0.70] gets all four right, and the higher one is kept."""
+    every threshold in (0.62, 0.70] gets all four right; the lowest of them is kept."""
     probs = torch.tensor(
         [[0.95, 0.05, 0, 0], [0.70, 0.30, 0, 0], [0.10, 0.90, 0, 0], [0.62, 0.38, 0, 0]]
     )
     labels = torch.tensor([0, 0, 1, 1])
-    threshold, scores = choose_clean_threshold(probs, labels)
-    assert threshold == 0.70
+    threshold, scores, error = choose_clean_threshold(probs, labels)
+    assert threshold == 0.65 and error == 0.0
     assert scores["0.70"] == scores["0.65"] == 1.0
     assert scores["0.75"] == 0.75  # the 0.70 clean photo is restored
     assert scores["0.60"] == 0.75  # the rainy photo is passed through
     # Without clean views (or without weather ones) there is no trade-off to measure.
-    assert choose_clean_threshold(probs[2:], labels[2:]) == (None, {})
-    assert choose_clean_threshold(probs[:2], labels[:2]) == (None, {})
+    assert choose_clean_threshold(probs[2:], labels[2:]) == (None, {}, None)
+    assert choose_clean_threshold(probs[:2], labels[:2]) == (None, {}, None)
+
+
+def _views(rain_fooled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """40 clean views (38 at 0.97, 2 the classifier calls snow) and 40 rainy ones, of which
+    `rain_fooled` look clean at 0.62 (passed through for thresholds up to 0.60)."""
+    clean = [[0.97, 0.01, 0.01, 0.01]] * 38 + [[0.40, 0.05, 0.55, 0.0]] * 2
+    rain = [[0.05, 0.95, 0.0, 0.0]] * (40 - rain_fooled) + [[0.62, 0.38, 0.0, 0.0]] * rain_fooled
+    return torch.tensor(clean + rain), torch.tensor([0] * 40 + [1] * 40)
+
+
+def test_choose_clean_threshold_moves_only_for_a_gain_beyond_the_noise() -> None:
+    # One fooled rainy view: 0.9625 up to 0.60, 0.975 from 0.65. The best's standard error is
+    # sqrt(0.95 * 0.05 / 40 + 1 * 0 / 40) / 2 = 0.0172, so 0.9625 is within it: keep 0.30.
+    threshold, scores, error = choose_clean_threshold(*_views(1))
+    assert scores["0.30"] == scores["0.60"] == 0.9625 and scores["0.65"] == scores["0.95"] == 0.975
+    assert error == pytest.approx(0.0172, abs=1e-4)
+    assert threshold == 0.30
+    # Four fooled: 0.925 up to 0.60, below 0.975 - 0.0172, so the threshold rises to 0.65.
+    threshold, scores, _ = choose_clean_threshold(*_views(4))
+    assert scores["0.60"] == 0.925 and scores["0.65"] == 0.975
+    assert threshold == 0.65
 
 
 def test_train_classifier_learns_and_touches_nothing_else() -> None:
@@ -199,8 +220,8 @@ def test_train_classifier_learns_and_touches_nothing_else() -> None:
     assert chosen["chosen_on"] == "held-out views" and set(scores) == {
         f"{t:.2f}" for t in CLEAN_THRESHOLDS
     }
-    best = max(scores.values())
-    assert chosen["value"] == max(float(t) for t, v in scores.items() if v == best)
+    floor = max(scores.values()) - chosen["standard_error"]
+    assert chosen["value"] == min(float(t) for t, v in scores.items() if v >= floor - 1e-4)
     assert trained.config.clean_threshold == chosen["value"]
     assert model.config.clean_threshold == 0.9  # the input model is left as it was
     with torch.inference_mode():
@@ -256,6 +277,27 @@ def test_cli_writes_a_checkpoint_the_engine_loads(
     assert torch.equal(original.kpn.intro.weight, model.kpn.intro.weight)
     engine = OPIREngine.from_pretrained(out, device="cpu", compile=False)
     assert engine.restore(image).task in CLASSES
+    # the split's figure is what `--task auto` decides, clean_threshold included
+    assert again["snow_photos"]["accuracy"] == float(engine.restore(image).task == "snow")
+
+    # --recalibrate chooses the threshold again on the donor's held-out views, rendered again
+    recalibrated = tmp_path / "recalibrated.safetensors"
+    args = ["train-classifier", str(weights), "--out", str(recalibrated), "--from", str(out),
+            "--recalibrate"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recipe = ClassifierRecipe(**report["recipe"])
+    held = render_pool(ClassifierData(**report["data"]), recipe, model.multiple_of)
+    keep = held.held_out.nonzero().flatten().tolist()
+    assert keep, "the fixture holds out some views"
+    with torch.inference_mode():
+        probs = torch.cat([model.classify(held.views[i][None].float() / 255) for i in keep])
+    expected, scores, _ = choose_clean_threshold(probs.softmax(dim=1), held.labels[keep])
+    model2, card2 = load_checkpoint(recalibrated)
+    chosen = card2["classifier_training"]["clean_threshold"]
+    assert chosen["recalibrated"] and chosen["balanced_accuracy"] == scores
+    assert model2.config.clean_threshold == expected == chosen["value"]
+    assert set(card2["classifier_training"]["split_accuracy"]) == set(report["split_accuracy"])
 
 
 def test_cli_from_copies_a_trained_classifier(tmp_path: Path, weights: Path) -> None:
@@ -288,6 +330,15 @@ def test_cli_from_copies_a_trained_classifier(tmp_path: Path, weights: Path) -> 
     )
     assert result.exit_code == 2
     assert "has no classifier trained by train-classifier" in " ".join(result.output.split())
+
+
+def test_cli_recalibrate_needs_from(tmp_path: Path, weights: Path) -> None:
+    args = ["train-classifier", str(weights), "--out", str(tmp_path / "o.safetensors"),
+            "--recalibrate"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "needs --from DONOR" in " ".join(result.output.split())
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_cli_refuses_to_overwrite_its_input(tmp_path: Path, weights: Path) -> None:
