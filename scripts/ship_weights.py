@@ -52,6 +52,21 @@ def training_curve(run_dir: Path) -> list[dict]:
     return curve
 
 
+def classifier_command(recipe: dict) -> str:
+    """The `opir train-classifier` step, with the options its recipe used."""
+    options = "".join(
+        f" --{flag} {recipe[key]}"
+        for flag, key in (("views", "views_per_class"), ("steps", "steps"), ("width", "width"))
+        if key in recipe
+    )
+    return (
+        f"then opir train-classifier RUN/best.safetensors --out RUN/best-classifier.safetensors"
+        f"{options} with the same --data, --clean, --split and --data-root, plus --photos "
+        "snow=DATA/snow/real_snow_samples/real (the classifier reads the image alone: "
+        "train-classifier --from copies a trained one onto other weights)"
+    )
+
+
 def _run_dirs(stages: list[dict]) -> list[str]:
     """Where each stage's run went: the folder of the next stage's init weights when those are
     a run's best or last checkpoint, else a placeholder; the last stage is RUN."""
@@ -141,11 +156,7 @@ def main() -> None:
             )
             for stage, out in zip(stages, _run_dirs(stages), strict=True)
         ]
-        + [
-            "then opir train-classifier RUN/best.safetensors --out RUN/best-classifier."
-            "safetensors with the same --data, --clean, --split and --data-root, plus "
-            "--photos snow=DATA/snow/real_snow_samples/real (or --from a trained one)"
-        ],
+        + [classifier_command(card.get("classifier_training", {}).get("recipe", {}))],
     }
     out = args.out or Path(__file__).resolve().parents[1] / "weights" / f"{args.name}.safetensors"
     save_checkpoint(out, model, card)
