@@ -280,12 +280,24 @@ def test_cli_writes_a_checkpoint_the_engine_loads(
     # the split's figure is what `--task auto` decides, clean_threshold included
     assert again["snow_photos"]["accuracy"] == float(engine.restore(image).task == "snow")
 
-    # --recalibrate chooses the threshold again on the donor's held-out views, rendered again
+    # --recalibrate chooses the threshold again on the donor's held-out views, rendered again.
+    # Which photos are held out hangs on a hash of their paths (here under tmp_path), so the
+    # donor's card is given a holdout that leaves none, then one that keeps every view.
     recalibrated = tmp_path / "recalibrated.safetensors"
     args = ["train-classifier", str(weights), "--out", str(recalibrated), "--from", str(out),
             "--recalibrate"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    card_file = out.with_suffix(".json")
+    for holdout in (0.0, 1.0):
+        donor_card = json.loads(card_file.read_text())
+        donor_card["classifier_training"]["recipe"]["holdout"] = holdout
+        card_file.write_text(json.dumps(donor_card))
+        result = CliRunner().invoke(app, args)
+        if holdout == 0.0:
+            assert result.exit_code == 2
+            assert "the donor's recipe holds out no views to calibrate on" in result.output
+            assert not recalibrated.exists()
     assert result.exit_code == 0, result.output
+    report = donor_card["classifier_training"]
     recipe = ClassifierRecipe(**report["recipe"])
     held = render_pool(ClassifierData(**report["data"]), recipe, model.multiple_of)
     keep = held.held_out.nonzero().flatten().tolist()
