@@ -249,19 +249,18 @@ def choose_clean_threshold(
     present = labels.unique()
     if 0 not in present or len(present) < 2:
         return None, {}, None
-    scores, errors = {}, {}
+    counts = torch.stack([(labels == c).sum() for c in present]).float()
+    per_class = {}  # threshold -> accuracy per present class
     for threshold in candidates:
         right = (auto_decision(probs, threshold) == labels).float()
-        per_class = torch.stack([right[labels == c].mean() for c in present])
-        counts = torch.stack([(labels == c).sum() for c in present]).float()
-        scores[threshold] = float(per_class.mean())
-        errors[threshold] = float((per_class * (1 - per_class) / counts).sum().sqrt()) / len(
-            present
-        )
+        per_class[threshold] = torch.stack([right[labels == c].mean() for c in present])
+    scores = {t: float(acc.mean()) for t, acc in per_class.items()}
     best = max(candidates, key=lambda t: scores[t])
-    floor = scores[best] - errors[best] - 1e-9  # the 1e-9 keeps equal scores equal
+    acc = per_class[best]
+    error = float((acc * (1 - acc) / counts).sum().sqrt()) / len(present)
+    floor = scores[best] - error - 1e-9  # the 1e-9 keeps equal scores equal
     chosen = min(t for t in candidates if scores[t] >= floor)
-    return chosen, {f"{t:.2f}": round(v, 4) for t, v in scores.items()}, round(errors[best], 4)
+    return chosen, {f"{t:.2f}": round(v, 4) for t, v in scores.items()}, round(error, 4)
 
 
 def with_trunk_classifier(model: OPIR, width: int, seed: int) -> OPIR:

@@ -144,7 +144,7 @@ def train_command(recipe: Recipe, data: DataSpec, init: str | None = None, out: 
         if value != getattr(defaults, name):
             args.append(f"--{name.replace('_', '-')} {value!r}")
     for task, weight in zip(WEATHER, recipe.task_weights, strict=True):
-        if recipe.task_weights != defaults.task_weights and weight != 1.0:
+        if weight != 1.0:  # the default weight
             args.append(f"--task-weight {task}={weight!r}")
     if init:
         args.append(f"--init {shlex.quote(init)}")
