@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opir_engine.engine import TASK_CHOICES, EngineError
 from opir_engine.image_io import (
     DEFAULT_MAX_PIXELS,
     ImageIOError,
@@ -26,10 +27,9 @@ from opir_engine.image_io import (
     write_image,
     write_image_like,
 )
+from opir_engine.model import CLASSES
 
 FORMAT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff"}
-TASKS = ("auto", "rain", "snow", "haze")
-REPORT_CLASSES = ("clean", "rain", "snow", "haze")  # every class gets a count in the summary
 
 
 class UsageError(Exception):
@@ -53,8 +53,8 @@ class RestoreOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise UsageError(f"--task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.task not in TASK_CHOICES:
+            raise UsageError(f"--task must be one of {', '.join(TASK_CHOICES)}; got {self.task!r}")
         if self.quality is not None and not 1 <= self.quality <= 100:
             raise UsageError(f"--quality must be in 1..100; got {self.quality}")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -147,8 +147,6 @@ def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # ty
     The output is written last, after the uncertainty map, so an output that exists is a
     finished one: a rerun after Ctrl-C skips exactly the files that were complete.
     """
-    from opir_engine.engine import EngineError  # lazily: planning needs no torch
-
     record = FileRecord(str(job.input), str(job.output), "done")
     if job.output.exists() and not options.overwrite:
         record.status = "skipped"
@@ -270,7 +268,7 @@ def summarize(records: list[FileRecord], wall_s: float) -> Summary:
         megapixels_per_s=round(pixels / 1e6 / busy_s, 3) if busy_s else None,
         gflops_per_image=round(flops / 1e9 / len(done), 2) if done else None,
         achieved_gflops_per_s=round(flops / 1e9 / busy_s, 2) if busy_s else None,
-        per_task={t: sum(r.task == t for r in done) for t in REPORT_CLASSES},
+        per_task={t: sum(r.task == t for r in done) for t in CLASSES},  # every class gets a count,
     )
 
 

@@ -21,10 +21,12 @@ def _main() -> None:
 
 
 def _parse_tagged(values: list[str], option: str) -> dict[str, list[str]]:
+    from opir_engine.model import TASKS  # the library loads on use: `opir --help` stays quick
+
     tagged: dict[str, list[str]] = {}
     for value in values:
         task, sep, folder = value.partition("=")
-        if not sep or task not in ("rain", "snow", "haze"):
+        if not sep or task not in TASKS:
             raise typer.BadParameter(
                 f"{value!r}: expected rain=DIR, snow=DIR or haze=DIR", param_hint=option
             )
@@ -33,7 +35,9 @@ def _parse_tagged(values: list[str], option: str) -> dict[str, list[str]]:
 
 
 def _parse_task_weights(values: list[str]) -> tuple[float, float, float]:
-    weights = {"rain": 1.0, "snow": 1.0, "haze": 1.0}
+    from opir_engine.model import TASKS
+
+    weights = dict.fromkeys(TASKS, 1.0)
     for value in values:
         task, sep, number = value.partition("=")
         try:
@@ -45,13 +49,13 @@ def _parse_task_weights(values: list[str]) -> tuple[float, float, float]:
                 f"{value!r}: expected rain=W, snow=W or haze=W with W a number",
                 param_hint="--task-weight",
             ) from None
-    return weights["rain"], weights["snow"], weights["haze"]
+    return tuple(weights[t] for t in TASKS)  # type: ignore[return-value]
 
 
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run directory (created)."),
-    config: str = typer.Option("small", help="Model preset: tiny, small or paper."),
+    config: str = typer.Option("small", help="Model preset: tiny, small, small-deep or paper."),
     data: list[str] = typer.Option(
         [], "--data", help="Paired folder tagged with its task: rain=DIR."
     ),
@@ -80,7 +84,9 @@ def train(
     seed: int = typer.Option(0),
     val_every: int = typer.Option(1000),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
-    init: Path | None = typer.Option(None, help="Start from these weights with a fresh schedule."),
+    init: Path | None = typer.Option(
+        None, help="Start from these weights with a fresh schedule (a deeper --config grows them)."
+    ),
     max_minutes: float | None = typer.Option(
         None, help="Stop cleanly (with a checkpoint) after this."
     ),
@@ -333,7 +339,7 @@ def profile(
     weights: str | None = typer.Option(
         None, help="Shipped name or .safetensors path (wins over --config)."
     ),
-    config: str = typer.Option("paper", help="Preset without --weights: tiny, small or paper."),
+    config: str = typer.Option("paper", help="Preset without --weights (see opir train --config)."),
     sizes: str = typer.Option("256,512", help="N, WxH, 720p, 1080p, 1440p, 4k; comma-separated."),
     batch: int = typer.Option(1),
     device: str = typer.Option("auto"),

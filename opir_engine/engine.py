@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from opir_engine.checkpoint import CheckpointError, load_checkpoint
-from opir_engine.model import CLASSES, OPIR, auto_decision
+from opir_engine.model import CLASSES, OPIR, TASKS, auto_decision
 from opir_engine.padding import crop_to, pad_reflect_to
 from opir_engine.tiling import process_tiled
 from opir_engine.working_scale import enlarge_to, shrink_to_side, transfer_correction
@@ -32,7 +32,7 @@ CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 # MIN_WORK_SIDE keeps a shrunken copy worth restoring.
 DEFAULT_WORK_SIDE: int | None = 1024
 MIN_WORK_SIDE = 64
-TASK_CHOICES = ("auto", "rain", "snow", "haze")
+TASK_CHOICES = ("auto", *TASKS)
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
@@ -268,6 +268,12 @@ class OPIREngine:
         CLASSIFY_SIDE long, so a 24 MP photo is classified as fast as a small one."""
         return self._classify_image(image)[0]
 
+    def auto_task(self, probs: dict[str, float]) -> str:
+        """What `task="auto"` does with the head's probabilities: "clean" (the image comes back
+        unchanged) or the weather it restores (`auto_decision`, with this model's threshold)."""
+        weights = torch.tensor([[probs[c] for c in CLASSES]])
+        return CLASSES[int(auto_decision(weights, self.model.config.clean_threshold))]
+
     @torch.inference_mode()
     def _classify_image(self, image: torch.Tensor) -> tuple[dict[str, float], int]:
         """(probabilities, pixels the head saw) for (3, H, W)."""
@@ -295,9 +301,10 @@ class OPIREngine:
         classify_flops = int(self.classify_flops_per_pixel * classify_pixels)
         t1 = time.perf_counter()
         if task == "auto":
-            weights = torch.tensor([[probs[c] for c in CLASSES]])
-            chosen = CLASSES[int(auto_decision(weights, self.model.config.clean_threshold))]
+            chosen = self.auto_task(probs)
             confidence = probs[chosen]
+            # the probability-weighted task embedding: mixed weather gets a mixed operator
+            weights = torch.tensor([[probs[c] for c in CLASSES]])
             if chosen == "clean":
                 timings = {"classify": 1000 * (t1 - t0), "restore": 0.0}
                 timings["total"] = timings["classify"]

@@ -156,11 +156,11 @@ def photo_items(split_path: Path, data_root: Path) -> list[tuple[str, str, torch
 
 
 def evaluate_head(engine, photos: list[tuple[str, str, torch.Tensor]]) -> list[TaskRow]:  # type: ignore[no-untyped-def]
-    """One row per task of photos without ground truth (`<task>_photos`): head accuracy only."""
+    """One row per task of photos without ground truth (`<task>_photos`): head accuracy only,
+    counted as `--task auto` decides (clean threshold included), like `evaluate_engine`."""
     hits: dict[str, list[float]] = {}
     for task, _name, image in photos:
-        probs = engine.classify(image)
-        hits.setdefault(task, []).append(float(max(probs, key=probs.get) == task))
+        hits.setdefault(task, []).append(float(engine.auto_task(engine.classify(image)) == task))
     return [
         TaskRow(
             f"{task}_photos",

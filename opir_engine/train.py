@@ -39,12 +39,9 @@ from opir_engine.data import (
 )
 from opir_engine.evaluation import finite_mean, validation_items
 from opir_engine.metrics import psnr, ssim
-from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
+from opir_engine.model import CLASSES, OPIR, TASKS, GrowthError, OPIRConfig, OPIRLoss, grow
 from opir_engine.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
-
-WEATHER = ("rain", "snow", "haze")  # the order of Recipe.task_weights
-
 
 _LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")  # kept of an init's card
 
@@ -143,7 +140,7 @@ def train_command(recipe: Recipe, data: DataSpec, init: str | None = None, out: 
         value = getattr(recipe, name)
         if value != getattr(defaults, name):
             args.append(f"--{name.replace('_', '-')} {value!r}")
-    for task, weight in zip(WEATHER, recipe.task_weights, strict=True):
+    for task, weight in zip(TASKS, recipe.task_weights, strict=True):
         if weight != 1.0:  # the default weight
             args.append(f"--task-weight {task}={weight!r}")
     if init:
@@ -197,7 +194,7 @@ class TrainingSet:
         if rng.random() < r.clean_ratio:  # clean -> clean teaches the head and pass-through
             image = self._crop([self.clean[rng.integers(len(self.clean))]], rng)[0]
             return image, image, class_index("clean")
-        task = WEATHER[self._draw_weather(rng)]
+        task = TASKS[self._draw_weather(rng)]
         real = self.pairs.get(task, [])
         if real and rng.random() >= r.synth_ratio:
             degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
@@ -383,8 +380,14 @@ class Trainer:
         self.init: dict[str, Any] | None = None
         if init is not None:
             initial, init_card = load_checkpoint(init)
-            self.model.load_state_dict(initial.state_dict())
+            try:  # the same config, or a deeper one: grown, new blocks as the identity
+                added = grow(initial, self.model)
+            except GrowthError as e:
+                message = f"{init}: cannot start a {recipe.config} run from it: {e}"
+                raise TrainingError(message) from e
             self.init = {"weights": str(init), **{k: init_card.get(k) for k in _LINEAGE_KEYS}}
+            if added:
+                self.init["grown_from"] = initial.config.to_dict()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
         self.loss = OPIRLoss()
         self.step = 0

@@ -83,6 +83,11 @@ PRESETS: dict[str, OPIRConfig] = {
     ),
     # Trainable on a 2-core CPU in hours (about 1 s per step at batch 8 of 128x128 crops).
     "small": OPIRConfig(),
+    # `small` with more blocks where they are cheap, at 1/4, 1/8 and the middle (3.0 M
+    # parameters against 1.2 M; a training step measured 1.25x small's, eager, 1 thread). Meant
+    # to be grown from trained `small` weights (`opir train --config small-deep --init W`,
+    # model/growth.py): the added blocks start as the identity, so it starts as good as they are.
+    "small-deep": OPIRConfig(enc_blocks=(1, 1, 2, 4), middle_blocks=4),
     # Sized to the paper's Table 6 budget: 45.3 GMACs (90.6 GFLOPs as torch counts them) at
     # 224 x 224, against Table 6's 47 G; Table 6 counts multiply-adds at 224 x 224, where our
     # PromptIR comes to 132 G against its 134 G (tests/test_profiling.py). As in NAFNet's own
