@@ -459,6 +459,11 @@ def describe(report: dict[str, Any], out: Path) -> str:
     chosen = report.get("clean_threshold", {})
     if chosen.get("chosen_on"):
         lines.append(f"clean_threshold {chosen['value']:.2f} (chosen on the {chosen['chosen_on']})")
+    if "transplanted_from" in report and not chosen.get("recalibrated"):
+        # a donor trained under an older rule carries figures that no longer describe this copy
+        lines.append(f"copied from {report['transplanted_from']}: the figures above and below are "
+                     "the donor's, as recorded when it was trained (--recalibrate measures "
+                     "this copy)")  # fmt: skip
     for group, score in report.get("split_accuracy", {}).items():
         lines.append(f"split {group}: {100 * score['accuracy']:.1f}% of {score['n']}")
     return "\n".join(lines)

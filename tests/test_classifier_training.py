@@ -297,6 +297,7 @@ def test_cli_writes_a_checkpoint_the_engine_loads(
             assert "the donor's recipe holds out no views to calibrate on" in result.output
             assert not recalibrated.exists()
     assert result.exit_code == 0, result.output
+    assert "the donor's, as recorded" not in " ".join(result.output.split())  # this copy's
     report = donor_card["classifier_training"]
     recipe = ClassifierRecipe(**report["recipe"])
     held = render_pool(ClassifierData(**report["data"]), recipe, model.multiple_of)
@@ -328,6 +329,8 @@ def test_cli_from_copies_a_trained_classifier(tmp_path: Path, weights: Path) -> 
         app, ["train-classifier", str(newer_path), "--out", str(out), "--from", str(donor)]
     )
     assert result.exit_code == 0, result.output
+    # without --recalibrate the printed figures are the donor's record, and it says so
+    assert "the figures above and below are the donor's" in " ".join(result.output.split())
     combined, card = load_checkpoint(out)
     assert card["name"] == "newer"
     assert card["classifier_training"]["transplanted_from"] == str(donor)
