@@ -268,7 +268,7 @@ def summarize(records: list[FileRecord], wall_s: float) -> Summary:
         megapixels_per_s=round(pixels / 1e6 / busy_s, 3) if busy_s else None,
         gflops_per_image=round(flops / 1e9 / len(done), 2) if done else None,
         achieved_gflops_per_s=round(flops / 1e9 / busy_s, 2) if busy_s else None,
-        per_task={t: sum(r.task == t for r in done) for t in CLASSES},  # every class gets a count,
+        per_task={t: sum(r.task == t for r in done) for t in CLASSES},  # every class gets a count
     )
 
 

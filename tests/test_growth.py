@@ -57,7 +57,10 @@ def test_a_grown_model_computes_exactly_what_the_trained_one_does() -> None:
 
 def test_growing_into_the_same_config_is_a_plain_copy() -> None:
     source, target = _trained(TINY, seed=1), OPIR(TINY)
+    # the clean threshold is not a weight: an init with another one loads, as before growth
+    source.config = dataclasses.replace(TINY, clean_threshold=0.3)
     assert grow(source, target) == []
+    assert target.config.clean_threshold == TINY.clean_threshold
     for key, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], tensor)
 

@@ -16,6 +16,8 @@ from opir_engine.model.nafnet import NAFBlock
 from opir_engine.model.opir import OPIR
 
 _BLOCK_COUNTS = ("enc_blocks", "middle_blocks", "dec_blocks")
+# Not a weight: a run's threshold comes from its own config, as it did before growth existed.
+_RUNTIME = ("clean_threshold",)
 
 
 class GrowthError(ValueError):
@@ -24,7 +26,7 @@ class GrowthError(ValueError):
 
 def can_grow(source: OPIRConfig, target: OPIRConfig) -> None:
     """Raise GrowthError unless `target` is `source` with the same or more blocks everywhere."""
-    same = {f.name for f in dataclasses.fields(OPIRConfig)} - set(_BLOCK_COUNTS)
+    same = {f.name for f in dataclasses.fields(OPIRConfig)} - {*_BLOCK_COUNTS, *_RUNTIME}
     differ = sorted(k for k in same if getattr(source, k) != getattr(target, k))
     if differ:
         raise GrowthError(
