@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
+from . import native
+
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 3, 4)
 TAPS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
@@ -305,9 +307,19 @@ def inverse_operator_unfold(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. Each program owns BLOCK pixels of one image; the 9 taps form the first axis
-# of a (16, BLOCK) tile (9 padded to a power of two), so one gather loads every tap at once.
+# Triton kernels. Each program owns BLOCK consecutive pixels of one image. The dilations travel
+# as one integer, 8 bits per scale (`_pack_dilations`): a tensor of them would be copied from the
+# host at every call, which stalls the CPU until the GPU has caught up.
 # ---------------------------------------------------------------------------------------------
+
+_MAX_TRITON_SCALES = 8  # 8 bits per scale in an int64
+_MAX_TRITON_DILATION = 127  # so that the packed value stays a positive int64
+
+
+@triton.jit
+def _dilation(DIL, s: tl.constexpr):
+    """d_s from the packed dilations."""
+    return (DIL >> (8 * s)) & 255
 
 
 @triton.jit
@@ -330,51 +342,99 @@ def _row(tile, srange, s):
 
 
 @triton.jit
+def _tap(ker_ptr, mod_ptr, i: tl.constexpr, offs, mask, HW, HAS_MOD: tl.constexpr):
+    """K~_i = K_i m_i (Eq. 19) for a block of pixels, in fp32."""
+    k = tl.load(ker_ptr + i * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MOD:
+        k = k * tl.load(mod_ptr + i * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    return k
+
+
+@triton.jit
+def _shifted_tile(
+    img_ptr, planes, cmask, offs, x, mask, H, W, d, DY: tl.constexpr, DX: tl.constexpr
+):
+    """I(p + d (DY, DX)) for a block of pixels p, every channel: a (C_BLOCK, BLOCK) tile, zero
+    outside the image. With pixels flattened the shift is one offset; a row test is needed only
+    when DY != 0 and a column test only when DX != 0 (both known at compile time)."""
+    src = offs + d * (DY * W + DX)
+    ok = mask
+    if DY != 0:
+        ok = ok & (src >= 0) & (src < H * W)
+    if DX != 0:
+        ok = ok & (x + d * DX >= 0) & (x + d * DX < W)
+    tile = tl.load(img_ptr + planes + src[None, :], mask=cmask & ok[None, :], other=0.0)
+    return tile.to(tl.float32)
+
+
+@triton.jit
 def _inverse_operator_fwd_kernel(
-    img_ptr, ker_ptr, mod_ptr, logit_ptr, bias_ptr, dil_ptr, out_ptr, unc_ptr,
-    C, H, W,
-    S: tl.constexpr, S_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    img_ptr, ker_ptr, mod_ptr, logit_ptr, bias_ptr, out_ptr, unc_ptr,
+    C, H, W, DIL,
+    S: tl.constexpr, S_BLOCK: tl.constexpr, C_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out = sum_s alpha_s sum_i K~_i I(p + d_s delta_i) + b; UM = mean_i |K~_i| (Eq. 11, 16-19)."""
+    """out = sum_s alpha_s sum_i K~_i I(p + d_s delta_i) + b; UM = mean_i |K~_i| (Eq. 11, 16-19).
+
+    The 9 taps K~_i are read once into registers and every channel is filtered at once (the
+    accumulator is a (C_BLOCK, BLOCK) tile). Only the per-image base pointers are 64-bit: 64-bit
+    offsets per element cost the GPU several instructions each (the launcher checks that an
+    image's planes fit 32-bit offsets).
+    """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     HW = H * W
+    img_ptr += b * C * HW
+    ker_ptr += b * 9 * HW
+    mod_ptr += b * 9 * HW
+    bias_ptr += b * C * HW
+    out_ptr += b * C * HW
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
-    y = offs // W
     x = offs % W
-    tap = tl.arange(0, 16)
-    tmask = (tap[:, None] < 9) & mask[None, :]
-    dy = tap // 3 - 1
-    dx = tap % 3 - 1
-    k_off = b * 9 * HW + tap[:, None] * HW + offs[None, :]
-    k_mod = tl.load(ker_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
-    if HAS_MOD:
-        k_mod = k_mod * tl.load(mod_ptr + k_off, mask=tmask, other=0.0).to(tl.float32)
+    chan = tl.arange(0, C_BLOCK)
+    cmask = chan[:, None] < C
+    planes = chan[:, None] * HW  # offset of each channel's plane
     srange = tl.arange(0, S_BLOCK)
-    alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)
-    tl.store(unc_ptr + b * HW + offs, (tl.sum(tl.abs(k_mod), axis=0) / 9.0), mask=mask)
-    for c in range(C):
-        plane = img_ptr + (b * C + c) * HW
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + (b * C + c) * HW + offs, mask=mask, other=0.0).to(tl.float32)
-        for s in tl.static_range(S):
-            d = tl.load(dil_ptr + s)
-            yy = y[None, :] + d * dy[:, None]
-            xx = x[None, :] + d * dx[:, None]
-            ok = tmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            v = tl.load(plane + yy * W + xx, mask=ok, other=0.0).to(tl.float32)
-            acc += _row(alpha, srange, s) * tl.sum(k_mod * v, axis=0)
-        tl.store(out_ptr + (b * C + c) * HW + offs, acc, mask=mask)
+    alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)  # Eq. 18
+    # The 3x3 taps, row-major over delta in {-1, 0, 1}^2.
+    k0 = _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD)
+    k1 = _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD)
+    k2 = _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD)
+    k3 = _tap(ker_ptr, mod_ptr, 3, offs, mask, HW, HAS_MOD)
+    k4 = _tap(ker_ptr, mod_ptr, 4, offs, mask, HW, HAS_MOD)
+    k5 = _tap(ker_ptr, mod_ptr, 5, offs, mask, HW, HAS_MOD)
+    k6 = _tap(ker_ptr, mod_ptr, 6, offs, mask, HW, HAS_MOD)
+    k7 = _tap(ker_ptr, mod_ptr, 7, offs, mask, HW, HAS_MOD)
+    k8 = _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD)
+    abs_sum = tl.abs(k0) + tl.abs(k1) + tl.abs(k2) + tl.abs(k3) + tl.abs(k4)
+    abs_sum += tl.abs(k5) + tl.abs(k6) + tl.abs(k7) + tl.abs(k8)
+    tl.store(unc_ptr + b * HW + offs, abs_sum / 9.0, mask=mask)  # Eq. 11
+    acc = tl.zeros((C_BLOCK, BLOCK), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + planes + offs[None, :], mask=cmask & mask[None, :], other=0.0).to(
+            tl.float32
+        )
+    for s in tl.static_range(S):
+        d = _dilation(DIL, s)
+        j = k0[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, -1)
+        j += k1[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, 0)
+        j += k2[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, 1)
+        j += k3[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, -1)
+        j += k4[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, 0)
+        j += k5[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, 1)
+        j += k6[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, -1)
+        j += k7[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, 0)
+        j += k8[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, 1)
+        acc += _row(alpha, srange, s)[None, :] * j  # Eq. 16-18
+    tl.store(out_ptr + planes + offs[None, :], acc, mask=cmask & mask[None, :])
 
 
 @triton.jit
 def _inverse_operator_bwd_taps_kernel(
-    img_ptr, ker_ptr, mod_ptr, logit_ptr, dil_ptr, gout_ptr, gunc_ptr,
+    img_ptr, ker_ptr, mod_ptr, logit_ptr, gout_ptr, gunc_ptr,
     gker_ptr, gmod_ptr, glogit_ptr, wscratch_ptr,
-    C, H, W,
+    C, H, W, DIL,
     S: tl.constexpr, S_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per-pixel gradients: kernel, modulation and logits; writes alpha_s K~_i for the gather.
@@ -409,7 +469,7 @@ def _inverse_operator_bwd_taps_kernel(
         plane = img_ptr + (b * C + c) * HW
         g = tl.load(gout_ptr + (b * C + c) * HW + offs, mask=mask, other=0.0).to(tl.float32)
         for s in tl.static_range(S):
-            d = tl.load(dil_ptr + s)
+            d = _dilation(DIL, s)
             yy = y[None, :] + d * dy[:, None]
             xx = x[None, :] + d * dx[:, None]
             ok = tmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
@@ -433,8 +493,8 @@ def _inverse_operator_bwd_taps_kernel(
 
 @triton.jit
 def _inverse_operator_bwd_image_kernel(
-    wscratch_ptr, dil_ptr, gout_ptr, gimg_ptr,
-    C, H, W,
+    wscratch_ptr, gout_ptr, gimg_ptr,
+    C, H, W, DIL,
     S: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Image gradient as a gather, no atomics: q sums alpha_s K~_i g over p = q - d_s delta_i."""
@@ -452,7 +512,7 @@ def _inverse_operator_bwd_image_kernel(
     for c in range(C):
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(S):
-            d = tl.load(dil_ptr + s)
+            d = _dilation(DIL, s)
             py = y[None, :] - d * dy[:, None]
             px = x[None, :] - d * dx[:, None]
             ok = tmask & (py >= 0) & (py < H) & (px >= 0) & (px < W)
@@ -469,13 +529,19 @@ def _inverse_operator_bwd_image_kernel(
 # Launchers: contiguity, allocation, grid. Kernels only compute.
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK = 256
+# Pixels per program and warps of the forward, chosen on an H200 by bench/triton_configs.py
+# (results beside it); the backward keeps 256 pixels, 4 warps.
+FORWARD_CONFIG = {"BLOCK": 512, "num_warps": 4}
+_BWD_BLOCK = 256
 
 
-def _grid_and_meta(image: Tensor, dilations: Sequence[int]) -> tuple[tuple[int, int], Tensor]:
-    b, _, h, w = image.shape
-    dil = torch.tensor(list(dilations), dtype=torch.int32, device=image.device)
-    return (triton.cdiv(h * w, _BLOCK), b), dil
+def triton_supports(dilations: Sequence[int]) -> bool:
+    """Whether the Triton kernels take these dilations (they travel packed, 8 bits a scale)."""
+    return len(dilations) <= _MAX_TRITON_SCALES and max(dilations) <= _MAX_TRITON_DILATION
+
+
+def _pack_dilations(dilations: Sequence[int]) -> int:
+    return sum(int(d) << (8 * s) for s, d in enumerate(dilations))
 
 
 def inverse_operator_forward_triton(
@@ -485,8 +551,12 @@ def inverse_operator_forward_triton(
     fusion_logits: Tensor,
     bias: Tensor | None,
     dilations: Sequence[int],
+    config: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward: one pass, image tiles read once per tap from cache. Shapes as reference."""
+    """Triton forward: one pass; the shifted reads hit cache. Shapes as the reference.
+
+    `config` ({"BLOCK": pixels per program, "num_warps": n}) overrides FORWARD_CONFIG (for the
+    benchmark's sweep)."""
     image, kernel, fusion_logits = (
         image.contiguous(),
         kernel.contiguous(),
@@ -496,15 +566,21 @@ def inverse_operator_forward_triton(
     bias = None if bias is None else bias.contiguous()
     b, c, h, w = image.shape
     s = len(dilations)
-    grid, dil = _grid_and_meta(image, dilations)
+    if max(c, 9, s) * h * w >= 2**31:
+        raise ValueError(
+            f"the Triton forward takes at most 2^31 elements per image plane set, got "
+            f"{max(c, 9, s)} x {h} x {w}: tile the image"
+        )
+    block, warps = (config or FORWARD_CONFIG)["BLOCK"], (config or FORWARD_CONFIG)["num_warps"]
     out = torch.empty_like(image)
     unc = torch.empty((b, 1, h, w), dtype=image.dtype, device=image.device)
-    wrap_triton(_inverse_operator_fwd_kernel)[grid](
+    wrap_triton(_inverse_operator_fwd_kernel)[(triton.cdiv(h * w, block), b)](
         image, kernel, kernel if modulation is None else modulation, fusion_logits,
-        image if bias is None else bias, dil, out, unc,
-        c, h, w,
-        S=s, S_BLOCK=triton.next_power_of_2(s), HAS_MOD=modulation is not None,
-        HAS_BIAS=bias is not None, BLOCK=_BLOCK,
+        image if bias is None else bias, out, unc,
+        c, h, w, _pack_dilations(dilations),
+        S=s, S_BLOCK=triton.next_power_of_2(s), C_BLOCK=triton.next_power_of_2(c),
+        HAS_MOD=modulation is not None, HAS_BIAS=bias is not None, BLOCK=block,
+        num_warps=warps,
     )  # fmt: skip
     return out, unc
 
@@ -528,20 +604,22 @@ def inverse_operator_backward_triton(
     g, gu = grad_restored.contiguous(), grad_uncertainty.contiguous()
     b, c, h, w = image.shape
     s = len(dilations)
-    grid, dil = _grid_and_meta(image, dilations)
+    grid = (triton.cdiv(h * w, _BWD_BLOCK), b)
+    dil = _pack_dilations(dilations)
     g_kernel = torch.empty_like(kernel)
     g_mod = None if modulation is None else torch.empty_like(modulation)
     g_logits = torch.empty_like(fusion_logits)
     g_image = torch.empty_like(image)
     scratch = torch.empty((b, s, 9, h, w), dtype=torch.float32, device=image.device)
     wrap_triton(_inverse_operator_bwd_taps_kernel)[grid](
-        image, kernel, kernel if modulation is None else modulation, fusion_logits, dil, g, gu,
+        image, kernel, kernel if modulation is None else modulation, fusion_logits, g, gu,
         g_kernel, g_kernel if g_mod is None else g_mod, g_logits, scratch,
-        c, h, w,
-        S=s, S_BLOCK=triton.next_power_of_2(s), HAS_MOD=modulation is not None, BLOCK=_BLOCK,
+        c, h, w, dil,
+        S=s, S_BLOCK=triton.next_power_of_2(s), HAS_MOD=modulation is not None,
+        BLOCK=_BWD_BLOCK,
     )  # fmt: skip
     wrap_triton(_inverse_operator_bwd_image_kernel)[grid](
-        scratch, dil, g, g_image, c, h, w, S=s, BLOCK=_BLOCK
+        scratch, g, g_image, c, h, w, dil, S=s, BLOCK=_BWD_BLOCK
     )
     return g_image, g_kernel, g_mod, g_logits, g.to(image.dtype)
 
@@ -552,7 +630,7 @@ def inverse_operator_backward_triton(
 # kernels.
 # ---------------------------------------------------------------------------------------------
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "native", "reference")
 _backend = os.environ.get("OPIR_KERNEL", "auto")
 
 
@@ -560,12 +638,16 @@ _backend = os.environ.get("OPIR_KERNEL", "auto")
 def kernel_backend(name: str) -> Iterator[None]:
     """Choose the op's implementation while the block runs.
 
-    "auto" (default; env OPIR_KERNEL sets it at import): Triton for CUDA tensors, the reference
-    elsewhere. "triton": always Triton; on CPU tensors that needs TRITON_INTERPRET=1 set before
-    opir is imported (Triton's interpreter, slow but exact: how the tests exercise the kernels).
-    "reference": always PyTorch: the reference eager, `inverse_operator_planes` (the same maths
-    written for inductor) under torch.compile. Under torch.compile the choice applies at trace
-    time.
+    "auto" (default; env OPIR_KERNEL sets it at import): Triton for CUDA tensors (the reference
+    for fp64, or dilations the kernels do not take); on CPU, eager, the native kernels
+    (`inverse_operator_cpu.c`, built at first use) where they build and take the arguments
+    (fp32/fp16/bf16, at most 16 scales), else the reference; under torch.compile on CPU the
+    reference, which inductor fuses into the graph. "native": the native
+    kernels, an error where they cannot run. "triton": always Triton; on CPU tensors that needs
+    TRITON_INTERPRET=1 set before opir is imported (Triton's interpreter, slow but exact: how
+    the tests exercise the kernels). "reference": always PyTorch: the reference eager,
+    `inverse_operator_planes` (the same maths written for inductor) under torch.compile. Under
+    torch.compile the choice applies at trace time.
     """
     global _backend
     if name not in _BACKENDS:
@@ -577,8 +659,37 @@ def kernel_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-def _use_triton(image: Tensor) -> bool:
-    return _backend == "triton" or (_backend == "auto" and image.device.type == "cuda")
+def _implementation(image: Tensor, dilations: Sequence[int]) -> str:
+    """Which implementation runs for these arguments: "triton", "native" or "reference"."""
+    if _backend == "triton":
+        if not triton_supports(dilations):
+            raise ValueError(
+                f"the Triton kernels take at most {_MAX_TRITON_SCALES} scales of dilation at most "
+                f"{_MAX_TRITON_DILATION}, got {list(dilations)}"
+            )
+        return "triton"
+    if _backend == "auto" and image.device.type == "cuda":
+        # fp64 keeps its precision on the reference (the kernels accumulate in fp32).
+        usable = triton_supports(dilations) and image.dtype != torch.float64
+        return "triton" if usable else "reference"
+    if _backend == "native":
+        if not native.supports(image, dilations):
+            reason = native.unavailable_reason() or (
+                f"it takes CPU fp32/fp16/bf16 tensors and at most {native.MAX_SCALES} scales, "
+                f"got {image.device.type} {image.dtype} and {len(dilations)}"
+            )
+            raise RuntimeError(f"the native CPU kernels cannot run: {reason}")
+        return "native"
+    # Eager, the native kernels replace the reference's hundreds of small ops; under
+    # torch.compile inductor fuses the reference into the model's graph, which measured as fast
+    # for the whole model (bench/op.py, README) and keeps the op traceable.
+    if (
+        _backend == "auto"
+        and not torch.compiler.is_compiling()
+        and native.supports(image, dilations)
+    ):
+        return "native"
+    return "reference"
 
 
 @triton_op("opir::inverse_operator", mutates_args=())
@@ -590,8 +701,13 @@ def _inverse_operator_op(
     bias: Tensor | None,
     dilations: list[int],
 ) -> tuple[Tensor, Tensor]:
-    if _use_triton(image):
+    impl = _implementation(image, dilations)
+    if impl == "triton":
         return inverse_operator_forward_triton(
+            image, kernel, modulation, fusion_logits, bias, dilations
+        )
+    if impl == "native":  # an opaque call under torch.compile (it needs real data)
+        return torch.ops.opir.inverse_operator_native(
             image, kernel, modulation, fusion_logits, bias, dilations
         )
     if torch.compiler.is_compiling():  # inductor decomposes this body: give it the fusable form
@@ -610,12 +726,17 @@ def _inverse_operator_backward_op(
     dilations: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Grads for (image, kernel, modulation, logits); modulation's is empty when it is None."""
-    impl = (
+    impl = _implementation(image, dilations)
+    if impl == "native":
+        return torch.ops.opir.inverse_operator_native_backward(
+            grad_restored, grad_uncertainty, image, kernel, modulation, fusion_logits, dilations
+        )
+    backward = (
         inverse_operator_backward_triton
-        if _use_triton(image)
+        if impl == "triton"
         else inverse_operator_backward_reference
     )
-    g_image, g_kernel, g_mod, g_logits, _ = impl(
+    g_image, g_kernel, g_mod, g_logits, _ = backward(
         grad_restored, grad_uncertainty, image, kernel, modulation, fusion_logits, dilations
     )
     if g_mod is None:

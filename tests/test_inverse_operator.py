@@ -1,17 +1,24 @@
-"""The inverse-operator op: Triton (interpreted on CPU), unfold and closed-form backward against
-the PyTorch reference; autograd, opcheck, torch.compile, FLOPs and argument checks."""
+"""The inverse-operator op: Triton (interpreted on CPU), the native CPU kernels, unfold and the
+closed-form backward against the PyTorch reference; autograd, opcheck, torch.compile, FLOPs and
+argument checks."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from opir_kernels import native
 from opir_kernels.inverse_operator import (
+    _implementation,
     inverse_operator,
     inverse_operator_backward_flops,
     inverse_operator_backward_reference,
@@ -22,6 +29,7 @@ from opir_kernels.inverse_operator import (
     inverse_operator_reference,
     inverse_operator_unfold,
     kernel_backend,
+    triton_supports,
 )
 
 NAMES = ("image", "kernel", "modulation", "fusion_logits", "bias")
@@ -182,7 +190,9 @@ def _strided_variants(t: Tensor) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "reference"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("triton", marks=needs_interpreter), "native", "reference"]
+)
 def test_inverse_operator_non_contiguous_inputs_match(backend: str, layout: str) -> None:
     """Every input and both upstream grads non-contiguous give the contiguous result."""
     dilations = (1, 2, 3, 4)
@@ -252,7 +262,7 @@ def test_compiled_forward_matches_reference(shape, dilations, has_modulation, ha
     inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias)
     args = [inputs[k] for k in NAMES]
     compiled = torch.compile(inverse_operator, fullgraph=True, dynamic=False)
-    with kernel_backend("auto"), torch._inductor.config.patch(force_disable_caches=True):
+    with kernel_backend("reference"), torch._inductor.config.patch(force_disable_caches=True):
         got = compiled(*args, dilations=dilations)
     expected = inverse_operator_reference(*args, dilations)
     _assert_close(got[0], expected[0], 1e-6, 1e-5, "restored")
@@ -353,9 +363,11 @@ def test_inverse_operator_opcheck_triton_backend() -> None:
 
 
 @pytest.mark.slow
-def test_inverse_operator_compiles_fullgraph() -> None:
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_inverse_operator_compiles_fullgraph(backend: str) -> None:
     """torch.compile(fullgraph=True) traces through the op (no graph break); forward and grads
-    equal eager. On CPU the op decomposes into `inverse_operator_planes` for inductor."""
+    equal eager. With the reference the op decomposes into `inverse_operator_planes` for
+    inductor; the native kernels stay opaque calls in the graph, forward and backward."""
     dilations = (1, 2, 3, 4)
     inputs = _make_inputs((1, 3, 9, 11), len(dilations))
 
@@ -372,7 +384,7 @@ def test_inverse_operator_compiles_fullgraph() -> None:
         leaves = [t.detach().clone().requires_grad_() for t in inputs.values()]
         # Caches off: their key holds the op call, not the body it decomposes into, so a cached
         # graph could predate an edit of the reference.
-        with kernel_backend("auto"), torch._inductor.config.patch(force_disable_caches=True):
+        with kernel_backend(backend), torch._inductor.config.patch(force_disable_caches=True):
             loss, restored, uncertainty = fn(*leaves)
             loss.backward()
         results.append((loss, restored, uncertainty, *(t.grad for t in leaves)))
@@ -380,6 +392,189 @@ def test_inverse_operator_compiles_fullgraph() -> None:
         ("loss", "restored", "uncertainty", *NAMES), *results, strict=True
     ):
         torch.testing.assert_close(comp, eager, atol=1e-6, rtol=1e-5, msg=what)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native CPU kernels (kernels/inverse_operator_cpu.c) against the reference.
+# ---------------------------------------------------------------------------------------------
+
+# Beyond CASES: rows of several 128-pixel blocks whose first and last vectors load with column
+# masks, widths that are not a multiple of the vector, more channels than the gather's group of
+# 4, the most scales the kernels take, and enough rows (B H >= 32) that two threads split them,
+# here in the middle of the second image.
+NATIVE_CASES = [
+    *CASES,
+    pytest.param((1, 6, 9, 37), (1, 2, 3, 4), True, True, id="C6-two-channel-groups"),
+    pytest.param((2, 3, 13, 300), (1, 2, 3, 4), True, True, id="300px-rows-3-blocks"),
+    pytest.param((1, 2, 5, 131), (2, 5), False, True, id="131px-d2-d5"),
+    pytest.param((1, 3, 40, 19), (1, 2, 3, 4), True, False, id="tall-narrow"),
+    pytest.param((3, 3, 11, 140), (1, 2, 3, 4), True, True, id="two-threads-mid-image"),
+    pytest.param((1, 2, 6, 40), tuple(range(1, 17)), True, True, id="S16"),
+]
+
+
+def test_native_kernels_build_here() -> None:
+    """The development and CI machines have a C compiler, so the native kernels must build:
+    a skip here would leave them untested."""
+    assert native.available(), native.unavailable_reason()
+
+
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
+@pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), NATIVE_CASES)
+def test_native_matches_reference(
+    shape, dilations, has_modulation, has_bias, dtype, atol, rtol
+) -> None:
+    """The custom op on the native kernels, forward and every gradient, on two threads."""
+    inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernel_backend("native"):
+            _check_against_reference(inverse_operator, inputs, dilations, atol, rtol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_portable_build_matches_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built without -march (8-float vectors, the masked loads done lane by lane, no streaming
+    stores): what a machine without AVX-512 runs, and what every other test here never
+    builds."""
+    monkeypatch.setattr(native, "FLAG_SETS", (native._BASE_FLAGS,))
+    monkeypatch.setenv("OPIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_reason", None)
+    assert native.available(), native.unavailable_reason()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape, dilations in (((2, 3, 17, 45), (1, 2, 3, 4)), ((1, 5, 33, 7), (2, 5))):
+            inputs = _make_inputs(shape, len(dilations))
+            with kernel_backend("native"):
+                _check_against_reference(inverse_operator, inputs, dilations, 1e-5, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list(tmp_path.rglob("*.so"))) == 1  # built here, not the -march=native library
+
+
+def test_native_threads_give_the_same_bits() -> None:
+    """Splitting the rows across threads changes no result: each row is computed alone."""
+    dilations = (1, 2, 3, 4)
+    inputs = _make_inputs((3, 3, 23, 70), len(dilations))
+    grads = _grad_outputs(inputs)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with kernel_backend("native"):
+                results.append(_forward_and_grads(inverse_operator, inputs, dilations, grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+        for name in NAMES:
+            assert torch.equal(other[2][name], results[0][2][name]), name
+
+
+def _ops_run(fn: Callable[[], object]) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+def test_auto_backend_picks_native_on_cpu_and_reference_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """auto: native for CPU fp32 run eagerly; the reference while torch.compile traces (inductor
+    fuses it into the graph); fp64 and more than 16 scales go to the reference, and asking for
+    native there says why it cannot run."""
+    small = _make_inputs((1, 3, 6, 7), 4)
+    with kernel_backend("auto"):
+        ran = _ops_run(lambda: inverse_operator(*small.values()))
+    assert "opir::inverse_operator_native" in ran
+    with kernel_backend("auto"):
+        assert _implementation(small["image"], DILATIONS_4) == "native"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert _implementation(small["image"], DILATIONS_4) == "reference"
+        with kernel_backend("native"):  # asked for, it runs under compile too (an opaque call)
+            assert _implementation(small["image"], DILATIONS_4) == "native"
+    monkeypatch.undo()
+    wide = tuple(range(1, 18))
+    cases = {
+        "fp64": (_make_inputs((1, 3, 6, 7), 4, dtype=torch.float64), (1, 2, 3, 4)),
+        "S17": (_make_inputs((1, 3, 6, 7), len(wide)), wide),
+    }
+    for what, (inputs, dilations) in cases.items():
+        args = [inputs[k] for k in NAMES]
+        with kernel_backend("auto"):
+            ran = _ops_run(lambda a=args, d=dilations: inverse_operator(*a, dilations=d))
+        assert "opir::inverse_operator_native" not in ran, what
+        got = inverse_operator(*args, dilations=dilations)
+        _assert_close(got[0], inverse_operator_reference(*args, dilations)[0], 0, 0, what)
+        with kernel_backend("native"), pytest.raises(RuntimeError, match="native CPU kernels"):
+            inverse_operator(*args, dilations=dilations)
+
+
+def test_native_ops_opcheck() -> None:
+    """Schema, fake tensors and AOT dispatch of the two opaque ops torch.compile sees."""
+    dilations = [1, 3]
+    inputs = _make_inputs((1, 3, 5, 6), len(dilations))
+    args = [inputs[k] for k in NAMES]
+    torch.library.opcheck(torch.ops.opir.inverse_operator_native.default, (*args, dilations))
+    no_mod = _make_inputs((1, 3, 5, 6), len(dilations), has_modulation=False)
+    torch.library.opcheck(
+        torch.ops.opir.inverse_operator_native_backward.default,
+        (*_grad_outputs(no_mod), *(no_mod[k] for k in NAMES[:4]), dilations),
+    )
+
+
+_BUILD_PROBE = textwrap.dedent(
+    """
+    import torch
+    from opir_kernels import native
+    from opir_kernels.inverse_operator import inverse_operator, kernel_backend
+    print(native.available(), native.unavailable_reason())
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 5, 6)
+    k, l = torch.randn(1, 9, 5, 6), torch.randn(1, 4, 5, 6)
+    with kernel_backend("auto"):
+        print(float(inverse_operator(x, k, None, l)[0].sum()))
+    try:
+        with kernel_backend("native"):
+            inverse_operator(x, k, None, l)
+    except RuntimeError as error:
+        print(error)
+    """
+)
+
+
+def _probe(cache: Path, compiler: str | None) -> list[str]:
+    env = {**os.environ, "OPIR_CACHE_DIR": str(cache)}
+    env.pop("CC", None)
+    if compiler is not None:
+        env["CC"] = compiler
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_native_build_is_cached_and_a_failed_build_falls_back(tmp_path: Path) -> None:
+    """A compiler that fails leaves the op on the reference (same result, one line saying why
+    native cannot run); a library built once is reused without a compiler."""
+    failing = _probe(tmp_path / "cache", "false")
+    assert failing[0].startswith("False false failed on inverse_operator_cpu.c")
+    assert "the native CPU kernels cannot run: false failed" in failing[2]
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+
+    built = _probe(tmp_path / "cache", None)
+    assert built[0] == "True None" and len(built) == 2  # native ran, nothing raised
+    assert float(built[1]) == pytest.approx(float(failing[1]), rel=1e-5)
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 1
+    assert _probe(tmp_path / "cache", "false")[0] == "True None"  # loaded, not rebuilt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,3 +679,15 @@ def test_inverse_operator_rejects_bad_arguments(inputs: Inputs, dilations, messa
 def test_kernel_backend_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="kernel backend must be one of"), kernel_backend("cuda"):
         pass
+
+
+def test_triton_dispatch_limits() -> None:
+    """The Triton kernels take up to 8 scales of dilation up to 127 (packed 8 bits a scale):
+    forced beyond that, a ValueError names the limit; auto sends such a call elsewhere."""
+    assert triton_supports((1, 2, 3, 4)) and triton_supports((127,) * 8)
+    assert not triton_supports(tuple(range(1, 10))) and not triton_supports((128,))
+    inputs = _make_inputs((1, 3, 5, 6), 9)
+    with kernel_backend("triton"), pytest.raises(ValueError, match="at most 8 scales"):
+        inverse_operator(*inputs.values(), dilations=tuple(range(1, 10)))
+    with kernel_backend("auto"):  # CPU: native or reference, never Triton
+        assert _implementation(inputs["image"], tuple(range(1, 10))) in ("native", "reference")

@@ -1,4 +1,5 @@
-"""A plain (non-editable) install ships `kernels/` as `opir_kernels` and the weights package."""
+"""A plain (non-editable) install ships `kernels/` as `opir_kernels` (its C source included, built
+there at first use) and the weights package."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_holds_opir_kernels_not_kernels(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "opir_kernels/inverse_operator.py" in names
+    assert "opir_kernels/inverse_operator_cpu.c" in names  # built at first use
     assert "opir_engine/engine.py" in names
     assert "opir_weights/opir-small-allinone.safetensors" in names
     assert "opir_weights/opir-small-allinone.json" in names
@@ -47,15 +49,18 @@ def test_plain_install_imports_the_kernels(wheel: Path, tmp_path: Path) -> None:
         "from opir_engine.engine import list_shipped;"
         "print(k.__file__); print(opir_engine.__file__);"
         "print(hasattr(torch.ops.opir, 'inverse_operator'));"
-        "print([n for n, _ in list_shipped()])"
+        "print([n for n, _ in list_shipped()]);"
+        "from opir_kernels import native; print(native.available(), native.SOURCE)"
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    env = {**os.environ, "PYTHONPATH": str(target), "OPIR_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
         check=True,
     )  # fmt: skip
-    kernels_file, engine_file, registered, shipped = result.stdout.strip().splitlines()
+    kernels_file, engine_file, registered, shipped, built = result.stdout.strip().splitlines()
     assert Path(kernels_file).is_relative_to(target)  # the installed copy, not the checkout
     assert Path(engine_file).is_relative_to(target)
     assert registered == "True"
     assert "opir-small-allinone" in shipped
+    available, source = built.split(" ", 1)
+    assert available == "True" and Path(source).is_relative_to(target)  # built from the wheel
