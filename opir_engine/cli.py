@@ -91,6 +91,17 @@ def train(
         None, help="Stop cleanly (with a checkpoint) after this."
     ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the step."),
+    device: str | None = typer.Option(
+        None,
+        help="auto (CUDA when available, the default), cpu, cuda or cuda:N; with --resume "
+        "the run's own unless given.",
+    ),
+    workers: int | None = typer.Option(
+        None,
+        min=0,
+        help="Processes drawing batches ahead (default: 0 on the CPU, 4 on CUDA); "
+        "the batches are the same for any number.",
+    ),
 ) -> None:
     """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;
     Ctrl-C stops after the step in progress with everything saved, a second Ctrl-C at once)."""
@@ -106,7 +117,7 @@ def train(
 
     try:
         if resume:
-            trainer = Trainer.resume(out)
+            trainer = Trainer.resume(out, device)
         else:
             if (out / "state").exists():
                 raise TrainingError(f"{out}: already holds a run; pass --resume to continue it")
@@ -117,7 +128,7 @@ def train(
             spec = DataSpec(paired=_parse_tagged(data, "--data"), clean=[str(c) for c in clean],
                             split=str(split) if split else None,
                             data_root=str(data_root) if data_root else None)  # fmt: skip
-            trainer = Trainer(out, recipe, spec, init=init)
+            trainer = Trainer(out, recipe, spec, init=init, device=device or "auto")
         training_set = TrainingSet(trainer.data, trainer.recipe)
         validation = None
         if trainer.data.split and trainer.data.data_root:
@@ -127,7 +138,7 @@ def train(
     except TrainingError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
-    run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile)
+    run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile, workers)
 
 
 @app.command("train-classifier")
@@ -378,3 +389,7 @@ def profile(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m opir_engine.cli
+    main()

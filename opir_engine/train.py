@@ -3,7 +3,12 @@
 Each step's data comes from a generator seeded by (seed, step), so a resumed run draws the
 same crops, flips and synthetic weather as an uninterrupted one; model and Adam state are
 saved as safetensors, the rest as JSON. The learning rate is a pure function of the step
-(cosine from `lr` to `lr_min`), so no scheduler state is needed.
+(cosine from `lr` to `lr_min`), so no scheduler state is needed, and nothing in a step draws
+from torch's generators (no dropout; batches come from numpy), so no RNG state is either.
+
+Runs train on the CPU or a CUDA device (`device` in run.json). Batches are always drawn on the
+CPU, the same for either, and state is always saved as CPU tensors: a run resumes on the other
+kind of device, and its checkpoints load anywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -18,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
 
 from opir_engine.checkpoint import load_checkpoint, save_checkpoint
 from opir_engine.data import (
@@ -37,6 +44,7 @@ from opir_engine.data import (
     kept_pairs,
     load_rgb,
 )
+from opir_engine.engine import EngineError, pick_device
 from opir_engine.evaluation import finite_mean, validation_items
 from opir_engine.metrics import psnr, ssim
 from opir_engine.model import CLASSES, OPIR, TASKS, GrowthError, OPIRConfig, OPIRLoss, grow
@@ -44,6 +52,10 @@ from opir_engine.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
 
 _LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")  # kept of an init's card
+# Drawing a batch of 32 128x128 crops (about half synthesized) takes 30-60 ms on one core: as long
+# as a CUDA step of the small config, so a CUDA run draws them ahead in worker processes. Four
+# keep up with 60+ steps/s; the CPU trains on every core itself and draws in turn (0 workers).
+_CUDA_WORKERS = 4
 
 
 class TrainingError(Exception):
@@ -148,9 +160,31 @@ def train_command(recipe: Recipe, data: DataSpec, init: str | None = None, out: 
     return " ".join(args)
 
 
+def training_device(name: str) -> torch.device:
+    """The engine's device rule ("auto": CUDA when available, else the CPU) for the devices
+    training is written for; TrainingError for anything else."""
+    try:
+        device = pick_device(name)
+    except EngineError as e:
+        raise TrainingError(f"--device: {e}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and device.index is None:  # name the GPU in run.json and cards
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def default_workers(device: torch.device) -> int:
+    """Batch-drawing worker processes when --workers is not given (see `_CUDA_WORKERS`)."""
+    if device.type == "cpu":
+        return 0
+    return min(_CUDA_WORKERS, max((os.cpu_count() or 1) - 2, 0))
+
+
 class TrainingSet:
-    """Preloaded images and a per-step batch sampler (main process: no worker competes for
-    the two cores; sampling costs a few percent of a step, see the run log's `data_ms`)."""
+    """Preloaded images and a per-step batch sampler. On the CPU it draws in the main process
+    (no worker competes for the cores; sampling costs a few percent of a CPU step, see the run
+    log's `data_ms`); a CUDA run draws ahead in workers (`step_batches`)."""
 
     def __init__(self, spec: DataSpec, recipe: Recipe) -> None:
         excluded: set[str] = set()
@@ -235,6 +269,52 @@ class TrainingSet:
         return out
 
 
+class _Steps(Dataset):
+    """Item i is the batch of step `start + i`. A batch is a pure function of its step, so
+    workers drawing steps ahead in parallel hand back exactly the batches, in the order, that a
+    serial run draws: a run resumes on the same batches whatever the worker count."""
+
+    def __init__(self, training_set: TrainingSet, start: int, stop: int) -> None:
+        self.training_set, self.start, self.stop = training_set, start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.training_set.batch(self.start + index)
+
+
+def _leave_signals_to_the_trainer(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: a worker it ended would fail the run, while the
+    main process means to finish the step in progress and save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def step_batches(
+    training_set: TrainingSet, start: int, stop: int, device: torch.device, workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches of steps start .. stop - 1 in order, on `device`: drawn on the CPU (in the
+    main process, or ahead in `workers` processes), pinned and copied without waiting on CUDA."""
+    cuda = device.type == "cuda"
+    # fork: workers share the preloaded photos instead of each unpickling a copy (Python 3.14
+    # starts workers with forkserver by default)
+    fork = workers and "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork") if fork else None
+    loader = DataLoader(
+        _Steps(training_set, start, stop),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        multiprocessing_context=context,
+        worker_init_fn=_leave_signals_to_the_trainer if workers else None,
+        generator=torch.Generator(),  # its workers' seeds: not drawn from torch's global stream
+    )
+    for batch in loader:
+        degraded, target, labels = (t.to(device, non_blocking=cuda) for t in batch)
+        yield degraded, target, labels
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
@@ -256,21 +336,23 @@ class ValidationSet:
 def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
     """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself.
 
-    Runs the model directly on whole images (no tiling): the quick monitor used while training.
-    The model card's figures come from `opir eval`, which runs the engine.
+    Runs the model directly on whole images (no tiling), on the model's device: the quick
+    monitor used while training. The model card's figures come from `opir eval`, which runs the
+    engine. Scores are computed on the CPU, the same code whatever the device.
     """
     model.eval()
+    device = next(model.parameters()).device
     per_task: dict[str, dict[str, list[float]]] = {}
     for task, _name, degraded, target in val.items:
         x, y = degraded[None].float(), target.float()
-        padded, size = pad_to_multiple(x, model.multiple_of)
+        padded, size = pad_to_multiple(x.to(device), model.multiple_of)
         logits = model.classify(padded)
         if task == "clean":
             out = model(padded).restored
         else:
-            weights = F.one_hot(torch.tensor([class_index(task)]), len(CLASSES)).float()
-            out = model(padded, weights).restored
-        restored = crop_to(out, size)[0].clamp(0, 1)
+            label = torch.tensor([class_index(task)], device=device)
+            out = model(padded, F.one_hot(label, len(CLASSES)).float()).restored
+        restored = crop_to(out, size)[0].clamp(0, 1).cpu()
         restored = (restored * 255).round() / 255  # score what a saved 8-bit file holds
         keys = ("in_psnr", "in_ssim", "psnr", "ssim", "acc", "identical")
         m = per_task.setdefault(task, {k: [] for k in keys})
@@ -301,7 +383,7 @@ def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
 def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
     state = optimizer.state_dict()
     tensors = {
-        f"{idx}.{name}": value.contiguous()
+        f"{idx}.{name}": value.contiguous().cpu()  # loads on any device (load_state_dict moves it)
         for idx, entries in state["state"].items()
         for name, value in entries.items()
     }
@@ -332,9 +414,12 @@ def _write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def machine_description() -> str:
+def machine_description(device: torch.device | None = None) -> str:
     cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device is not None and device.type == "cuda":
+        machine += f", {device} ({torch.cuda.get_device_name(device)})"
+    return machine
 
 
 class _StopRequest:
@@ -365,13 +450,20 @@ class _StopRequest:
 
 
 class Trainer:
-    """Owns one run directory: `run.json` (recipe, data), `state/` (resume), `log.jsonl`,
-    `best.safetensors` + `best.json` (the best validation so far), `last.*`."""
+    """Owns one run directory: `run.json` (recipe, data, device), `state/` (resume), `log.jsonl`,
+    `best.safetensors` + `best.json` (the best validation so far), `last.*`.
 
-    def __init__(self, run_dir: Path, recipe: Recipe, data: DataSpec, init: Path | None = None):
+    `device` is "auto", "cpu", "cuda" or "cuda:N" (`training_device`); run.json records it as
+    given, so a run started with "auto" resumes on whatever the resuming machine has."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, data: DataSpec, init: Path | None = None,
+                 device: str = "cpu") -> None:  # fmt: skip
+        self.device = training_device(device)  # first: a bad device fails before any work
+        self.device_name = device
         self.run_dir = Path(run_dir)
         self.recipe = recipe
         self.data = data
+        # Built on the CPU whatever the device: the same seed gives the same initial weights.
         with torch.random.fork_rng(devices=[]):  # the recipe's seed fixes the initial weights
             torch.manual_seed(recipe.seed)
             self.model = OPIR(OPIRConfig.from_name(recipe.config))
@@ -388,15 +480,18 @@ class Trainer:
             self.init = {"weights": str(init), **{k: init_card.get(k) for k in _LINEAGE_KEYS}}
             if added:
                 self.init["grown_from"] = initial.config.to_dict()
+        self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
-        self.loss = OPIRLoss()
+        self.loss = OPIRLoss().to(self.device)
         self.step = 0
         self.wall_seconds = 0.0
         self.best: float | None = None
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir: Path) -> Trainer:
+    def resume(cls, run_dir: Path, device: str | None = None) -> Trainer:
+        """The run in `run_dir` at its last saved step, on `device` (default: the device its
+        run.json records; runs made before the option trained on the CPU)."""
         run_dir = Path(run_dir)
         try:
             info = json.loads((run_dir / "run.json").read_text())
@@ -404,7 +499,8 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise TrainingError(f"{run_dir}: not a resumable run directory ({e})") from e
         recipe = Recipe.from_dict(info["recipe"])
-        trainer = cls(run_dir, recipe, DataSpec(**info["data"]))
+        device = device or info.get("device", "cpu")
+        trainer = cls(run_dir, recipe, DataSpec(**info["data"]), device=device)
         trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
         _load_optimizer(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",
                         trainer_state["optimizer"])  # fmt: skip
@@ -417,7 +513,7 @@ class Trainer:
     def save_state(self) -> None:
         state_dir = self.run_dir / "state"
         state_dir.mkdir(parents=True, exist_ok=True)
-        model_state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        model_state = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
         _atomic(state_dir / "model.safetensors", lambda t: save_file(model_state, str(t)))
         opt_meta = _save_optimizer(self.optimizer, state_dir / "optimizer.safetensors")
         _write_json(state_dir / "trainer.json", {
@@ -434,7 +530,7 @@ class Trainer:
             "data": dataclasses.asdict(self.data),
             "steps": self.step,
             "wall_time_hours": round(self.wall_seconds / 3600, 3),
-            "machine": machine_description(),
+            "machine": machine_description(self.device),
             "validation": metrics,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "init": self.init,
@@ -449,15 +545,21 @@ class Trainer:
         stop_step: int | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         compile_step: bool = False,
+        workers: int | None = None,
     ) -> None:
-        """Train until `stop_step` (default: the recipe's steps) or `max_minutes`, then save."""
+        """Train until `stop_step` (default: the recipe's steps) or `max_minutes`, then save.
+        `workers` processes draw batches ahead (default `default_workers`); the batches, and so
+        the run, are the same for any number."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "run.json", {
             "recipe": dataclasses.asdict(self.recipe), "data": dataclasses.asdict(self.data),
-            "counts": training_set.counts(), "machine": machine_description(), "init": self.init,
+            "counts": training_set.counts(), "machine": machine_description(self.device),
+            "init": self.init, "device": self.device_name,
         })  # fmt: skip
         stop_step = min(stop_step or self.recipe.steps, self.recipe.steps)
         forward = torch.compile(self.model) if compile_step else self.model
+        workers = default_workers(self.device) if workers is None else workers
+        batches = step_batches(training_set, self.step, stop_step, self.device, workers)
         started = time.monotonic()
         last_saved = time.monotonic()
         log = open(self.run_dir / "log.jsonl", "a")  # noqa: SIM115
@@ -470,7 +572,7 @@ class Trainer:
                     if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
                         break
                     t0 = time.monotonic()
-                    degraded, target, labels = training_set.batch(self.step)
+                    degraded, target, labels = next(batches)
                     t1 = time.monotonic()
                     for group in self.optimizer.param_groups:
                         group["lr"] = self.recipe.lr_at(self.step)
@@ -481,12 +583,13 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                     self.optimizer.step()
                     self.step += 1
+                    # detach: float() of a tensor that requires grad warns on every run; float()
+                    # waits for a CUDA step to finish, so step_ms is the step's, not its launch's
+                    losses = {"loss": float(total.detach()),
+                              **{k: float(v.detach()) for k, v in parts.items()}}  # fmt: skip
                     t2 = time.monotonic()
                     self.wall_seconds += t2 - t0
-                    # detach: float() of a tensor that requires grad warns on every run
-                    stats = {"loss": float(total.detach()),
-                             **{k: float(v.detach()) for k, v in parts.items()},
-                             "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
+                    stats = {**losses, "data_ms": 1000 * (t1 - t0), "step_ms": 1000 * (t2 - t1),
                              "lr": self.recipe.lr_at(self.step - 1)}  # fmt: skip
                     if on_step:
                         on_step(self.step, stats)
@@ -500,6 +603,7 @@ class Trainer:
                         self.save_state()
                         last_saved = time.monotonic()
             finally:
+                batches.close()  # ends the workers before saving
                 log.close()
                 self.save_state()
                 save_checkpoint(self.run_dir / "last.safetensors", self.model, self.card(None))

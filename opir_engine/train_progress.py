@@ -15,10 +15,11 @@ def run_with_progress(
     max_minutes: float | None,
     stop_at: int | None,
     compile_step: bool,
+    workers: int | None = None,
 ) -> None:
     console = Console(stderr=True)
-    console.print(f"run {trainer.run_dir}: step {trainer.step} of {trainer.recipe.steps}; "
-                  f"data {training_set.counts()}")  # fmt: skip
+    console.print(f"run {trainer.run_dir}: step {trainer.step} of {trainer.recipe.steps} on "
+                  f"{trainer.device}; data {training_set.counts()}")  # fmt: skip
     columns = (
         TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
         BarColumn(),
@@ -33,6 +34,7 @@ def run_with_progress(
             rate = 1000.0 / max(stats["data_ms"] + stats["step_ms"], 1e-6)
             progress.update(task, completed=step, loss=stats["loss"], rate=rate)
 
-        trainer.train(training_set, validation, max_minutes, stop_at, on_step, compile_step)
+        trainer.train(training_set, validation, max_minutes, stop_at, on_step, compile_step,
+                      workers)  # fmt: skip
     console.print(f"stopped at step {trainer.step}; best mean PSNR gain {trainer.best}; "
                   f"state in {trainer.run_dir / 'state'}")  # fmt: skip

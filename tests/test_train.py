@@ -36,6 +36,7 @@ from opir_engine.train import (
     TrainingSet,
     ValidationSet,
     lineage,
+    step_batches,
     train_command,
 )
 
@@ -46,6 +47,7 @@ OPIR_SCRIPT = Path(sys.executable).parent / "opir"
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
 )
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (source file relative to DATA, file written under the fixture root); crops are 46x62 so
 # validation has to pad them to the model's multiple of 4.
@@ -179,6 +181,117 @@ def test_resume_of_a_run_made_before_task_weights(tmp_path: Path, data_root: Pat
 def test_resume_of_a_non_run_directory(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="not a resumable run directory"):
         Trainer.resume(tmp_path)
+
+
+def test_a_step_draws_nothing_from_torch_generators(tmp_path: Path, data_root: Path) -> None:
+    """Why the saved state holds no RNG state: batches come from numpy generators seeded by the
+    step and the model has no dropout, so resuming needs none (on the CPU or CUDA)."""
+    recipe = _recipe()
+    trainer = Trainer(tmp_path / "run", recipe, _spec(data_root))
+    before = torch.get_rng_state()
+    trainer.train(TrainingSet(_spec(data_root), recipe), None, stop_step=2)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and batch-drawing workers
+# ---------------------------------------------------------------------------------------------
+
+
+def _states_equal(a: Trainer, b: Trainer) -> bool:
+    ma, mb = a.model.state_dict(), b.model.state_dict()
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    return all(torch.equal(ma[k], mb[k].to(ma[k].device)) for k in ma) and all(
+        torch.equal(v, ob[i][name].to(v.device)) for i, e in oa.items() for name, v in e.items()
+    )
+
+
+def test_device_is_recorded_and_resumed(tmp_path: Path, data_root: Path) -> None:
+    recipe, spec = _recipe(), _spec(data_root)
+    training_set = TrainingSet(spec, recipe)
+    straight = Trainer(tmp_path / "straight", recipe, spec, device="cpu")
+    straight.train(training_set, None)
+
+    first = Trainer(tmp_path / "run", recipe, spec, device="auto")
+    first.train(training_set, None, stop_step=2)
+    run_json = tmp_path / "run" / "run.json"
+    assert json.loads(run_json.read_text())["device"] == "auto"  # as given: re-resolved on resume
+    resumed = Trainer.resume(tmp_path / "run")
+    assert resumed.device_name == "auto" and resumed.step == 2
+    assert resumed.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    resumed = Trainer.resume(tmp_path / "run", "cpu")  # an explicit device wins, and is recorded
+    resumed.train(training_set, None, stop_step=4)
+    assert json.loads(run_json.read_text())["device"] == "cpu"
+    assert Trainer.resume(tmp_path / "run").device == torch.device("cpu")
+
+    info = json.loads(run_json.read_text())  # runs made before the option trained on the CPU
+    del info["device"]
+    run_json.write_text(json.dumps(info))
+    resumed = Trainer.resume(tmp_path / "run")
+    assert resumed.device == torch.device("cpu") and resumed.step == 4
+    resumed.train(training_set, None)
+    if not torch.cuda.is_available():  # all of it on the CPU: the straight run's bits
+        assert _states_equal(straight, resumed)
+
+
+def test_workers_draw_the_batches_of_a_serial_run(tmp_path: Path, data_root: Path) -> None:
+    recipe, spec = _recipe(), _spec(data_root)
+    training_set = TrainingSet(spec, recipe)
+    drawn = list(step_batches(training_set, 2, 6, torch.device("cpu"), workers=2))
+    assert len(drawn) == 4
+    for step, batch in zip(range(2, 6), drawn, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(batch, training_set.batch(step), strict=True))
+
+    serial = Trainer(tmp_path / "serial", recipe, spec)
+    serial.train(training_set, None, workers=0)
+    ahead = Trainer(tmp_path / "ahead", recipe, spec)
+    ahead.train(training_set, None, stop_step=3, workers=2)  # stopped and resumed mid-stream
+    ahead = Trainer.resume(tmp_path / "ahead")
+    ahead.train(training_set, None, workers=2)
+    assert ahead.step == 6 and _states_equal(serial, ahead)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "meta", "cpu:cuda"])
+def test_bad_devices_are_refused(tmp_path: Path, data_root: Path, name: str) -> None:
+    with pytest.raises(TrainingError, match=r"^--device: "):
+        Trainer(tmp_path / "run", _recipe(), _spec(data_root), device=name)
+    assert not (tmp_path / "run").exists()
+
+
+@needs_cuda
+def test_a_cuda_run_resumes_on_the_cpu_and_back(tmp_path: Path, data_root: Path) -> None:
+    """State and checkpoints are CPU tensors: a run moves between devices at any saved step,
+    on the batches a CPU run draws."""
+    recipe, spec = _recipe(), _spec(data_root)
+    training_set = TrainingSet(spec, recipe)
+    run = tmp_path / "run"
+    cuda = Trainer(run, recipe, spec, device="cuda")
+    assert cuda.device.type == "cuda" and next(cuda.model.parameters()).is_cuda
+    before = torch.cuda.get_rng_state(cuda.device)
+    cuda.train(training_set, None, stop_step=3, workers=2)
+    assert torch.equal(before, torch.cuda.get_rng_state(cuda.device))  # no RNG state to save
+    info = json.loads((run / "run.json").read_text())
+    assert info["device"] == "cuda" and "cuda:0" in info["machine"]
+    _, card = load_checkpoint(run / "last.safetensors")  # on the CPU
+    assert card["steps"] == 3 and "cuda" in card["machine"]
+
+    on_cpu = Trainer.resume(run, "cpu")
+    assert on_cpu.step == 3 and _states_equal(cuda, on_cpu)
+    assert all(not p.is_cuda for p in on_cpu.model.parameters())
+    assert all(not v.is_cuda for e in on_cpu.optimizer.state.values() for v in e.values())
+    on_cpu.train(training_set, None, stop_step=4)
+    back = Trainer.resume(run)  # the recorded device is now cpu; back to CUDA explicitly
+    assert back.device.type == "cpu"
+    back = Trainer.resume(run, "cuda")
+    back.train(training_set, None)
+    assert back.step == 6
+
+    cpu_run = Trainer(tmp_path / "cpu", recipe, spec, device="cpu")  # the same batches
+    cpu_run.train(training_set, None, stop_step=3)
+    cuda_losses = [e["loss"] for e in _log(run)][:3]
+    cpu_losses = [e["loss"] for e in _log(tmp_path / "cpu")]
+    assert cuda_losses == pytest.approx(cpu_losses, rel=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +471,34 @@ def test_cli_ctrl_c_stops_at_a_step_boundary_and_resumes(tmp_path: Path, data_ro
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "state" / "trainer.json").read_text())["step"] == step + 2
+
+
+def test_cli_train_then_resume_on_an_explicit_cpu(tmp_path: Path, data_root: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [*_train_args(run, data_root), "--stop-at", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["device"] == "auto"  # the default
+    resumed = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "step 2 of 4 on cpu" in _flat(resumed.output)
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 4
+    assert json.loads((run / "run.json").read_text())["device"] == "cpu"
+    assert load_checkpoint(run / "last.safetensors")[1]["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("gpu", "unknown device 'gpu'"), ("meta", "expected auto, cpu, cuda or cuda:N, got 'meta'")]
+    + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]),
+)
+def test_cli_bad_device_is_a_one_line_error(
+    tmp_path: Path, data_root: Path, name: str, message: str
+) -> None:
+    result = CliRunner().invoke(app, [*_train_args(tmp_path / "run", data_root), "--device", name])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: --device: ") and message in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_to_overwrite_a_run(tmp_path: Path, data_root: Path) -> None:
