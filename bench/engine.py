@@ -199,8 +199,10 @@ def write_markdown(path: Path, report: dict) -> None:
     lines = ["# Engine benchmark", "", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in report["machine"].items()]
     lines += ["", "Latency (median of the timed runs) and throughput, tile 512 / overlap 32:", ""]
-    lines += ["| size | mode | runs (s) | median | MP/s | GFLOPs/image | GFLOP/s | first call |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    cuda = any("cuda_peak_mb" in r for r in report["rows"])
+    lines += ["| size | mode | runs (s) | median | MP/s | GFLOPs/image | GFLOP/s | first call |"
+              + (" CUDA peak |" if cuda else "")]  # fmt: skip
+    lines += ["|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in report["rows"]:
         if not r["tiled"] or "error" in r or "skipped" in r:
             continue
@@ -209,6 +211,7 @@ def write_markdown(path: Path, report: dict) -> None:
             f"| {r['size']} | {mode} | {', '.join(map(str, r['times_s']))} | {r['median_s']} s "
             f"| {r['megapixels_per_s']} | {r['gflops_per_image']} | {r['gflop_per_s']} "
             f"| {_fmt(r['first_call_s'], ' s')} |"
+            + (f" {_fmt(r.get('cuda_peak_mb'), ' MiB')} |" if cuda else "")
         )
     lines += ["", "Peak memory, eager (peak RSS of the process; growth over the RSS before the "]
     lines += ["first restore call):", ""]
@@ -220,6 +223,16 @@ def write_markdown(path: Path, report: dict) -> None:
         untiled = next((r for r in report["rows"] if r["size"] == size and not r["tiled"]), {})
         if not untiled and max(tiled.get("width", 0), tiled.get("height", 0)) <= TILE:
             untiled = {**tiled, "note": "one tile"}
+        if cuda:  # the GPU's allocations are what tiling bounds there
+            cells = [
+                _fmt(tiled.get("cuda_peak_mb"), " MiB (CUDA)"),
+                "",
+                untiled.get("skipped") or _fmt(untiled.get("cuda_peak_mb"), " MiB (CUDA)"),
+                "",
+                "" if "skipped" in untiled else _fmt(untiled.get("median_s"), " s"),
+            ]
+            lines.append(f"| {size} | " + " | ".join(cells) + " |")
+            continue
         cells = [
             _fmt(tiled.get("peak_rss_mb"), " MiB"),
             _fmt(tiled.get("growth_mb"), " MiB"),

@@ -148,6 +148,15 @@ def to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     return image.float().clamp(0, 1)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` means the device ran out of memory: torch's own error, or cuDNN's and
+    cuBLAS's, which reach Python as a plain RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return any(m in text for m in ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
+
+
 class OPIREngine:
     """Restores images with an OPIR checkpoint.
 
@@ -354,7 +363,9 @@ class OPIREngine:
         while True:
             try:
                 return self._process(rgb, weights, tile)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _out_of_memory(error):
+                    raise
                 smaller = tile // 2 // self.model.multiple_of * self.model.multiple_of
                 if self.device.type != "cuda" or smaller < floor:
                     raise

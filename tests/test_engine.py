@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -315,12 +316,13 @@ class _SmallGPUEngine(OPIREngine):
 
     fits = 256
     on_cuda = True
+    error: Callable[[str], Exception] = torch.OutOfMemoryError
 
     def _process(self, rgb: torch.Tensor, weights: torch.Tensor, tile: int):  # type: ignore[no-untyped-def]
         self.attempts.append(tile)
         if tile > self.fits:
             self.device = torch.device("cuda" if self.on_cuda else "cpu")
-            raise torch.OutOfMemoryError(f"CUDA out of memory (a {tile}-pixel tile)")
+            raise self.error(f"CUDA out of memory (a {tile}-pixel tile)")
         self.device = torch.device("cpu")
         return super()._process(rgb, weights, tile)
 
@@ -354,3 +356,19 @@ def test_out_of_memory_below_the_smallest_tile_or_off_cuda_is_raised(weights: Pa
     with pytest.raises(torch.OutOfMemoryError):
         cpu.restore(photo, task="rain")
     assert cpu.attempts == [1024]
+
+
+def test_cudnn_out_of_memory_is_retried_and_other_errors_are_not(weights: Path) -> None:
+    """cuDNN reports running out of memory as a plain RuntimeError: retried like torch's own;
+    any other RuntimeError is raised at once."""
+    photo = torch.rand(3, 300, 280, generator=torch.Generator().manual_seed(2))
+    engine = _small_gpu(weights, tile=512)
+    engine.error = lambda _: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+    result = engine.restore(photo, task="rain")
+    assert engine.attempts == [512, 256]
+    assert torch.equal(result.image, _small_gpu(weights, tile=256).restore(photo, "rain").image)
+    broken = _small_gpu(weights, tile=512)
+    broken.error = lambda _: RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        broken.restore(photo, task="rain")
+    assert broken.attempts == [512]
