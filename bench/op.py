@@ -18,8 +18,9 @@ figures on a shared machine (OpenMP threads stall when a core is taken). Inside 
 - fwd+bwd / fwd twice on CPU: with glibc's defaults, and with freed blocks kept for reuse
   (`mallopt`: no mmap threshold, no trimming; what jemalloc or tcmalloc do). With the defaults
   every block over 32 MiB goes back to the OS when freed and is page-faulted in again on the next
-  call: at 1920x1080 the backward's 25 fresh gradient planes (207 MB) then cost more in page
-  faults than in arithmetic, so the second ratio is the op's own;
+  call: at 1920x1080 the backward's 25 fresh gradient planes (207 MB) are faulted in at every
+  call (about 15 of the native kernels' 118 ms in bench/results), so the second ratio is the
+  op's own;
 - peak memory: on CPU, the process's resident high-water mark (VmHWM) is reset through
   /proc/self/clear_refs, glibc is told to give freed memory back (malloc_trim) and to mmap every
   block over 64 KiB (so a freed tensor cannot be silently reused from the heap), and the growth

@@ -673,8 +673,11 @@ def _implementation(image: Tensor, dilations: Sequence[int]) -> str:
             )
         return "triton"
     if _backend == "auto" and image.device.type == "cuda":
-        # fp64 keeps its precision on the reference (the kernels accumulate in fp32).
-        usable = triton_supports(dilations) and image.dtype != torch.float64
+        # fp64 keeps its precision on the reference (the kernels accumulate in fp32); an image
+        # whose planes outgrow the forward's 32-bit offsets goes there too.
+        _, c, h, w = image.shape
+        fits = max(c, 9, len(dilations)) * h * w < 2**31
+        usable = triton_supports(dilations) and image.dtype != torch.float64 and fits
         return "triton" if usable else "reference"
     if _backend == "native":
         if not native.supports(image, dilations):

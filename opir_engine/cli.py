@@ -99,8 +99,8 @@ def train(
     workers: int | None = typer.Option(
         None,
         min=0,
-        help="Processes drawing batches ahead (default: 0 on the CPU, 4 on CUDA); "
-        "the batches are the same for any number.",
+        help="Processes drawing batches ahead (default: 0 on the CPU; on CUDA 4, at most the "
+        "cores less 2); the batches are the same for any number.",
     ),
 ) -> None:
     """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;

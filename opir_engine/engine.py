@@ -363,7 +363,7 @@ class OPIREngine:
         while True:
             try:
                 return self._process(rgb, weights, tile)
-            except (torch.OutOfMemoryError, RuntimeError) as error:
+            except RuntimeError as error:  # torch.OutOfMemoryError is one as well
                 if not _out_of_memory(error):
                     raise
                 smaller = tile // 2 // self.model.multiple_of * self.model.multiple_of

@@ -52,9 +52,9 @@ from opir_engine.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
 
 _LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")  # kept of an init's card
-# Drawing a batch of 32 128x128 crops (about half synthesized) takes 30-60 ms on one core: as long
-# as a CUDA step of the small config, so a CUDA run draws them ahead in worker processes. Four
-# keep up with 60+ steps/s; the CPU trains on every core itself and draws in turn (0 workers).
+# Drawing a batch of 32 128x128 crops (about half synthesized) takes 30-60 ms on one core, about
+# what we estimate a CUDA step of the small config to take (not measured yet), so a CUDA run draws
+# them ahead in worker processes; the CPU trains on every core itself and draws in turn.
 _CUDA_WORKERS = 4
 
 

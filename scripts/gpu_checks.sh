@@ -14,6 +14,8 @@ set -uo pipefail
 out="${1:-${OUT:-gpu-checks}}"
 mkdir -p "$out"
 log="$out/log.txt"
+# OPIR_NATIVE=0: the CPU side of the CUDA comparisons runs the PyTorch reference, the oracle (the
+# CPU suite tests the native kernels against it), and nothing is built with -march for that host.
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OPIR_NATIVE=0
 steps=" ${STEPS:-tests sweep op engine} "
 
@@ -48,9 +50,10 @@ tests=(tests/test_cuda.py)
 [[ $steps == *" sweep "* ]] && step "${SWEEP_LIMIT:-90}" triton-configs \
     python3 bench/triton_configs.py --sizes 3840x2160
 best=$(python3 - <<'EOF'
-import glob, json
+import glob, json, os
+# the newest: this run's sweep, not a committed file from another GPU
 files = glob.glob("bench/results/triton_configs-*.json")
-best = json.load(open(files[0]))["best_fp32"] if files else None
+best = json.load(open(max(files, key=os.path.getmtime)))["best_fp32"] if files else None
 print(f"{best['BLOCK']},{best['num_warps']}" if best else "")
 EOF
 )
