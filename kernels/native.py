@@ -138,9 +138,11 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _forget_pool() -> None:
-    """In a forked child the parent's pool threads do not exist: start a new pool there."""
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+    """In a forked child the parent's pool threads do not exist: start a new pool there. The lock
+    is new too: a fork while another thread held it (during the first build, say) would leave
+    the child's copy held forever."""
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)

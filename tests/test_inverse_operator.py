@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -456,6 +457,37 @@ def test_native_portable_build_matches_reference(
     finally:
         torch.set_num_threads(threads)
     assert len(list(tmp_path.rglob("*.so"))) == 1  # built here, not the -march=native library
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_native_kernels_work_in_a_child_forked_while_the_lock_was_held() -> None:
+    """A process forked while the native module's lock is held (another thread building, say)
+    gets a fresh lock: its first call does not hang."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    inputs = _make_inputs((1, 3, 20, 24), 4)
+    expected = inverse_operator_reference(*inputs.values())[0]
+    with native._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the op runs and is right, never return
+            ok = False
+            try:
+                torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork
+                with kernel_backend("native"):
+                    got = inverse_operator(*inputs.values())[0]
+                ok = bool((got - expected).abs().max() < 1e-5)
+            finally:
+                os._exit(0 if ok else 1)
+    for _ in range(300):  # up to 30 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the native module's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_native_threads_give_the_same_bits() -> None:
