@@ -544,6 +544,12 @@ def triton_supports(dilations: Sequence[int]) -> bool:
     return len(dilations) <= _MAX_TRITON_SCALES and max(dilations) <= _MAX_TRITON_DILATION
 
 
+def _offsets_fit(image: Tensor, dilations: Sequence[int]) -> bool:
+    """Whether an image's largest plane set (C, 9 or S planes) fits the forward's 32-bit offsets."""
+    _, c, h, w = image.shape
+    return max(c, 9, len(dilations)) * h * w < 2**31
+
+
 def _pack_dilations(dilations: Sequence[int]) -> int:
     return sum(int(d) << (8 * s) for s, d in enumerate(dilations))
 
@@ -561,6 +567,13 @@ def inverse_operator_forward_triton(
 
     `config` ({"BLOCK": pixels per program, "num_warps": n}) overrides FORWARD_CONFIG (for the
     benchmark's sweep)."""
+    b, c, h, w = image.shape
+    s = len(dilations)
+    if not _offsets_fit(image, dilations):  # before any copy below is made
+        raise ValueError(
+            f"the Triton forward takes at most 2^31 elements per image plane set, got "
+            f"{max(c, 9, s)} x {h} x {w}: tile the image"
+        )
     image, kernel, fusion_logits = (
         image.contiguous(),
         kernel.contiguous(),
@@ -568,13 +581,6 @@ def inverse_operator_forward_triton(
     )
     modulation = None if modulation is None else modulation.contiguous()
     bias = None if bias is None else bias.contiguous()
-    b, c, h, w = image.shape
-    s = len(dilations)
-    if max(c, 9, s) * h * w >= 2**31:
-        raise ValueError(
-            f"the Triton forward takes at most 2^31 elements per image plane set, got "
-            f"{max(c, 9, s)} x {h} x {w}: tile the image"
-        )
     block, warps = (config or FORWARD_CONFIG)["BLOCK"], (config or FORWARD_CONFIG)["num_warps"]
     out = torch.empty_like(image)
     unc = torch.empty((b, 1, h, w), dtype=image.dtype, device=image.device)
@@ -675,8 +681,7 @@ def _implementation(image: Tensor, dilations: Sequence[int]) -> str:
     if _backend == "auto" and image.device.type == "cuda":
         # fp64 keeps its precision on the reference (the kernels accumulate in fp32); an image
         # whose planes outgrow the forward's 32-bit offsets goes there too.
-        _, c, h, w = image.shape
-        fits = max(c, 9, len(dilations)) * h * w < 2**31
+        fits = _offsets_fit(image, dilations)
         usable = triton_supports(dilations) and image.dtype != torch.float64 and fits
         return "triton" if usable else "reference"
     if _backend == "native":
