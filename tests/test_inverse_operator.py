@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -123,13 +123,20 @@ def _check_against_reference(
     ref = _forward_and_grads(
         inverse_operator_reference, _upcast(inputs), dilations, (grads[0].float(), grads[1].float())
     )
+    _assert_matches((restored, uncertainty, got), ref, inputs, atol, rtol)
+
+
+def _assert_matches(result: tuple, ref: tuple, inputs: Inputs, atol: float, rtol: float) -> None:
+    """`result` (restored, uncertainty, {name: grad}), on any device, equals the reference's on
+    the CPU, with the dtype and shape of `inputs`."""
+    restored, uncertainty, got = result
     assert restored.dtype == inputs["image"].dtype and uncertainty.dtype == restored.dtype
-    _assert_close(restored, ref[0], atol, rtol, "restored")
-    _assert_close(uncertainty, ref[1], atol, rtol, "uncertainty")
+    _assert_close(restored.cpu(), ref[0], atol, rtol, "restored")
+    _assert_close(uncertainty.cpu(), ref[1], atol, rtol, "uncertainty")
     assert got.keys() == ref[2].keys()
     for name, grad in got.items():
         assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
-        _assert_close(grad, ref[2][name], atol, rtol, f"grad {name}")
+        _assert_close(grad.cpu(), ref[2][name], atol, rtol, f"grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +427,16 @@ def test_native_kernels_build_here() -> None:
     assert native.available(), native.unavailable_reason()
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Torch (and so the native kernels' row split) on two threads for the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
 @pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), NATIVE_CASES)
 def test_native_matches_reference(
@@ -427,15 +444,11 @@ def test_native_matches_reference(
 ) -> None:
     """The custom op on the native kernels, forward and every gradient, on two threads."""
     inputs = _make_inputs(shape, len(dilations), has_modulation, has_bias, dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with kernel_backend("native"):
-            _check_against_reference(inverse_operator, inputs, dilations, atol, rtol)
-    finally:
-        torch.set_num_threads(threads)
+    with kernel_backend("native"):
+        _check_against_reference(inverse_operator, inputs, dilations, atol, rtol)
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_native_portable_build_matches_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -447,15 +460,10 @@ def test_native_portable_build_matches_reference(
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_reason", None)
     assert native.available(), native.unavailable_reason()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for shape, dilations in (((2, 3, 17, 45), (1, 2, 3, 4)), ((1, 5, 33, 7), (2, 5))):
-            inputs = _make_inputs(shape, len(dilations))
-            with kernel_backend("native"):
-                _check_against_reference(inverse_operator, inputs, dilations, 1e-5, 1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    for shape, dilations in (((2, 3, 17, 45), (1, 2, 3, 4)), ((1, 5, 33, 7), (2, 5))):
+        inputs = _make_inputs(shape, len(dilations))
+        with kernel_backend("native"):
+            _check_against_reference(inverse_operator, inputs, dilations, 1e-5, 1e-5)
     assert len(list(tmp_path.rglob("*.so"))) == 1  # built here, not the -march=native library
 
 
