@@ -351,57 +351,177 @@ def _tap(ker_ptr, mod_ptr, i: tl.constexpr, offs, mask, HW, HAS_MOD: tl.constexp
 
 
 @triton.jit
-def _shifted_tile(
-    img_ptr, planes, cmask, offs, x, mask, H, W, d, DY: tl.constexpr, DX: tl.constexpr
-):
-    """I(p + d (DY, DX)) for a block of pixels p, every channel: a (C_BLOCK, BLOCK) tile, zero
-    outside the image. With pixels flattened the shift is one offset; a row test is needed only
-    when DY != 0 and a column test only when DX != 0 (both known at compile time)."""
-    src = offs + d * (DY * W + DX)
-    ok = mask
-    if DY != 0:
-        ok = ok & (src >= 0) & (src < H * W)
-    if DX != 0:
-        ok = ok & (x + d * DX >= 0) & (x + d * DX < W)
-    tile = tl.load(img_ptr + planes + src[None, :], mask=cmask & ok[None, :], other=0.0)
-    return tile.to(tl.float32)
+def _logit(logit_ptr, s: tl.constexpr, S: tl.constexpr, offs, mask, HW):
+    """Fusion logit s of a tile in fp32; for s >= S the logit of scale 0 (a no-op in the max)."""
+    if s < S:
+        return tl.load(logit_ptr + s * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(logit_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _exp_or_zero(logit, top, s: tl.constexpr, S: tl.constexpr):
+    """exp(logit - top) for a scale that exists, 0 for s >= S (decided when compiling)."""
+    if s < S:
+        return tl.exp(logit - top)
+    else:
+        return tl.zeros_like(logit)
+
+
+@triton.jit
+def _pick(s: tl.constexpr, v0, v1, v2, v3, v4, v5, v6, v7):
+    """The s-th of eight per-scale values held in registers (s known when compiling; a Triton
+    function cannot index a list)."""
+    if s == 0:  # noqa: SIM116
+        return v0
+    elif s == 1:
+        return v1
+    elif s == 2:
+        return v2
+    elif s == 3:
+        return v3
+    elif s == 4:
+        return v4
+    elif s == 5:
+        return v5
+    elif s == 6:
+        return v6
+    else:
+        return v7
+
+
+@triton.jit
+def _tap_read(row_ptr, DX: tl.constexpr, row_ok, col_ok, mask, MASKED: tl.constexpr):
+    """I(p + (dy, DX)) from the pointers of row p + dy. DX is a constant, so it becomes the load's
+    immediate offset. MASKED: zero outside the image (row_ok / col_ok: the tests this tap needs,
+    None where it needs none); an interior tile, every tap inside, reads without masks."""
+    if MASKED:
+        ok = mask
+        if row_ok is not None:
+            ok = ok & row_ok
+        if col_ok is not None:
+            ok = ok & col_ok
+        return tl.load(row_ptr + DX, mask=ok, other=0.0).to(tl.float32)
+    else:
+        return tl.load(row_ptr + DX).to(tl.float32)
+
+
+@triton.jit
+def _dilated_taps(
+    center, rows, cols, mask, H, W, k0, k1, k2, k3, k4, k5, k6, k7, k8,
+    d: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """J_s = sum_i K~_i I(p + d delta_i) for one plane (Eq. 16-17); `center` points at I(p)."""
+    up = center - d * W  # the pointers of rows p - d and p + d, shared by 3 taps each
+    down = center + d * W
+    if MASKED:  # this scale's border tests, on 1-D vectors
+        ok_up = (rows >= d)[:, None]
+        ok_down = (rows + d < H)[:, None]
+        ok_left = (cols >= d)[None, :]
+        ok_right = (cols + d < W)[None, :]
+    else:
+        ok_up = None
+        ok_down = None
+        ok_left = None
+        ok_right = None
+    j = k0 * _tap_read(up, -d, ok_up, ok_left, mask, MASKED)
+    j += k1 * _tap_read(up, 0, ok_up, None, mask, MASKED)
+    j += k2 * _tap_read(up, d, ok_up, ok_right, mask, MASKED)
+    j += k3 * _tap_read(center, -d, None, ok_left, mask, MASKED)
+    j += k4 * _tap_read(center, 0, None, None, mask, MASKED)
+    j += k5 * _tap_read(center, d, None, ok_right, mask, MASKED)
+    j += k6 * _tap_read(down, -d, ok_down, ok_left, mask, MASKED)
+    j += k7 * _tap_read(down, 0, ok_down, None, mask, MASKED)
+    j += k8 * _tap_read(down, d, ok_down, ok_right, mask, MASKED)
+    return j
+
+
+@triton.jit
+def _filter_channels(
+    img_ptr, bias_ptr, out_ptr, offs, rows, cols, mask, C, H, W, HW,
+    k0, k1, k2, k3, k4, k5, k6, k7, k8, a0, a1, a2, a3, a4, a5, a6, a7,
+    DIL: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """out_c = sum_s alpha_s sum_i K~_i I_c(p + d_s delta_i) + b_c for every channel c (Eq. 16-18),
+    with the taps K~_i and the alpha_s already in registers."""
+    for c in range(C):
+        center = img_ptr + c * HW + offs
+        if HAS_BIAS:
+            acc = tl.load(bias_ptr + c * HW + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros(offs.shape, dtype=tl.float32)
+        for s in tl.static_range(S):
+            d_s = (DIL >> (8 * s)) & 255
+            j = _dilated_taps(center, rows, cols, mask, H, W, k0, k1, k2, k3, k4, k5, k6, k7, k8,
+                              d_s, MASKED)  # fmt: skip
+            acc += _pick(s, a0, a1, a2, a3, a4, a5, a6, a7) * j
+        tl.store(out_ptr + c * HW + offs, acc, mask=mask)
 
 
 @triton.jit
 def _inverse_operator_fwd_kernel(
     img_ptr, ker_ptr, mod_ptr, logit_ptr, bias_ptr, out_ptr, unc_ptr,
-    C, H, W, DIL,
-    S: tl.constexpr, S_BLOCK: tl.constexpr, C_BLOCK: tl.constexpr, HAS_MOD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    C, H, W,
+    DIL: tl.constexpr, D_MAX: tl.constexpr, S: tl.constexpr, HAS_MOD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """out = sum_s alpha_s sum_i K~_i I(p + d_s delta_i) + b; UM = mean_i |K~_i| (Eq. 11, 16-19).
 
-    The 9 taps K~_i are read once into registers and every channel is filtered at once (the
-    accumulator is a (C_BLOCK, BLOCK) tile). Only the per-image base pointers are 64-bit: 64-bit
-    offsets per element cost the GPU several instructions each (the launcher checks that an
-    image's planes fit 32-bit offsets).
+    One program filters a (BLOCK_H, BLOCK_W) tile of pixels, every channel. The kernel is bound
+    by instructions issued more than by memory (Nsight Compute on an H200, bench/results), so
+    each read is made cheap: the dilations are compile-time constants (one build per model), so
+    a horizontal shift is the load's immediate offset and a row's pointers are shared by its 3
+    taps; tiles whose taps all fall inside the image (nearly all of a large one) read without
+    border tests; the 9 taps K~_i and the S weights alpha_s stay in registers across channels.
+    Only the per-image base pointers are 64-bit (the launcher checks that an image's planes fit
+    32-bit offsets).
     """
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_w = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     HW = H * W
     img_ptr += b * C * HW
     ker_ptr += b * 9 * HW
     mod_ptr += b * 9 * HW
+    logit_ptr += b * S * HW
     bias_ptr += b * C * HW
     out_ptr += b * C * HW
-    # A true hint (the block's pixels are contiguous) that caps vectors at 4 elements: with 16-bit
-    # inputs Triton otherwise lays the (C_BLOCK, BLOCK) tiles out 8 wide over 2x2 warps, unlike
-    # the (BLOCK,) taps, and moves every tap between the two layouts through shared memory (the
-    # sm_90 build then spilled 800 bytes a thread; with the hint 28, and fp32's code is unchanged).
-    offs = tl.max_contiguous(pid * BLOCK + tl.arange(0, BLOCK), 4)
-    mask = offs < HW
-    x = offs % W
-    chan = tl.arange(0, C_BLOCK)
-    cmask = chan[:, None] < C
-    planes = chan[:, None] * HW  # offset of each channel's plane
-    srange = tl.arange(0, S_BLOCK)
-    alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)  # Eq. 18
-    # The 3x3 taps, row-major over delta in {-1, 0, 1}^2.
+    unc_ptr += b * HW
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    # A true hint (the columns are contiguous) that caps vectors at 4 elements, so that 16-bit
+    # inputs get the same layout as the fp32 values computed from them.
+    cols = tl.max_contiguous(pid_w * BLOCK_W + tl.arange(0, BLOCK_W), 4)
+    mask = (rows < H)[:, None] & (cols < W)[None, :]
+    offs = rows[:, None] * W + cols[None, :]
+    # alpha_s = softmax over the S logits (Eq. 18), up to 8 scales (0 beyond S).
+    l0 = _logit(logit_ptr, 0, S, offs, mask, HW)
+    l1 = _logit(logit_ptr, 1, S, offs, mask, HW)
+    l2 = _logit(logit_ptr, 2, S, offs, mask, HW)
+    l3 = _logit(logit_ptr, 3, S, offs, mask, HW)
+    l4 = _logit(logit_ptr, 4, S, offs, mask, HW)
+    l5 = _logit(logit_ptr, 5, S, offs, mask, HW)
+    l6 = _logit(logit_ptr, 6, S, offs, mask, HW)
+    l7 = _logit(logit_ptr, 7, S, offs, mask, HW)
+    top = tl.maximum(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3)),
+                     tl.maximum(tl.maximum(l4, l5), tl.maximum(l6, l7)))  # fmt: skip
+    a0 = _exp_or_zero(l0, top, 0, S)
+    a1 = _exp_or_zero(l1, top, 1, S)
+    a2 = _exp_or_zero(l2, top, 2, S)
+    a3 = _exp_or_zero(l3, top, 3, S)
+    a4 = _exp_or_zero(l4, top, 4, S)
+    a5 = _exp_or_zero(l5, top, 5, S)
+    a6 = _exp_or_zero(l6, top, 6, S)
+    a7 = _exp_or_zero(l7, top, 7, S)
+    inv_sum = 1.0 / (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
+    a0 *= inv_sum
+    a1 *= inv_sum
+    a2 *= inv_sum
+    a3 *= inv_sum
+    a4 *= inv_sum
+    a5 *= inv_sum
+    a6 *= inv_sum
+    a7 *= inv_sum
+    # The 3x3 taps K~_i = K_i m_i (Eq. 19), row-major over delta in {-1, 0, 1}^2.
     k0 = _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD)
     k1 = _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD)
     k2 = _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD)
@@ -413,25 +533,23 @@ def _inverse_operator_fwd_kernel(
     k8 = _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD)
     abs_sum = tl.abs(k0) + tl.abs(k1) + tl.abs(k2) + tl.abs(k3) + tl.abs(k4)
     abs_sum += tl.abs(k5) + tl.abs(k6) + tl.abs(k7) + tl.abs(k8)
-    tl.store(unc_ptr + b * HW + offs, abs_sum / 9.0, mask=mask)  # Eq. 11
-    acc = tl.zeros((C_BLOCK, BLOCK), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + planes + offs[None, :], mask=cmask & mask[None, :], other=0.0).to(
-            tl.float32
-        )
-    for s in tl.static_range(S):
-        d = _dilation(DIL, s)
-        j = k0[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, -1)
-        j += k1[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, 0)
-        j += k2[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, -1, 1)
-        j += k3[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, -1)
-        j += k4[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, 0)
-        j += k5[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 0, 1)
-        j += k6[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, -1)
-        j += k7[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, 0)
-        j += k8[None, :] * _shifted_tile(img_ptr, planes, cmask, offs, x, mask, H, W, d, 1, 1)
-        acc += _row(alpha, srange, s)[None, :] * j  # Eq. 16-18
-    tl.store(out_ptr + planes + offs[None, :], acc, mask=cmask & mask[None, :])
+    tl.store(unc_ptr + offs, abs_sum / 9.0, mask=mask)  # Eq. 11
+    row0 = pid_h * BLOCK_H
+    col0 = pid_w * BLOCK_W
+    interior = (row0 >= D_MAX) & (row0 + BLOCK_H + D_MAX <= H)
+    interior = interior & (col0 >= D_MAX) & (col0 + BLOCK_W + D_MAX <= W)
+    if interior:
+        _filter_channels(
+            img_ptr, bias_ptr, out_ptr, offs, rows, cols, mask, C, H, W, HW,
+            k0, k1, k2, k3, k4, k5, k6, k7, k8, a0, a1, a2, a3, a4, a5, a6, a7,
+            DIL, S, HAS_BIAS, False,
+        )  # fmt: skip
+    else:
+        _filter_channels(
+            img_ptr, bias_ptr, out_ptr, offs, rows, cols, mask, C, H, W, HW,
+            k0, k1, k2, k3, k4, k5, k6, k7, k8, a0, a1, a2, a3, a4, a5, a6, a7,
+            DIL, S, HAS_BIAS, True,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -533,9 +651,9 @@ def _inverse_operator_bwd_image_kernel(
 # Launchers: contiguity, allocation, grid. Kernels only compute.
 # ---------------------------------------------------------------------------------------------
 
-# Pixels per program and warps of the forward, chosen on an H200 by bench/triton_configs.py
-# (results beside it); the backward keeps 256 pixels, 4 warps.
-FORWARD_CONFIG = {"BLOCK": 512, "num_warps": 4}
+# The forward's tile (rows x columns of pixels per program) and warps, chosen on an H200 by
+# bench/triton_configs.py (results beside it); the backward keeps 256 pixels, 4 warps.
+FORWARD_CONFIG = {"BLOCK_H": 4, "BLOCK_W": 64, "num_warps": 8}
 _BWD_BLOCK = 256
 
 
@@ -565,8 +683,8 @@ def inverse_operator_forward_triton(
 ) -> tuple[Tensor, Tensor]:
     """Triton forward: one pass; the shifted reads hit cache. Shapes as the reference.
 
-    `config` ({"BLOCK": pixels per program, "num_warps": n}) overrides FORWARD_CONFIG (for the
-    benchmark's sweep)."""
+    `config` ({"BLOCK_H": rows, "BLOCK_W": columns of a program's tile, "num_warps": n}) overrides
+    FORWARD_CONFIG (for the benchmark's sweep)."""
     b, c, h, w = image.shape
     s = len(dilations)
     if not _offsets_fit(image, dilations):  # before any copy below is made
@@ -581,16 +699,17 @@ def inverse_operator_forward_triton(
     )
     modulation = None if modulation is None else modulation.contiguous()
     bias = None if bias is None else bias.contiguous()
-    block, warps = (config or FORWARD_CONFIG)["BLOCK"], (config or FORWARD_CONFIG)["num_warps"]
+    cfg = config or FORWARD_CONFIG
     out = torch.empty_like(image)
     unc = torch.empty((b, 1, h, w), dtype=image.dtype, device=image.device)
-    wrap_triton(_inverse_operator_fwd_kernel)[(triton.cdiv(h * w, block), b)](
+    grid = (triton.cdiv(w, cfg["BLOCK_W"]), triton.cdiv(h, cfg["BLOCK_H"]), b)
+    wrap_triton(_inverse_operator_fwd_kernel)[grid](
         image, kernel, kernel if modulation is None else modulation, fusion_logits,
         image if bias is None else bias, out, unc,
-        c, h, w, _pack_dilations(dilations),
-        S=s, S_BLOCK=triton.next_power_of_2(s), C_BLOCK=triton.next_power_of_2(c),
-        HAS_MOD=modulation is not None, HAS_BIAS=bias is not None, BLOCK=block,
-        num_warps=warps,
+        c, h, w,
+        DIL=_pack_dilations(dilations), D_MAX=max(dilations), S=s,
+        HAS_MOD=modulation is not None, HAS_BIAS=bias is not None,
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, unc
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one go: the CUDA tests, the Triton launch sweep, and the
-# op and engine benchmarks on the GPU. Run from the repository root on a machine with a GPU and
-# with torch, triton and the project's other dependencies installed (no network needed):
+# The checks that need a CUDA device, in one go: the Triton launch sweep, an Nsight Compute
+# profile of the forward, the CUDA tests, and the op and engine benchmarks on the GPU. Run from
+# the repository root on a machine with a GPU and with torch, triton and the project's other
+# dependencies installed (no network needed):
 #
 #     bash scripts/gpu_checks.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else gpu-checks/
 #     OPIR_DATA=../shared/data bash scripts/gpu_checks.sh   # also the CUDA training test
-#     STEPS="tests sweep" bash scripts/gpu_checks.sh         # some of: tests sweep op engine
+#     STEPS="sweep tests" bash scripts/gpu_checks.sh   # some of: sweep profile tests op engine
 #
 # It installs the checkout without touching dependencies, runs each step under its own time
 # limit (a step that fails or runs out of time does not stop the next), and leaves in OUT_DIR
@@ -17,7 +18,7 @@ log="$out/log.txt"
 # OPIR_NATIVE=0: the CPU side of the CUDA comparisons runs the PyTorch reference, the oracle (the
 # CPU suite tests the native kernels against it), and nothing is built with -march for that host.
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OPIR_NATIVE=0
-steps=" ${STEPS:-tests sweep op engine} "
+steps=" ${STEPS:-sweep profile tests op engine} "
 
 step() {  # step SECONDS NAME COMMAND...: run with a limit, log its exit status
     local limit=$1 name=$2
@@ -39,6 +40,22 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>
     echo "pip install failed: using PYTHONPATH=$PYTHONPATH" | tee -a "$log"
 fi
 
+[[ $steps == *" sweep "* ]] && step "${SWEEP_LIMIT:-90}" triton-configs \
+    python3 bench/triton_configs.py --sizes 3840x2160
+best=$(python3 - <<'EOF'
+import glob, json, os
+# the newest: this run's sweep, not a committed file from another GPU
+files = glob.glob("bench/results/triton_configs-*.json")
+best = json.load(open(max(files, key=os.path.getmtime)))["best_fp32"] if files else None
+print(f"{best['BLOCK_H']},{best['BLOCK_W']},{best['num_warps']}" if best else "")
+EOF
+)
+# Nsight Compute on one 4K forward of the current and the replaced kernel (where ncu runs).
+[[ $steps == *" profile "* ]] && step "${PROFILE_LIMIT:-90}" profile ncu --clock-control none \
+    -k regex:fwd_kernel --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats python3 bench/profile_forward.py \
+    ${best:+--config "$best"}
 # The CUDA tests; with OPIR_DATA (a folder holding the few real photos tests/test_train.py
 # crops), also training on CUDA and resuming on the CPU.
 # TEST_K narrows the selection (a pytest -k expression).
@@ -47,16 +64,6 @@ tests=(tests/test_cuda.py)
 [[ $steps == *" tests "* ]] && step "${TEST_LIMIT:-200}" cuda-tests python3 -m pytest -q -rs \
     --durations=15 --junitxml="$out/cuda-tests.xml" "${tests[@]}" \
     -k "(cuda or test_cuda) and (${TEST_K:-test})"
-[[ $steps == *" sweep "* ]] && step "${SWEEP_LIMIT:-90}" triton-configs \
-    python3 bench/triton_configs.py --sizes 3840x2160
-best=$(python3 - <<'EOF'
-import glob, json, os
-# the newest: this run's sweep, not a committed file from another GPU
-files = glob.glob("bench/results/triton_configs-*.json")
-best = json.load(open(max(files, key=os.path.getmtime)))["best_fp32"] if files else None
-print(f"{best['BLOCK']},{best['num_warps']}" if best else "")
-EOF
-)
 [[ $steps == *" op "* ]] && step "${OP_LIMIT:-150}" op-bench python3 bench/op.py --reps 10 \
     --budget 2 --sizes ${OP_SIZES:-256x256 512x512 1920x1080 3840x2160} \
     ${best:+--triton-config "$best"}

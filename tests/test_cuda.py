@@ -64,8 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 WEIGHTS = "opir-small-allinone"
 
-# Beyond CASES: 2 x 77357 pixels, many full blocks per image (512 pixels a block forward, 256
-# backward) and a partial one.
+# Beyond CASES: 2 x 77357 pixels, many full tiles per image both ways (4 x 64 pixels forward,
+# blocks of 256 backward), interior tiles (read without border tests) and partial ones.
 LARGE = pytest.param((2, 3, 257, 301), (1, 2, 3, 4), True, True, id="2x3x257x301")
 
 
@@ -425,11 +425,11 @@ def test_real_cuda_out_of_memory_retries_with_half_tiles(exact_fp32: None) -> No
     large._process = spy  # type: ignore[method-assign]
     _empty_and_reset()
     total = torch.cuda.get_device_properties(DEVICE).total_memory
-    torch.cuda.set_per_process_memory_fraction(limit / total, DEVICE)
+    torch.cuda.set_per_process_memory_fraction(limit / total, torch.cuda.current_device())
     try:
         result = large.restore(photo, task="haze")
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()
     assert attempts == [1024, 512], (attempts, small_peak, large_peak, limit)
     assert result.image.shape == (3, 1024, 1024)

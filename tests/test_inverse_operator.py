@@ -44,7 +44,7 @@ CASES = [
     pytest.param((1, 1, 8, 8), (1, 2, 3, 4), True, True, id="C1"),
     pytest.param((1, 4, 7, 5), (1, 2, 3, 4), False, True, id="C4-no-modulation"),
     pytest.param((1, 3, 20, 30), (1, 2, 3, 4), True, False, id="600px-no-bias"),
-    pytest.param((1, 2, 16, 32), (1, 2, 3, 4), True, True, id="512px-two-full-blocks"),
+    pytest.param((1, 2, 16, 32), (1, 2, 3, 4), True, True, id="16x32-two-full-tiles"),
     pytest.param((1, 3, 3, 5), (1, 7), True, True, id="dilation-beyond-image"),
     pytest.param((1, 3, 6, 7), (3,), False, False, id="S1-bare"),
 ]
@@ -184,6 +184,26 @@ def test_inverse_operator_launchers_match_reference(
             assert a is None and not has_modulation, name
             continue
         _assert_close(a, e, 1e-5, 1e-5, f"grad {name}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("tile", "dilations"),
+    [((1, 1), (1, 2, 3, 4)), ((2, 4), (1, 2, 3, 4)), ((4, 16), (1, 2, 3, 4)),
+     ((1, 32), (1, 2, 3, 4)), ((2, 4), (5, 1, 2))],
+    ids=["1x1", "2x4", "4x16", "1x32", "2x4-unsorted-dilations"],
+)  # fmt: skip
+def test_triton_forward_tiles_cover_the_image(tile: tuple[int, int], dilations) -> None:
+    """Any tile shape gives the reference: many tiles both ways, partial tiles at the right and
+    bottom borders, tiles that need border tests and interior tiles that read without them (the
+    largest dilation decides which), taps crossing into the next tile (17 x 23 fits no tile)."""
+    inputs = _make_inputs((2, 3, 17, 23), len(dilations))
+    args = [inputs[k] for k in NAMES]
+    config = {"BLOCK_H": tile[0], "BLOCK_W": tile[1], "num_warps": 1}
+    restored, uncertainty = inverse_operator_forward_triton(*args, dilations, config=config)
+    ref_restored, ref_uncertainty = inverse_operator_reference(*args, dilations)
+    _assert_close(restored, ref_restored, 1e-5, 1e-5, "restored")
+    _assert_close(uncertainty, ref_uncertainty, 1e-5, 1e-5, "uncertainty")
 
 
 def _strided_variants(t: Tensor) -> dict[str, Tensor]:
