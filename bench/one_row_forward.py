@@ -16,7 +16,32 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from opir_kernels.inverse_operator import _dilation, _pack_dilations, _row, _softmax_rows, _tap
+from opir_kernels.inverse_operator import _pack_dilations, _tap
+
+
+@triton.jit
+def _dilation(DIL, s: tl.constexpr):
+    """d_s from the packed dilations."""
+    return (DIL >> (8 * s)) & 255
+
+
+@triton.jit
+def _softmax_rows(logit_ptr, offs, mask, HW, S: tl.constexpr, S_BLOCK: tl.constexpr):
+    """alpha (S_BLOCK, BLOCK) = softmax over the S fusion logits of each pixel (rows >= S are 0)."""
+    srange = tl.arange(0, S_BLOCK)
+    smask = (srange[:, None] < S) & mask[None, :]
+    logits = tl.load(logit_ptr + srange[:, None] * HW + offs[None, :], mask=smask, other=0.0)
+    # Fill in fp32: -1e30 would overflow a half-precision load to -inf and make NaNs.
+    logits = tl.where(smask, logits.to(tl.float32), -1e30)
+    top = tl.max(logits, axis=0)
+    e = tl.where(smask, tl.exp(logits - top[None, :]), 0.0)
+    return e / tl.maximum(tl.sum(e, axis=0), 1e-30)[None, :]
+
+
+@triton.jit
+def _row(tile, srange, s):
+    """Row s of a (S_BLOCK, BLOCK) tile as a (BLOCK,) vector."""
+    return tl.sum(tl.where(srange[:, None] == s, tile, 0.0), axis=0)
 
 
 @triton.jit
