@@ -307,13 +307,14 @@ def inverse_operator_unfold(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. Each program owns BLOCK consecutive pixels of one image. The dilations travel
-# as one integer, 8 bits per scale (`_pack_dilations`): a tensor of them would be copied from the
-# host at every call, which stalls the CPU until the GPU has caught up.
+# Triton kernels. Each program owns a BLOCK_H x BLOCK_W tile of one image. The dilations travel
+# as one compile-time integer, 8 bits per scale (`_pack_dilations`): constants become immediate
+# load offsets, and a tensor of them would be copied from the host at every call.
 # ---------------------------------------------------------------------------------------------
 
 _MAX_TRITON_SCALES = 8  # 8 bits per scale in an int64
-_MAX_TRITON_DILATION = 127  # so that the packed value stays a positive int64
+_MAX_TRITON_DILATION = 127  # the packed value stays a positive int64 (bench/one_row_forward.py
+# still passes it at run time)
 
 
 @triton.jit
@@ -803,7 +804,8 @@ def triton_supports(dilations: Sequence[int]) -> bool:
 
 
 def _offsets_fit(image: Tensor, dilations: Sequence[int]) -> bool:
-    """Whether an image's largest plane set (C, 9 or S planes) fits the forward's 32-bit offsets."""
+    """Whether an image's largest plane set (C, 9 or S planes) fits the kernels' 32-bit offsets
+    (the backward's S x 9 scratch planes take a 64-bit base per scale)."""
     _, c, h, w = image.shape
     return max(c, 9, len(dilations)) * h * w < 2**31
 
@@ -864,6 +866,12 @@ def inverse_operator_backward_triton(
     dilations: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """Triton backward: grads for (image, kernel, modulation, logits, bias). Two passes."""
+    if not _offsets_fit(image, dilations):
+        raise ValueError(
+            f"the Triton backward takes at most 2^31 elements per image plane set, got "
+            f"{max(image.shape[1], 9, len(dilations))} x {image.shape[2]} x {image.shape[3]}: "
+            f"tile the image"
+        )
     image, kernel, fusion_logits = (
         image.contiguous(),
         kernel.contiguous(),

@@ -64,8 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 WEIGHTS = "opir-small-allinone"
 
-# Beyond CASES: 2 x 77357 pixels, many full tiles per image both ways (4 x 64 pixels forward,
-# blocks of 256 backward), interior tiles (read without border tests) and partial ones.
+# Beyond CASES: 2 x 77357 pixels, many full tiles per image both ways (4 x 64 pixels
+# forward and backward), interior tiles (read without border tests) and partial ones.
 LARGE = pytest.param((2, 3, 257, 301), (1, 2, 3, 4), True, True, id="2x3x257x301")
 
 
