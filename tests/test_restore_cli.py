@@ -372,7 +372,13 @@ def test_interrupted_runs_resume_without_partial_or_repeated_outputs(
     args = [str(OPIR_SCRIPT), "restore", str(src), str(out), "--weights", str(weights), *FAST]
 
     def run_until(count: int, sig: signal.Signals) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT back to its default in the child, as in a terminal: a job started in the
+        # background by a non-interactive shell (how CI may run the suite) inherits it ignored,
+        # and then Python never turns Ctrl-C into KeyboardInterrupt.
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if out.is_dir() and sum(p.suffix == ".png" for p in out.iterdir()) >= count:
