@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from opir_kernels.inverse_operator import _pack_dilations, _tap
+from opir_kernels.inverse_operator import _pack_dilations, _taps9
 
 
 @triton.jit
@@ -96,15 +96,7 @@ def _one_row_fwd_kernel(
     srange = tl.arange(0, S_BLOCK)
     alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)  # Eq. 18
     # The 3x3 taps, row-major over delta in {-1, 0, 1}^2.
-    k0 = _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD)
-    k1 = _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD)
-    k2 = _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD)
-    k3 = _tap(ker_ptr, mod_ptr, 3, offs, mask, HW, HAS_MOD)
-    k4 = _tap(ker_ptr, mod_ptr, 4, offs, mask, HW, HAS_MOD)
-    k5 = _tap(ker_ptr, mod_ptr, 5, offs, mask, HW, HAS_MOD)
-    k6 = _tap(ker_ptr, mod_ptr, 6, offs, mask, HW, HAS_MOD)
-    k7 = _tap(ker_ptr, mod_ptr, 7, offs, mask, HW, HAS_MOD)
-    k8 = _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps9(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD)
     abs_sum = tl.abs(k0) + tl.abs(k1) + tl.abs(k2) + tl.abs(k3) + tl.abs(k4)
     abs_sum += tl.abs(k5) + tl.abs(k6) + tl.abs(k7) + tl.abs(k8)
     tl.store(unc_ptr + b * HW + offs, abs_sum / 9.0, mask=mask)  # Eq. 11

@@ -327,6 +327,22 @@ def _tap(ker_ptr, mod_ptr, i: tl.constexpr, offs, mask, HW, HAS_MOD: tl.constexp
 
 
 @triton.jit
+def _taps9(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD: tl.constexpr):
+    """The 9 taps K~_i = K_i m_i (Eq. 19), row-major over delta in {-1, 0, 1}^2, in fp32."""
+    return (
+        _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 3, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 4, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 5, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 6, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 7, offs, mask, HW, HAS_MOD),
+        _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD),
+    )
+
+
+@triton.jit
 def _logit(logit_ptr, s: tl.constexpr, S: tl.constexpr, offs, mask, HW):
     """Fusion logit s of a tile in fp32; for s >= S the logit of scale 0 (a no-op in the max)."""
     if s < S:
@@ -509,15 +525,7 @@ def _inverse_operator_fwd_kernel(
     rows, cols, mask, offs = _tile(BLOCK_H, BLOCK_W, H, W)
     a0, a1, a2, a3, a4, a5, a6, a7 = _softmax8(logit_ptr, S, offs, mask, HW)
     # The 3x3 taps K~_i = K_i m_i (Eq. 19), row-major over delta in {-1, 0, 1}^2.
-    k0 = _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD)
-    k1 = _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD)
-    k2 = _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD)
-    k3 = _tap(ker_ptr, mod_ptr, 3, offs, mask, HW, HAS_MOD)
-    k4 = _tap(ker_ptr, mod_ptr, 4, offs, mask, HW, HAS_MOD)
-    k5 = _tap(ker_ptr, mod_ptr, 5, offs, mask, HW, HAS_MOD)
-    k6 = _tap(ker_ptr, mod_ptr, 6, offs, mask, HW, HAS_MOD)
-    k7 = _tap(ker_ptr, mod_ptr, 7, offs, mask, HW, HAS_MOD)
-    k8 = _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps9(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD)
     abs_sum = tl.abs(k0) + tl.abs(k1) + tl.abs(k2) + tl.abs(k3) + tl.abs(k4)
     abs_sum += tl.abs(k5) + tl.abs(k6) + tl.abs(k7) + tl.abs(k8)
     tl.store(unc_ptr + offs, abs_sum / 9.0, mask=mask)  # Eq. 11
@@ -657,15 +665,7 @@ def _inverse_operator_bwd_taps_kernel(
     w_ptr += b * S * 9 * HW
     rows, cols, mask, offs = _tile(BLOCK_H, BLOCK_W, H, W)
     a0, a1, a2, a3, a4, a5, a6, a7 = _softmax8(logit_ptr, S, offs, mask, HW)
-    k0 = _tap(ker_ptr, mod_ptr, 0, offs, mask, HW, HAS_MOD)
-    k1 = _tap(ker_ptr, mod_ptr, 1, offs, mask, HW, HAS_MOD)
-    k2 = _tap(ker_ptr, mod_ptr, 2, offs, mask, HW, HAS_MOD)
-    k3 = _tap(ker_ptr, mod_ptr, 3, offs, mask, HW, HAS_MOD)
-    k4 = _tap(ker_ptr, mod_ptr, 4, offs, mask, HW, HAS_MOD)
-    k5 = _tap(ker_ptr, mod_ptr, 5, offs, mask, HW, HAS_MOD)
-    k6 = _tap(ker_ptr, mod_ptr, 6, offs, mask, HW, HAS_MOD)
-    k7 = _tap(ker_ptr, mod_ptr, 7, offs, mask, HW, HAS_MOD)
-    k8 = _tap(ker_ptr, mod_ptr, 8, offs, mask, HW, HAS_MOD)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps9(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD)
     if _interior(BLOCK_H, BLOCK_W, D_MAX, H, W):
         gk0, gk1, gk2, gk3, gk4, gk5, gk6, gk7, gk8, ga0, ga1, ga2, ga3, ga4, ga5, ga6, ga7 = (
             _tap_grads(
