@@ -332,6 +332,9 @@ def evaluate(
     data: list[str] = typer.Option([], "--data", help="Paired folder: rain=DIR (with --weights)."),
     device: str = typer.Option("auto"),
     json_path: Path | None = typer.Option(None, "--json", help="Write the table as JSON."),
+    per_set: bool = typer.Option(
+        False, "--per-set", help="With --weights: a row per source set under each task."
+    ),
 ) -> None:
     """PSNR/SSIM of restored folders, or of a checkpoint on paired folders / the held-out split."""
     from opir_engine.cli_eval import eval_engine, eval_folders
@@ -342,7 +345,7 @@ def evaluate(
             raise typer.Exit(2)
         raise typer.Exit(eval_folders(restored, target, input, y, csv_path))
     tagged = _parse_tagged(data, "--data")
-    raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path))
+    raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path, per_set))
 
 
 @app.command()

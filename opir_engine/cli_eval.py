@@ -69,6 +69,7 @@ def eval_engine(
     y: bool,
     device: str,
     json_path: Path | None,
+    per_set: bool = False,
 ) -> int:
     from opir_engine.data import find_paired_sets
     from opir_engine.engine import OPIREngine
@@ -88,7 +89,7 @@ def eval_engine(
         err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
         return 2
     engine = OPIREngine.from_pretrained(weights, device=device, compile=False)
-    rows = evaluate_engine(engine, items, y_channel=y)
+    rows = evaluate_engine(engine, items, y_channel=y, per_set=per_set)
     if split is not None:
         rows += evaluate_head(engine, photo_items(split, data_root))
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")

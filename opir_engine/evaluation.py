@@ -179,36 +179,53 @@ def evaluate_head(engine, photos: list[tuple[str, str, torch.Tensor]]) -> list[T
     ]
 
 
+def source_set(name: str) -> str:
+    """The set a validation item comes from, for the per-set rows: the folder of a paired set
+    (`rain/GT-RAIN-webcam/input/s003_r009.png` -> `GT-RAIN-webcam`), of a clean photo
+    (`clean/CBSD68/1.png` -> `CBSD68`), or `synthetic` for pairs made from clean photos."""
+    if name.startswith("synthetic:"):
+        return "synthetic"
+    path = Path(name)
+    return path.parent.parent.name if path.parent.name == "input" else path.parent.name
+
+
 def evaluate_engine(
     engine,  # type: ignore[no-untyped-def]
     items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
     y_channel: bool = False,
     baselines: bool = True,
+    per_set: bool = False,
 ) -> list[TaskRow]:
     """Run the engine with task auto (what users run) on each item and score per task.
 
     The output is scored as the 8-bit file a user would get. Head accuracy counts images whose
     auto decision is the right class (for clean photos: passed through or called clean).
+    With `per_set`, each task's row is followed by one row per source set (`source_set`),
+    labelled `task/set`: a task's mean can hide sets that fare very differently (the real rain
+    of GT-RAIN next to Rain13K's synthetic streaks).
     """
-    per_task: dict[str, dict[str, list]] = {}
-    for task, _name, degraded, target in items:
+    per_group: dict[tuple[str, str], dict[str, list]] = {}
+    for task, name, degraded, target in items:
         result = engine.restore(degraded, task="auto")
         out = (result.image * 255).round() / 255
-        keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
-        m = per_task.setdefault(task, {k: [] for k in keys})
         ip, is_ = _score(degraded, target, y_channel)
         p, s = _score(out, target, y_channel)
-        m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
-        m["acc"].append(float(result.task == task))
-        m["same"].append(float(torch.equal(out, target)))
+        base = None
         if baselines and task in BASELINE_NAMES:
-            base = (classical_baseline(degraded, task) * 255).round() / 255
-            bp, bs = _score(base, target, y_channel)
-            m["bp"].append(bp), m["bs"].append(bs)
+            restored = (classical_baseline(degraded, task) * 255).round() / 255
+            base = _score(restored, target, y_channel)
+        for group in [(task, "")] + ([(task, source_set(name))] if per_set else []):
+            keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
+            m = per_group.setdefault(group, {k: [] for k in keys})
+            m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
+            m["acc"].append(float(result.task == task))
+            m["same"].append(float(torch.equal(out, target)))
+            if base is not None:
+                m["bp"].append(base[0]), m["bs"].append(base[1])
     order = ["rain", "snow", "haze", "clean"]
     return [
         TaskRow(
-            task,
+            f"{task}/{source}" if source else task,
             len(m["p"]),
             finite_mean(m["ip"]),
             finite_mean(m["is"]),
@@ -221,14 +238,17 @@ def evaluate_engine(
             float(np.mean(m["same"])),
             set_psnr(m["p"]),
         )
-        for task, m in sorted(per_task.items(), key=lambda kv: order.index(kv[0]))
+        for (task, source), m in sorted(
+            per_group.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])
+        )
     ]
 
 
 def rows_to_card(rows: list[TaskRow], y_channel: bool) -> dict:
     """The card's `validation` entry."""
     data = {r.task: {**asdict(r), "gain": r.gain} for r in rows}
-    classes = [r for r in rows if r.task in CLASSES]  # `*_photos` rows are reported apart
+    # `*_photos` rows are reported apart, and `task/set` rows split a task's row
+    classes = [r for r in rows if r.task in CLASSES]
     data["head_accuracy"] = sum(r.head_accuracy * r.n for r in classes) / max(
         1, sum(r.n for r in classes)
     )

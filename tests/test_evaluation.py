@@ -23,6 +23,7 @@ from opir_engine.evaluation import (
     evaluate_folders,
     rows_to_card,
     set_psnr,
+    source_set,
 )
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -146,6 +147,44 @@ def test_evaluate_engine_rows_and_card(tmp_path):
     json.dumps(card)  # the card entry is plain JSON
 
 
+def test_source_set_names_the_folder_of_each_item():
+    assert source_set("rain/GT-RAIN-webcam/input/s003_r009.png") == "GT-RAIN-webcam"
+    assert source_set("/data/haze/SOTS-indoor/input/1405_6.png") == "SOTS-indoor"
+    assert source_set("clean/CBSD68/123074.png") == "CBSD68"
+    assert source_set("synthetic:clean/CBSD68/123074.png") == "synthetic"
+
+
+def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path):
+    """Two rain sets: their rows follow the task's row, their sizes and PSNRs make up the
+    task's own, and the card's head accuracy counts each image once."""
+    from opir_engine.checkpoint import save_checkpoint
+    from opir_engine.engine import OPIREngine
+    from opir_engine.model import OPIR, OPIRConfig
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.safetensors", OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
+    engine = OPIREngine.from_pretrained(tmp_path / "t.safetensors", device="cpu", compile=False)
+    items = []
+    for stem, source in (("1", "A"), ("10", "A"), ("14", "B")):
+        x, y = (torch.from_numpy(_load(RAIN / d / f"{stem}.jpg")[:48, :64]).permute(2, 0, 1)
+                .float() / 255 for d in ("input", "target"))  # fmt: skip
+        items.append(("rain", f"rain/{source}/input/{stem}.jpg", x, y))
+    clean = items[0][3]
+    items.append(("clean", "clean/C/1.jpg", clean, clean))
+    plain = evaluate_engine(engine, items)
+    rows = evaluate_engine(engine, items, per_set=True)
+    assert [r.task for r in rows] == ["rain", "rain/A", "rain/B", "clean", "clean/C"]
+    assert [r.n for r in rows] == [3, 2, 1, 1, 1]
+    assert rows[0] == plain[0] and rows[3] == plain[1]
+    assert rows[0].psnr == pytest.approx((2 * rows[1].psnr + rows[2].psnr) / 3)
+    assert rows[0].baseline_psnr == pytest.approx(
+        (2 * rows[1].baseline_psnr + rows[2].baseline_psnr) / 3
+    )
+    card = rows_to_card(rows, y_channel=False)
+    assert card["head_accuracy"] == rows_to_card(plain, y_channel=False)["head_accuracy"]
+    assert card["rain/B"]["n"] == 1
+
+
 def test_synth_cli_writes_pairs_and_parameters(tmp_path):
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -236,6 +275,13 @@ def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path):
     assert card["rain"]["n"] == 2
     for key in ("input_psnr", "psnr", "ssim", "baseline_psnr", "set_psnr", "head_accuracy"):
         assert card["rain"][key] == pytest.approx(getattr(row, key), abs=1e-9)
+    # --per-set adds a row for the folder the pairs came from, here all of them
+    args = ["eval", "--weights", str(weights), "--data", f"rain={pairs}", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out), "--per-set"])
+    assert result.exit_code == 0, result.output
+    per_set = json.loads(out.read_text())
+    assert per_set["rain/rain"]["n"] == 2
+    assert per_set["rain/rain"]["psnr"] == pytest.approx(card["rain"]["psnr"], abs=1e-9)
 
 
 def test_eval_cli_split_needs_data_root(tmp_path):
