@@ -689,3 +689,40 @@ def test_flop_counter_sees_the_operator_once_per_stage() -> None:
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     assert counts["opir.inverse_operator"] == 2 * inverse_operator_flops(1, 3, 32, 32, 4)
     assert counts["aten.convolution"] > 0
+
+
+def test_masked_mean_reads_only_the_valid_pixels() -> None:
+    from opir_engine.model.nafnet import masked_mean
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 5, 12, 16, generator=gen)
+    valid = torch.zeros(2, 1, 12, 16)
+    valid[0, :, :7, :9] = 1
+    valid[1, :, :12, :3] = 1
+    expected = torch.stack([y[0, :, :7, :9].mean((1, 2)), y[1, :, :, :3].mean((1, 2))])
+    torch.testing.assert_close(masked_mean(y, valid)[..., 0, 0], expected)
+    torch.testing.assert_close(masked_mean(y, None), y.mean((2, 3), keepdim=True))
+
+
+def test_nafblock_with_a_mask_ignores_padding_beyond_its_reach() -> None:
+    """The block's only global read is the channel attention's mean; with the mask it skips
+    the padding, so padding content the 3x3 convolution cannot reach (2+ px from the image)
+    changes nothing on the image, while without the mask it shifts every pixel."""
+    from opir_engine.model.nafnet import NAFBlock
+
+    torch.manual_seed(0)
+    block = NAFBlock(8).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(1, 8, 20, 24)
+    valid = torch.zeros(1, 1, 20, 24)
+    valid[..., :13, :17] = 1
+    other = x.clone()
+    other[..., 15:, :] = 5.0  # far padding rows and columns, different content
+    other[..., :, 19:] = -3.0
+    with torch.no_grad():
+        a, b = block(x, valid)[..., :13, :17], block(other, valid)[..., :13, :17]
+        c, d = block(x)[..., :13, :17], block(other)[..., :13, :17]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert float((c - d).abs().max()) > 1e-2

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opir_engine.model.config import OPIRConfig
-from opir_engine.model.nafnet import NAFBlock
+from opir_engine.model.nafnet import NAFBlock, run_blocks
 
 CENTER_TAP = 4  # delta = (0, 0) in the row-major 3x3 order
 
@@ -56,25 +57,40 @@ class KPN(nn.Module):
         nn.init.zeros_(self.ending.bias)
         self.scales = scales
 
-    def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """x (B, 3, H, W), sides multiples of 2^levels -> (bottleneck, skip features)."""
+    def level_masks(self, valid: Tensor | None) -> list[Tensor | None]:
+        """The validity mask (B, 1, H, W) at each U-Net level, full size first: a pixel of a
+        coarser level is valid when any pixel it covers is."""
+        masks = [valid]
+        for _ in self.downs:
+            masks.append(None if valid is None else F.max_pool2d(masks[-1], 2))
+        return masks
+
+    def encode(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """x (B, 3, H, W), sides multiples of 2^levels -> (bottleneck, skip features).
+        valid (B, 1, H, W): 1 on the image, 0 on padding (see `nafnet.masked_mean`)."""
+        masks = self.level_masks(valid)
         y = self.intro(x)
         skips = []
-        for encoder, down in zip(self.encoders, self.downs, strict=True):
-            y = encoder(y)
+        for encoder, down, mask in zip(self.encoders, self.downs, masks, strict=False):
+            y = run_blocks(encoder, y, mask)
             skips.append(y)
             y = down(y)
-        return self.middle(y), skips
+        return run_blocks(self.middle, y, masks[-1]), skips
 
-    def decode(self, bottleneck: Tensor, skips: list[Tensor]) -> KPNOutput:
+    def decode(
+        self, bottleneck: Tensor, skips: list[Tensor], valid: Tensor | None = None
+    ) -> KPNOutput:
+        masks = self.level_masks(valid)[-2::-1]  # the decoders run coarse to fine
         y = bottleneck
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
-            y = decoder(up(y) + skip)
+        for up, decoder, skip, mask in zip(
+            self.ups, self.decoders, reversed(skips), masks, strict=True
+        ):
+            y = run_blocks(decoder, up(y) + skip, mask)
         out = self.ending(y)
         kernel, fusion_logits, bias = torch.split(out, [9, self.scales, 3], dim=1)
         identity = torch.zeros(9, device=out.device, dtype=out.dtype)
         identity[CENTER_TAP] = 1.0
         return KPNOutput(kernel + identity.view(1, 9, 1, 1), fusion_logits, bias, bottleneck)
 
-    def forward(self, x: Tensor) -> KPNOutput:
-        return self.decode(*self.encode(x))
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> KPNOutput:
+        return self.decode(*self.encode(x, valid), valid)

@@ -29,6 +29,23 @@ class SimpleGate(nn.Module):
         return x1 * x2
 
 
+def masked_mean(y: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of (B, C, H, W) over H and W, keepdim; with `valid` (B, 1, H, W) of 0 and 1, over
+    the valid pixels only. The engine pads photos (to a multiple of the U-Net's stride, or up
+    to a shape bucket for the compiled graph); the padding must not shift a statistic of the
+    whole map, or the same photo would restore differently with and without it."""
+    if valid is None:
+        return y.mean(dim=(2, 3), keepdim=True)
+    return (y * valid).sum(dim=(2, 3), keepdim=True) / valid.sum(dim=(2, 3), keepdim=True)
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, valid: Tensor | None = None) -> Tensor:
+    """x through a sequence of NAFBlocks that share one validity mask."""
+    for block in blocks:
+        x = block(x, valid)
+    return x
+
+
 class NAFBlock(nn.Module):
     """NAFNet block: LN, 1x1, depthwise 3x3, SimpleGate, simplified channel attention, then a
     gated feed-forward. `beta` and `gamma` start at zero, so the block starts as the identity."""
@@ -48,10 +65,12 @@ class NAFBlock(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W); valid (B, 1, H, W): the pixels that are image, not padding (None:
+        all), the only ones the channel attention's global mean reads."""
         y = self.conv1(self.norm1(x))
         y = self.sg(self.conv2(y))
-        y = y * self.sca(y)
+        y = y * (self.sca(y) if valid is None else self.sca[1](masked_mean(y, valid)))
         x = x + self.conv3(y) * self.beta
         y = self.sg(self.conv4(self.norm2(x)))
         return x + self.conv5(y) * self.gamma

@@ -67,15 +67,21 @@ class OPIR(nn.Module):
         bottleneck, _ = self.kpn.encode(image)
         return self.head(bottleneck)
 
-    def forward(self, image: Tensor, task_weights: Tensor | None = None) -> OPIROutput:
+    def forward(
+        self, image: Tensor, task_weights: Tensor | None = None, valid: Tensor | None = None
+    ) -> OPIROutput:
         """image (B, 3, H, W) in [0, 1], sides multiples of `multiple_of`.
 
         task_weights (B, num_classes): one-hot for a chosen task, or any mix. None means auto:
         the head's probabilities choose the embedding, and images it calls clean with at least
         `clean_threshold` confidence come back unchanged.
+
+        valid (B, 1, H, W): 1 where the image is, 0 where padding was added to reach its shape
+        (None: no padding). The KPN's global means read only the image, so a padded photo
+        restores as it would unpadded, but for the convolutions' reach across the border.
         """
         self._check_size(image)
-        kpn1 = self.kpn(image)
+        kpn1 = self.kpn(image, valid)
         if self.config.classifier == "trunk":
             class_logits = self.classifier(image)
         else:
@@ -85,7 +91,7 @@ class OPIR(nn.Module):
         stages = (j1,)
         if self.config.stages == 2:
             guide = j1 * uncertainty if self.config.use_uncertainty else j1
-            j2, _ = self._apply_operator(j1, self.kpn(guide), 1, weights)  # Eq. 13
+            j2, _ = self._apply_operator(j1, self.kpn(guide, valid), 1, weights)  # Eq. 13
             stages = (j1, j2)
         restored = stages[-1]
         if task_weights is None:
