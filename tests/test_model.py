@@ -392,6 +392,58 @@ def test_trunk_classifier_reads_the_image_not_the_kpn() -> None:
     assert model.classify(torch.rand(1, 3, 4, 1000)).shape == (1, len(CLASSES))
 
 
+CLEAN_SET = DATA / "clean" / "CBSD68"
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "opir-small-allinone.safetensors"
+
+
+@pytest.mark.skipif(not CLEAN_SET.is_dir(), reason=f"no clean photos at {CLEAN_SET} (OPIR_DATA)")
+def test_trunk_classifier_with_a_mask_judges_a_padded_photo_as_the_photo() -> None:
+    """The shipped classifier on real photos padded at the bottom and right, as a tile or a
+    shape bucket is: with the mask its logits stay near the unpadded photo's whatever the
+    padding holds (only the convolutions' reach across the border differs), without it a dark
+    frame moves them by many units; the decision never changes with the mask."""
+    model, _ = load_checkpoint(SHIPPED)
+    for path in sorted(CLEAN_SET.iterdir())[:3]:
+        photo = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
+        x = photo.permute(2, 0, 1)[None, :, :320, :320].contiguous()  # some are portrait
+        valid = torch.zeros(1, 1, 512, 544)
+        valid[..., :320, :320] = 1
+        with torch.no_grad():
+            alone = model.classifier(x)
+            for fill in (0.0, 0.5):
+                padded = F.pad(x, (0, 224, 0, 192), value=fill)
+                masked, unmasked = model.classifier(padded, valid), model.classifier(padded)
+                assert (masked - alone).abs().max() < 2.0, path.name
+                assert (masked - alone).abs().max() < (unmasked - alone).abs().max(), path.name
+                assert masked.argmax() == alone.argmax(), path.name
+            assert (model.classifier(F.pad(x, (0, 224, 0, 192)), None) - alone).abs().max() > 5
+            # an all-ones mask is no mask
+            ones = torch.ones(1, 1, 320, 320)
+            torch.testing.assert_close(model.classifier(x, ones), alone, atol=1e-4, rtol=1e-4)
+
+
+def test_bottleneck_head_with_a_mask_pools_the_image_alone() -> None:
+    """The head has no convolutions: with the mask, any padding gives the crop's logits."""
+    model = _model(_tiny(), perturb=0.05)
+    crop = torch.randn(2, model.head.fc1.in_features // 2, 3, 5)
+    padded = F.pad(crop, (0, 3, 0, 1), value=100.0)  # a max and a mean the crop never has
+    valid = torch.zeros(2, 1, 4 * 16, 8 * 16)
+    valid[..., : 3 * 16, : 5 * 16] = 1
+    torch.testing.assert_close(model.head(padded, valid), model.head(crop))
+    assert (model.head(padded) - model.head(crop)).abs().max() > 1
+
+
+def test_forward_in_auto_passes_the_mask_to_the_classifier() -> None:
+    model = _model(_tiny(classifier="trunk", classifier_width=8), perturb=0.05)
+    x = torch.rand(1, 3, 32, 48)
+    valid = torch.zeros(1, 1, 32, 48)
+    valid[..., :20, :30] = 1
+    with torch.no_grad():
+        out = model(x, valid=valid)
+    torch.testing.assert_close(out.class_logits, model.classifier(x, valid))
+    assert not torch.allclose(out.class_logits, model.classifier(x))
+
+
 def test_trunk_classifier_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _model(_tiny(classifier="trunk", classifier_width=8), perturb=0.05)
     save_checkpoint(tmp_path / "t.safetensors", model, {"name": "t"})

@@ -15,7 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opir_engine.model.nafnet import NAFBlock
+from opir_engine.model.nafnet import NAFBlock, masked_mean
+
+
+def mask_at(valid: Tensor | None, x: Tensor) -> Tensor | None:
+    """The validity mask (B, 1, H, W) at the resolution of features x, nearest-sampled. The
+    padding is at the bottom and right, so the top-left pixel is always image: it is kept
+    valid, and no statistic is ever taken over an empty set at a coarse level."""
+    if valid is None:
+        return None
+    v = F.interpolate(valid, size=x.shape[-2:], mode="nearest")
+    corner = torch.zeros_like(v)
+    corner[..., 0, 0] = 1.0
+    return torch.maximum(v, corner)
 
 
 class DegradationHead(nn.Module):
@@ -26,10 +38,14 @@ class DegradationHead(nn.Module):
         self.fc1 = nn.Linear(2 * channels, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, bottleneck: Tensor) -> Tensor:
+    def forward(self, bottleneck: Tensor, valid: Tensor | None = None) -> Tensor:
         """(B, C, h, w) -> logits (B, num_classes). Mean and max pooling: haze is global,
-        rain and snow are sparse and show in the max."""
-        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+        rain and snow are sparse and show in the max. valid (B, 1, H, W): the image's pixels
+        at input resolution (None: all); both pools read only those."""
+        v = mask_at(valid, bottleneck)
+        peak = bottleneck if v is None else bottleneck.masked_fill(v == 0, float("-inf"))
+        mean = masked_mean(bottleneck, v).flatten(1)
+        pooled = torch.cat([mean, peak.amax(dim=(2, 3))], dim=1)
         return self.fc2(F.gelu(self.fc1(pooled)))
 
 
@@ -62,13 +78,25 @@ class DegradationClassifier(nn.Module):
         self.fc1 = nn.Linear(2 * channels, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, image: Tensor) -> Tensor:
-        """image (B, 3, H, W) in [0, 1], H and W >= 2 -> logits (B, num_classes)."""
+    def forward(self, image: Tensor, valid: Tensor | None = None) -> Tensor:
+        """image (B, 3, H, W) in [0, 1], H and W >= 2 -> logits (B, num_classes).
+
+        valid (B, 1, H, W): 1 on the image, 0 on padding added at the bottom and right (None:
+        no padding). The blocks' channel attention and the final mean and spread then read the
+        image alone, so a tile or shape bucket's padding does not change the decision beyond
+        the convolutions' reach across the border.
+        """
         x = self.stem(image)
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, mask_at(valid, x))
             if i < len(self.downs):
                 x = self.downs[i](x)
-        flat = x.flatten(2)
-        pooled = torch.cat([flat.mean(-1), flat.std(-1, correction=0)], dim=1)
+        if valid is None:
+            flat = x.flatten(2)
+            pooled = torch.cat([flat.mean(-1), flat.std(-1, correction=0)], dim=1)
+        else:
+            v = mask_at(valid, x)
+            mean = masked_mean(x, v)
+            spread = masked_mean((x - mean) ** 2, v).sqrt()
+            pooled = torch.cat([mean.flatten(1), spread.flatten(1)], dim=1)
         return self.fc2(F.gelu(self.fc1(pooled)))

@@ -77,15 +77,16 @@ class OPIR(nn.Module):
         `clean_threshold` confidence come back unchanged.
 
         valid (B, 1, H, W): 1 where the image is, 0 where padding was added to reach its shape
-        (None: no padding). The KPN's global means read only the image, so a padded photo
-        restores as it would unpadded, but for the convolutions' reach across the border.
+        (None: no padding). The KPN's global means and the classifier's pooling read only the
+        image, so a padded photo restores (and, in auto, is judged) as it would unpadded, but for
+        the convolutions' reach across the border.
         """
         self._check_size(image)
         kpn1 = self.kpn(image, valid)
         if self.config.classifier == "trunk":
-            class_logits = self.classifier(image)
+            class_logits = self.classifier(image, valid)
         else:
-            class_logits = self.head(kpn1.bottleneck)
+            class_logits = self.head(kpn1.bottleneck, valid)
         weights = torch.softmax(class_logits, dim=1) if task_weights is None else task_weights
         j1, uncertainty = self._apply_operator(image, kpn1, 0, weights)  # Eq. 12
         stages = (j1,)
