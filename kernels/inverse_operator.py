@@ -810,6 +810,22 @@ def _offsets_fit(image: Tensor, dilations: Sequence[int]) -> bool:
     return max(c, 9, len(dilations)) * h * w < 2**31
 
 
+def _launch_operands(
+    what: str, tensors: Sequence[Tensor | None], dilations: Sequence[int]
+) -> list[Tensor | None]:
+    """The operands of a Triton pass, contiguous (the kernels index them flat); first the
+    32-bit offset limit is checked on the image (tensors[0]), before any copy is made."""
+    image = tensors[0]
+    assert image is not None
+    if not _offsets_fit(image, dilations):
+        _, c, h, w = image.shape
+        raise ValueError(
+            f"the Triton {what} takes at most 2^31 elements per image plane set, got "
+            f"{max(c, 9, len(dilations))} x {h} x {w}: tile the image"
+        )
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 def _pack_dilations(dilations: Sequence[int]) -> int:
     return sum(int(d) << (8 * s) for s, d in enumerate(dilations))
 
@@ -827,20 +843,11 @@ def inverse_operator_forward_triton(
 
     `config` ({"BLOCK_H": rows, "BLOCK_W": columns of a program's tile, "num_warps": n}) overrides
     FORWARD_CONFIG (for the benchmark's sweep)."""
+    image, kernel, modulation, fusion_logits, bias = _launch_operands(
+        "forward", (image, kernel, modulation, fusion_logits, bias), dilations
+    )
     b, c, h, w = image.shape
     s = len(dilations)
-    if not _offsets_fit(image, dilations):  # before any copy below is made
-        raise ValueError(
-            f"the Triton forward takes at most 2^31 elements per image plane set, got "
-            f"{max(c, 9, s)} x {h} x {w}: tile the image"
-        )
-    image, kernel, fusion_logits = (
-        image.contiguous(),
-        kernel.contiguous(),
-        fusion_logits.contiguous(),
-    )
-    modulation = None if modulation is None else modulation.contiguous()
-    bias = None if bias is None else bias.contiguous()
     cfg = config or FORWARD_CONFIG
     out = torch.empty_like(image)
     unc = torch.empty((b, 1, h, w), dtype=image.dtype, device=image.device)
@@ -866,19 +873,11 @@ def inverse_operator_backward_triton(
     dilations: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """Triton backward: grads for (image, kernel, modulation, logits, bias). Two passes."""
-    if not _offsets_fit(image, dilations):
-        raise ValueError(
-            f"the Triton backward takes at most 2^31 elements per image plane set, got "
-            f"{max(image.shape[1], 9, len(dilations))} x {image.shape[2]} x {image.shape[3]}: "
-            f"tile the image"
-        )
-    image, kernel, fusion_logits = (
-        image.contiguous(),
-        kernel.contiguous(),
-        fusion_logits.contiguous(),
+    image, kernel, modulation, fusion_logits, g, gu = _launch_operands(
+        "backward",
+        (image, kernel, modulation, fusion_logits, grad_restored, grad_uncertainty),
+        dilations,
     )
-    modulation = None if modulation is None else modulation.contiguous()
-    g, gu = grad_restored.contiguous(), grad_uncertainty.contiguous()
     b, c, h, w = image.shape
     s = len(dilations)
     cfg = BACKWARD_CONFIG

@@ -152,6 +152,22 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
+def test_triton_passes_refuse_planes_past_32_bit_offsets_before_copying() -> None:
+    """9 x 2^15 x 2^13 = 2^31 elements in the kernel's planes: one too many for the kernels'
+    32-bit offsets. The inputs are stride-0 views (no memory); the refusal must come before
+    `.contiguous()` would allocate 8 GiB, and name the shape and the way out."""
+    h, w = 2**15, 2**13
+    image = torch.zeros(1, 3, 1, 1).expand(1, 3, h, w)
+    kernel = torch.zeros(1, 9, 1, 1).expand(1, 9, h, w)
+    logits = torch.zeros(1, 4, 1, 1).expand(1, 4, h, w)
+    with pytest.raises(ValueError, match=r"Triton forward .* 9 x 32768 x 8192: tile the image"):
+        inverse_operator_forward_triton(image, kernel, None, logits, None, DILATIONS_4)
+    with pytest.raises(ValueError, match=r"Triton backward .* 9 x 32768 x 8192: tile the image"):
+        inverse_operator_backward_triton(
+            image, image[:, :1], image, kernel, None, logits, DILATIONS_4
+        )
+
+
 @needs_interpreter
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
 @pytest.mark.parametrize(("shape", "dilations", "has_modulation", "has_bias"), CASES)
