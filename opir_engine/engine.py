@@ -175,10 +175,9 @@ class OPIREngine:
     padded to the stride alone (without the mask a held-out 355x681 frame padded to 512 rows
     came out 32 dB PSNR away from its unbucketed restore). Dynamic-shape graphs did not avoid
     recompiles: measured with torch 2.13 on CPU, they recompile whenever an input crosses a
-    size that PyTorch's
-    convolution backend choice (20480 elements) or Inductor's reductions (4096 elements per
-    U-Net level) guard on, so a folder of small mixed sizes recompiled (about 100 s each for
-    the tiny config on 2 busy cores) at nearly every new size.
+    size that PyTorch's convolution backend choice (20480 elements) or Inductor's reductions
+    (4096 elements per U-Net level) guard on, so a folder of small mixed sizes recompiled
+    (about 100 s each for the tiny config on 2 busy cores) at nearly every new size.
     """
 
     def __init__(
