@@ -204,6 +204,7 @@ def evaluate_engine(
     labelled `task/set`: a task's mean can hide sets that fare very differently (the real rain
     of GT-RAIN next to Rain13K's synthetic streaks).
     """
+    keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
     per_group: dict[tuple[str, str], dict[str, list]] = {}
     for task, name, degraded, target in items:
         result = engine.restore(degraded, task="auto")
@@ -215,7 +216,6 @@ def evaluate_engine(
             restored = (classical_baseline(degraded, task) * 255).round() / 255
             base = _score(restored, target, y_channel)
         for group in [(task, "")] + ([(task, source_set(name))] if per_set else []):
-            keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
             m = per_group.setdefault(group, {k: [] for k in keys})
             m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
             m["acc"].append(float(result.task == task))

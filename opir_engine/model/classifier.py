@@ -19,15 +19,11 @@ from opir_engine.model.nafnet import NAFBlock, masked_mean
 
 
 def mask_at(valid: Tensor | None, x: Tensor) -> Tensor | None:
-    """The validity mask (B, 1, H, W) at the resolution of features x, nearest-sampled. The
-    padding is at the bottom and right, so the top-left pixel is always image: it is kept
-    valid, and no statistic is ever taken over an empty set at a coarse level."""
-    if valid is None:
-        return None
-    v = F.interpolate(valid, size=x.shape[-2:], mode="nearest")
-    corner = torch.zeros_like(v)
-    corner[..., 0, 0] = 1.0
-    return torch.maximum(v, corner)
+    """The validity mask (B, 1, H, W) at the resolution of features x: a feature pixel is
+    valid when any pixel it covers is, the KPN's rule (`KPN.level_masks`) for any size the
+    strided convolutions give. The image's top-left pixel is always covered, so no statistic
+    is taken over an empty set."""
+    return None if valid is None else F.adaptive_max_pool2d(valid, x.shape[-2:])
 
 
 class DegradationHead(nn.Module):
@@ -88,14 +84,14 @@ class DegradationClassifier(nn.Module):
         """
         x = self.stem(image)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask_at(valid, x))
+            v = mask_at(valid, x)
+            x = block(x, v)
             if i < len(self.downs):
                 x = self.downs[i](x)
-        if valid is None:
+        if v is None:
             flat = x.flatten(2)
             pooled = torch.cat([flat.mean(-1), flat.std(-1, correction=0)], dim=1)
-        else:
-            v = mask_at(valid, x)
+        else:  # the last block has no down after it: v is at x's resolution
             mean = masked_mean(x, v)
             spread = masked_mean((x - mean) ** 2, v).sqrt()
             pooled = torch.cat([mean.flatten(1), spread.flatten(1)], dim=1)
