@@ -57,9 +57,10 @@ LARGE = 1_000_000  # pixels: sizes above use --runs-large
 
 
 def _build_engine(config: str, compiled: bool, tile: int) -> Any:
-    from opir_engine.checkpoint import CheckpointError
-    from opir_engine.engine import DEFAULT_WEIGHTS, OPIREngine, pick_device, pick_dtype
+    from opir_engine.devices import pick_device, pick_dtype
+    from opir_engine.inference.engine import OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import DEFAULT_WEIGHTS, CheckpointError
 
     try:
         return OPIREngine.from_pretrained(DEFAULT_WEIGHTS, compile=compiled, tile=tile), "shipped"

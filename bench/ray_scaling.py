@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from opir_engine.batch import FileRecord, RestoreOptions, plan_jobs, run_jobs
-from opir_engine.checkpoint import save_checkpoint
-from opir_engine.engine import OPIREngine
+from opir_engine.batch.ray_backend import restore_with_ray
+from opir_engine.batch.runner import FileRecord, RestoreOptions, plan_jobs, run_jobs
+from opir_engine.inference.engine import OPIREngine
 from opir_engine.model import OPIR, OPIRConfig
-from opir_engine.ray_backend import restore_with_ray
+from opir_engine.weights import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("OPIR_DATA", ROOT.parent / "shared" / "data"))

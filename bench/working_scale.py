@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
-from opir_engine.data import find_paired_sets
-from opir_engine.engine import OPIREngine
-from opir_engine.evaluation import validation_items
+from opir_engine.datasets import find_paired_sets
+from opir_engine.evaluation.metrics import psnr
+from opir_engine.evaluation.scoring import validation_items
 from opir_engine.image_io import read_image
-from opir_engine.metrics import psnr
+from opir_engine.inference.engine import OPIREngine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]

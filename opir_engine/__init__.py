@@ -1,7 +1,8 @@
-"""opir: restore photos degraded by rain, snow and haze with one all-in-one OPIR model."""
+"""opir: restore photos degraded by rain, snow and haze with one all-in-one OPIR model.
 
-from opir_engine.model import CLASSES, OPIR, TASKS, OPIRConfig
-from opir_kernels.inverse_operator import inverse_operator, kernel_backend
+Nothing is imported here, so `opir --help` starts without torch. The parts are subpackages:
+`model` (the network), `inference` (the engine), `image_io`, `batch`, `synthesis`, `training`,
+`evaluation`, `profiling` and `cli`; `devices` and `weights` sit below them all.
+"""
 
-__all__ = ["CLASSES", "OPIR", "TASKS", "OPIRConfig", "inverse_operator", "kernel_backend"]
 __version__ = "0.1.0"

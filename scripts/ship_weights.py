@@ -21,16 +21,16 @@ import argparse
 import json
 from pathlib import Path
 
-from opir_engine.checkpoint import load_checkpoint, save_checkpoint
-from opir_engine.engine import OPIREngine
-from opir_engine.evaluation import (
+from opir_engine.evaluation.scoring import (
     evaluate_engine,
     evaluate_head,
     photo_items,
     rows_to_card,
     validation_items,
 )
-from opir_engine.train import DataSpec, Recipe, lineage, train_command
+from opir_engine.inference.engine import OPIREngine
+from opir_engine.training.trainer import DataSpec, Recipe, lineage, train_command
+from opir_engine.weights import load_checkpoint, save_checkpoint
 
 PAPER_TABLE_1 = {
     "note": "The paper's own all-in-one results (Table 1, full-size OPIR, trained on 13k+ pairs, "

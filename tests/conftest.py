@@ -58,8 +58,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     saved with its card: the checkpoint the engine, restore and Ray tests load."""
     import torch
 
-    from opir_engine.checkpoint import save_checkpoint
     from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
 
     path = tmp_path_factory.mktemp("weights") / "test-tiny.safetensors"
     torch.manual_seed(0)

@@ -17,8 +17,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from opir_engine.checkpoint import load_checkpoint, save_checkpoint
-from opir_engine.classifier_training import (
+from opir_engine.cli.app import app
+from opir_engine.datasets import make_split
+from opir_engine.evaluation.scoring import TaskRow, evaluate_head, photo_items, rows_to_card
+from opir_engine.inference.engine import OPIREngine, classification_view
+from opir_engine.model import CLASSES, OPIR, OPIRConfig, auto_decision
+from opir_engine.training.classifier import (
     CLEAN_THRESHOLDS,
     ClassifierData,
     ClassifierRecipe,
@@ -29,11 +33,7 @@ from opir_engine.classifier_training import (
     train_classifier,
     with_trunk_classifier,
 )
-from opir_engine.cli import app
-from opir_engine.data import make_split
-from opir_engine.engine import OPIREngine, classification_view
-from opir_engine.evaluation import TaskRow, evaluate_head, photo_items, rows_to_card
-from opir_engine.model import CLASSES, OPIR, OPIRConfig, auto_decision
+from opir_engine.weights import load_checkpoint, save_checkpoint
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
@@ -117,7 +117,7 @@ def test_pool_is_seeded_balanced_and_never_reads_the_split(data_root: Path) -> N
 
     # only held-in photos are sources: the held-out rain pair, clean photo and snowy photo
     # never are
-    from opir_engine.classifier_training import _Sources
+    from opir_engine.training.classifier import _Sources
 
     sources = _Sources(data, recipe)
     keys = {s.key for group in (sources.clean, sources.targets, *sources.real.values())

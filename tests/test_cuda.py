@@ -42,10 +42,10 @@ from test_inverse_operator import (
     _upcast,
 )
 
-from opir_engine.checkpoint import load_checkpoint
-from opir_engine.engine import OPIREngine, to_tensor
-from opir_engine.metrics import psnr
+from opir_engine.evaluation.metrics import psnr
+from opir_engine.inference.engine import OPIREngine, to_tensor
 from opir_engine.model import CLASSES, OPIRLoss
+from opir_engine.weights import load_checkpoint
 from opir_kernels import inverse_operator as op_module
 from opir_kernels.inverse_operator import inverse_operator, kernel_backend
 
@@ -454,7 +454,7 @@ def test_restore_cli_on_cuda(cpu_results, tmp_path: Path, extra: list[str]) -> N
     says it ran on cuda."""
     out, report = tmp_path / "out", tmp_path / "report.json"
     # What the `opir` console script runs (no console script is needed on PATH).
-    command = [sys.executable, "-c", "from opir_engine.cli import main; main()", "restore"]
+    command = [sys.executable, "-c", "from opir_engine.cli.app import main; main()", "restore"]
     run = subprocess.run(
         [*command, str(SAMPLES), str(out), "--device", str(DEVICE), "--report", str(report),
          *extra],

@@ -1,4 +1,5 @@
-"""Tests for opir_engine.engine: loading checkpoints, inputs, padding, tiling, task choice, compile.
+"""Tests for opir_engine.inference.engine: loading checkpoints, inputs, padding, tiling, task
+choice, compile.
 
 The weights are a tiny OPIR with a fixed seed, its parameters moved away from the identity init
 so that outputs differ from inputs; real photos come from the shared data folder.
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opir_engine.checkpoint import CheckpointError
-from opir_engine.engine import EngineError, OPIREngine, RestoreResult, to_tensor
 from opir_engine.image_io import read_image
+from opir_engine.inference.engine import EngineError, OPIREngine, RestoreResult, to_tensor
 from opir_engine.model import CLASSES, OPIRConfig
+from opir_engine.weights import CheckpointError
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PHOTO = DATA / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"  # 1024x800

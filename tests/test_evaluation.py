@@ -15,9 +15,9 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from typer.testing import CliRunner
 
-from opir_engine.baselines import dehaze_dark_channel, median_filter
-from opir_engine.cli import app
-from opir_engine.evaluation import (
+from opir_engine.cli.app import app
+from opir_engine.evaluation.baselines import dehaze_dark_channel, median_filter
+from opir_engine.evaluation.scoring import (
     EvaluationError,
     evaluate_engine,
     evaluate_folders,
@@ -126,9 +126,9 @@ def test_median_filter_removes_isolated_streak_pixels():
 
 def test_evaluate_engine_rows_and_card(tmp_path):
     """A tiny model through the engine: one row per task, accuracies in [0, 1], a card entry."""
-    from opir_engine.checkpoint import save_checkpoint
-    from opir_engine.engine import OPIREngine
+    from opir_engine.inference.engine import OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "t.safetensors", OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
@@ -157,9 +157,9 @@ def test_source_set_names_the_folder_of_each_item():
 def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path):
     """Two rain sets: their rows follow the task's row, their sizes and PSNRs make up the
     task's own, and the card's head accuracy counts each image once."""
-    from opir_engine.checkpoint import save_checkpoint
-    from opir_engine.engine import OPIREngine
+    from opir_engine.inference.engine import OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "t.safetensors", OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
@@ -211,7 +211,7 @@ def test_synth_cli_rejects_unknown_kind(tmp_path):
 
 @pytest.mark.parametrize("radius", [1, 4, 12])
 def test_box_filter_equals_average_pooling(radius):
-    from opir_engine.baselines import _box
+    from opir_engine.evaluation.baselines import _box
 
     x = torch.rand(1, 2, 37, 45, dtype=torch.float64)
     padded = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
@@ -231,7 +231,7 @@ def test_set_psnr_pools_the_mse_by_hand():
 
 def test_set_psnr_matches_psnr_of_the_stacked_images():
     """The set PSNR of same-sized images is the PSNR of the images side by side."""
-    from opir_engine.metrics import psnr
+    from opir_engine.evaluation.metrics import psnr
 
     gen = torch.Generator().manual_seed(0)
     targets = [torch.rand(3, 16, 24, generator=gen) for _ in range(3)]
@@ -247,9 +247,9 @@ def test_set_psnr_matches_psnr_of_the_stacked_images():
 def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path):
     """`opir eval --weights W --data rain=DIR --json F`: the CLI's JSON holds the same figures
     as `evaluate_engine` run here on the same pairs with the same checkpoint."""
-    from opir_engine.checkpoint import save_checkpoint
-    from opir_engine.engine import OPIREngine
+    from opir_engine.inference.engine import OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
 
     torch.manual_seed(0)
     weights = tmp_path / "t.safetensors"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from opir_engine.checkpoint import save_checkpoint
-from opir_engine.cli import app
+from opir_engine.cli.app import app
 from opir_engine.model import OPIR, GrowthError, OPIRConfig, grow
 from opir_engine.model.growth import can_grow
-from opir_engine.train import DataSpec, Recipe, Trainer, TrainingError
+from opir_engine.training.trainer import DataSpec, Recipe, Trainer, TrainingError
+from opir_engine.weights import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

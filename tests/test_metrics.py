@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from opir_engine.metrics import (
+from opir_engine.evaluation.metrics import (
     DataRangeError,
     ImageShapeError,
     ShapeMismatchError,

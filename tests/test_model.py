@@ -24,9 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from opir_engine.checkpoint import CheckpointError, load_checkpoint, read_card, save_checkpoint
 from opir_engine.model import CLASSES, OPIR, PRESETS, TAM, OPIRConfig, OPIRLoss, OPIROutput
 from opir_engine.model.loss import charbonnier, fft_l1, laplacian
+from opir_engine.weights import CheckpointError, load_checkpoint, read_card, save_checkpoint
 from opir_kernels.inverse_operator import TAPS, inverse_operator, inverse_operator_flops
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

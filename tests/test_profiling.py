@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from opir_engine.checkpoint import save_checkpoint
 from opir_engine.model import OPIR, OPIRConfig
 from opir_engine.profiling import (
     NAMED_SIZES,
@@ -30,7 +29,8 @@ from opir_engine.profiling import (
     run_profile,
     time_interleaved,
 )
-from opir_engine.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_engine.profiling.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_engine.weights import save_checkpoint
 from opir_kernels.inverse_operator import inverse_operator_flops
 
 # Parameters of the published PromptIR that its forward never uses: six 1x1 convolutions the
@@ -275,7 +275,7 @@ def test_profile_cli_writes_json(tmp_path):
 
     from typer.testing import CliRunner
 
-    from opir_engine.cli import app
+    from opir_engine.cli.app import app
 
     out = tmp_path / "profile.json"
     args = ["profile", "--config", "tiny", "--sizes", "64", "--runs", "2", "--warmup", "1"]
@@ -291,7 +291,7 @@ def test_profile_cli_writes_json(tmp_path):
 def test_profile_cli_bad_size_is_one_line_error():
     from typer.testing import CliRunner
 
-    from opir_engine.cli import app
+    from opir_engine.cli.app import app
 
     result = CliRunner().invoke(app, ["profile", "--config", "tiny", "--sizes", "huge"])
     assert result.exit_code == 1

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from opir_engine.batch import FileRecord, RestoreOptions, plan_jobs, run_jobs  # noqa: E402
-from opir_engine.cli import app  # noqa: E402
-from opir_engine.engine import OPIREngine  # noqa: E402
-from opir_engine.ray_backend import restore_with_ray  # noqa: E402
+from opir_engine.batch.ray_backend import restore_with_ray  # noqa: E402
+from opir_engine.batch.runner import FileRecord, RestoreOptions, plan_jobs, run_jobs  # noqa: E402
+from opir_engine.cli.app import app  # noqa: E402
+from opir_engine.inference.engine import OPIREngine  # noqa: E402
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 BSDS = DATA / "clean" / "BSDS500_test"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps
 from typer.testing import CliRunner
 
-from opir_engine.cli import app
+from opir_engine.cli.app import app
 from opir_engine.image_io import read_image, write_image
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -424,7 +424,7 @@ def test_interrupted_runs_resume_without_partial_or_repeated_outputs(
 
 
 def test_models_lists_the_shipped_checkpoints() -> None:
-    from opir_engine.engine import list_shipped
+    from opir_engine.weights import list_shipped
 
     result = _invoke("models")
     assert result.exit_code == 0, result.output

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opir_engine.tiling import (
+from opir_engine.inference.tiling import (
     Tile,
     TileArgumentError,
     TileInputError,

@@ -25,10 +25,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from opir_engine.checkpoint import load_checkpoint
-from opir_engine.cli import app
+from opir_engine.cli.app import app
 from opir_engine.model import CLASSES
-from opir_engine.train import (
+from opir_engine.training.trainer import (
     DataSpec,
     Recipe,
     Trainer,
@@ -39,6 +38,7 @@ from opir_engine.train import (
     step_batches,
     train_command,
 )
+from opir_engine.weights import load_checkpoint
 
 DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"

@@ -1,5 +1,6 @@
-"""Tests for opir_engine.working_scale and the engine's working side: shrinking, carrying the
-correction back, and what `OPIREngine.restore` does with a photo longer than `work_side`."""
+"""Tests for opir_engine.inference.working_scale and the engine's working side: shrinking,
+carrying the correction back, and what `OPIREngine.restore` does with a photo longer than
+`work_side`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opir_engine.engine import EngineError, OPIREngine
 from opir_engine.image_io import read_image
-from opir_engine.working_scale import (
+from opir_engine.inference.engine import EngineError, OPIREngine
+from opir_engine.inference.working_scale import (
     enlarge_to,
     shrink_to_side,
     transfer_correction,

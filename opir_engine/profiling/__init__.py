@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from opir_engine.checkpoint import CheckpointError, load_checkpoint
-from opir_engine.engine import EngineError, pick_device, pick_dtype, resolve_weights
+from opir_engine import devices
+from opir_engine.devices import pick_device, pick_dtype
 from opir_engine.model import OPIR, OPIRConfig, OPIROutput
-from opir_engine.padding import crop_to, pad_to_multiple
-from opir_engine.promptir import PromptIR
+from opir_engine.model.padding import crop_to, pad_to_multiple
+from opir_engine.profiling.promptir import PromptIR
+from opir_engine.weights import CheckpointError, load_checkpoint, resolve_weights
 from opir_kernels.inverse_operator import inverse_operator, inverse_operator_flops
 
 
@@ -133,7 +134,7 @@ def resolve_device(name: str) -> torch.device:
     """The engine's device rule ("auto": CUDA when available); DeviceError otherwise."""
     try:
         return pick_device(name)
-    except EngineError as e:
+    except devices.DeviceError as e:
         raise DeviceError(f"--device: {e}") from e
 
 
@@ -141,7 +142,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """The engine's precision rule ("auto": bf16/fp16 on CUDA, fp32 on CPU)."""
     try:
         return pick_dtype(name, device)
-    except EngineError as e:
+    except devices.DeviceError as e:
         raise PrecisionError(f"--precision: {e}") from e
 
 

@@ -105,7 +105,8 @@ def train(
 ) -> None:
     """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;
     Ctrl-C stops after the step in progress with everything saved, a second Ctrl-C at once)."""
-    from opir_engine.train import (
+    from opir_engine.cli.train_progress import run_with_progress
+    from opir_engine.training.trainer import (
         DataSpec,
         Recipe,
         Trainer,
@@ -113,7 +114,6 @@ def train(
         TrainingSet,
         ValidationSet,
     )
-    from opir_engine.train_progress import run_with_progress
 
     try:
         if resume:
@@ -173,8 +173,7 @@ def train_classifier(
     classifier: it reads the image alone, so it fits newer restoration weights as they are."""
     from rich.progress import Progress
 
-    from opir_engine.checkpoint import CheckpointError
-    from opir_engine.classifier_training import (
+    from opir_engine.training.classifier import (
         ClassifierData,
         ClassifierRecipe,
         ClassifierTrainingError,
@@ -182,6 +181,7 @@ def train_classifier(
         train_classifier_checkpoint,
         transplant_classifier,
     )
+    from opir_engine.weights import CheckpointError
 
     if out.resolve() == weights.resolve():
         raise typer.BadParameter("refusing to overwrite the input checkpoint", param_hint="--out")
@@ -267,8 +267,8 @@ def restore(
     gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per Ray actor (0: CPU)."),
 ) -> None:
     """Restore a photo or a folder of photos; inputs are never modified."""
-    from opir_engine.batch import RestoreOptions, UsageError, check_report_path, plan_jobs
-    from opir_engine.cli_restore import run_restore
+    from opir_engine.batch.runner import RestoreOptions, UsageError, check_report_path, plan_jobs
+    from opir_engine.cli.restore import run_restore
 
     try:
         check_report_path(report)
@@ -292,7 +292,7 @@ def restore(
 @app.command()
 def models() -> None:
     """List the shipped checkpoints with their cards' summary."""
-    from opir_engine.cli_restore import print_models
+    from opir_engine.cli.restore import print_models
 
     print_models()
 
@@ -337,7 +337,7 @@ def evaluate(
     ),
 ) -> None:
     """PSNR/SSIM of restored folders, or of a checkpoint on paired folders / the held-out split."""
-    from opir_engine.cli_eval import eval_engine, eval_folders
+    from opir_engine.cli.evaluate import eval_engine, eval_folders
 
     if weights is None:
         if restored is None or target is None:
@@ -394,5 +394,5 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":  # python -m opir_engine.cli
+if __name__ == "__main__":  # python -m opir_engine.cli.app
     main()

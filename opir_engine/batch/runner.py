@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from opir_engine.engine import TASK_CHOICES, EngineError
 from opir_engine.image_io import (
     DEFAULT_MAX_PIXELS,
     ImageIOError,
@@ -27,6 +26,7 @@ from opir_engine.image_io import (
     write_image,
     write_image_like,
 )
+from opir_engine.inference.engine import TASK_CHOICES, EngineError
 from opir_engine.model import CLASSES
 
 FORMAT_SUFFIXES = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff"}

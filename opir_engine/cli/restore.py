@@ -10,7 +10,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from opir_engine.batch import FileRecord, Job, RestoreOptions, run_jobs, summarize, write_report
+from opir_engine.batch.runner import (
+    FileRecord,
+    Job,
+    RestoreOptions,
+    run_jobs,
+    summarize,
+    write_report,
+)
 
 
 def run_restore(
@@ -25,8 +32,9 @@ def run_restore(
 ) -> int:
     """Run the batch; returns the exit code (0 all done or skipped, 1 some failed, 2 usage,
     130 interrupted). `ray_args` (address, workers, gpus_per_worker) picks the Ray backend."""
-    from opir_engine.checkpoint import CheckpointError
-    from opir_engine.engine import EngineError, OPIREngine, pick_device
+    from opir_engine.devices import DeviceError, pick_device
+    from opir_engine.inference.engine import EngineError, OPIREngine
+    from opir_engine.weights import CheckpointError
 
     # Paths and error messages are printed as they are: no markup, no highlighting, no wrapping
     # (each error is one `PATH: reason` line, whatever the terminal width).
@@ -47,7 +55,7 @@ def run_restore(
             on_cuda = pick_device(engine_args["device"]).type == "cuda"
             engine_args = {**engine_args, "compile": on_cuda}
         engine = OPIREngine.from_pretrained(**engine_args, tiles_per_batch=batch_size)
-    except (CheckpointError, EngineError) as e:
+    except (CheckpointError, DeviceError, EngineError) as e:
         err.print(f"error: {e}")
         return 2
     except KeyboardInterrupt:
@@ -69,10 +77,9 @@ def _run_restore_ray(
     quiet: bool,
     ray_args: dict[str, Any],
 ) -> int:
-    """The Ray backend (`opir_engine.ray_backend`): same progress, error lines and summary."""
-    from opir_engine.checkpoint import CheckpointError, read_card
-    from opir_engine.engine import resolve_weights
-    from opir_engine.ray_backend import RayBackendError, restore_with_ray
+    """The Ray backend (`opir_engine.batch.ray_backend`): same progress, error lines and summary."""
+    from opir_engine.batch.ray_backend import RayBackendError, restore_with_ray
+    from opir_engine.weights import CheckpointError, read_card, resolve_weights
 
     out = Console(quiet=quiet, highlight=False, markup=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
@@ -153,8 +160,7 @@ def _summary_rows(s: Any) -> list[tuple[str, str]]:
 
 
 def print_models() -> None:
-    from opir_engine.checkpoint import CheckpointError, read_card
-    from opir_engine.engine import list_shipped
+    from opir_engine.weights import CheckpointError, list_shipped, read_card
 
     table = Table(title="shipped checkpoints")
     for column in ("name", "config", "params", "steps", "validation (PSNR in -> out)"):

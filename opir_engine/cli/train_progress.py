@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from opir_engine.train import Trainer, TrainingSet, ValidationSet
+from opir_engine.training.trainer import Trainer, TrainingSet, ValidationSet
 
 
 def run_with_progress(

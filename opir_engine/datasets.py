@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from opir_engine.inference.working_scale import working_size
 from opir_engine.model.config import CLASSES
-from opir_engine.working_scale import working_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 VALIDATION_FRACTION = 0.15

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opir_engine.evaluation import (
+from opir_engine.evaluation.scoring import (
     EvaluationError,
     evaluate_engine,
     evaluate_folders,
@@ -71,9 +71,9 @@ def eval_engine(
     json_path: Path | None,
     per_set: bool = False,
 ) -> int:
-    from opir_engine.data import find_paired_sets
-    from opir_engine.engine import OPIREngine
+    from opir_engine.datasets import find_paired_sets
     from opir_engine.image_io import read_image
+    from opir_engine.inference.engine import OPIREngine
 
     err = Console(stderr=True, highlight=False)
     if split is not None and data_root is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opir_engine.checkpoint import CheckpointError, load_checkpoint
+from opir_engine.devices import DeviceError, pick_device, pick_dtype
+from opir_engine.inference.tiling import process_tiled
+from opir_engine.inference.working_scale import enlarge_to, shrink_to_side, transfer_correction
 from opir_engine.model import CLASSES, OPIR, TASKS, auto_decision
-from opir_engine.padding import crop_to, pad_reflect_to
-from opir_engine.tiling import process_tiled
-from opir_engine.working_scale import enlarge_to, shrink_to_side, transfer_correction
+from opir_engine.model.padding import crop_to, pad_reflect_to
+from opir_engine.weights import DEFAULT_WEIGHTS, load_checkpoint, resolve_weights
 
-DEFAULT_WEIGHTS = "opir-small-allinone"
 CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 # Photos longer than this are restored shrunk to it (working_scale.py). 1024 leaves photos of
 # the size the model was validated on (up to 800 px) as they were, and restores larger ones
@@ -33,7 +32,6 @@ CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 DEFAULT_WORK_SIDE: int | None = 1024
 MIN_WORK_SIDE = 64
 TASK_CHOICES = ("auto", *TASKS)
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _INT_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
 
@@ -63,56 +61,6 @@ class RestoreResult:
     timings: dict[str, float] = field(default_factory=dict)  # ms: classify, restore, total
     flops: int = 0  # FLOPs spent on this image (model count x pixels processed)
     work_size: tuple[int, int] | None = None  # (H, W) the model ran at; None if passed through
-
-
-def resolve_weights(name_or_path: str | Path) -> Path:
-    """A shipped checkpoint's name (see `list_shipped`) or a path to a .safetensors file."""
-    path = Path(name_or_path)
-    if path.suffix == ".safetensors" or path.exists() or len(path.parts) > 1:
-        return path
-    shipped = resources.files("opir_weights") / f"{name_or_path}.safetensors"
-    if not shipped.is_file():
-        names = ", ".join(n for n, _ in list_shipped()) or "none"
-        raise CheckpointError(
-            f"{name_or_path}: no shipped checkpoint of that name (shipped: {names})"
-        )
-    return Path(str(shipped))
-
-
-def list_shipped() -> list[tuple[str, Path]]:
-    """(name, path) of every checkpoint in the installed `opir_weights` package."""
-    folder = resources.files("opir_weights")
-    return sorted(
-        (entry.name.removesuffix(".safetensors"), Path(str(entry)))
-        for entry in folder.iterdir()
-        if entry.name.endswith(".safetensors")
-    )
-
-
-def pick_device(device: str) -> torch.device:
-    """ "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise EngineError(f"unknown device {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EngineError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    return dev
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """ "auto" (bf16 or fp16 on CUDA, fp32 on CPU), "fp32", "fp16" or "bf16"."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if precision not in _PRECISIONS:
-        raise EngineError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
-    return _PRECISIONS[precision]
 
 
 def to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -240,8 +188,11 @@ class OPIREngine:
         Raises CheckpointError (missing, truncated or mismatched weights, naming the file) and
         EngineError (device, precision or tile options).
         """
-        dev = pick_device(device)
-        dtype = pick_dtype(precision, dev)
+        try:
+            dev = pick_device(device)
+            dtype = pick_dtype(precision, dev)
+        except DeviceError as e:
+            raise EngineError(str(e)) from e
         model, card = load_checkpoint(resolve_weights(name_or_path))
         return cls(model, card, dev, dtype, compile, tile, tile_overlap, tiles_per_batch, buckets,
                    work_side)  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opir_engine.model import OPIR, OPIRConfig
+
+DEFAULT_WEIGHTS = "opir-small-allinone"
 
 
 class CheckpointError(Exception):
@@ -97,3 +100,27 @@ def load_checkpoint(
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     return model.eval(), card
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """A shipped checkpoint's name (see `list_shipped`) or a path to a .safetensors file."""
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" or path.exists() or len(path.parts) > 1:
+        return path
+    shipped = resources.files("opir_weights") / f"{name_or_path}.safetensors"
+    if not shipped.is_file():
+        names = ", ".join(n for n, _ in list_shipped()) or "none"
+        raise CheckpointError(
+            f"{name_or_path}: no shipped checkpoint of that name (shipped: {names})"
+        )
+    return Path(str(shipped))
+
+
+def list_shipped() -> list[tuple[str, Path]]:
+    """(name, path) of every checkpoint in the installed `opir_weights` package."""
+    folder = resources.files("opir_weights")
+    return sorted(
+        (entry.name.removesuffix(".safetensors"), Path(str(entry)))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".safetensors")
+    )

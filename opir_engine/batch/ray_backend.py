@@ -23,7 +23,13 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from opir_engine.batch import FileRecord, Job, RestoreOptions, remove_stale_parts, restore_file
+from opir_engine.batch.runner import (
+    FileRecord,
+    Job,
+    RestoreOptions,
+    remove_stale_parts,
+    restore_file,
+)
 
 _RECORD_FIELDS = [f.name for f in fields(FileRecord)]
 
@@ -57,7 +63,8 @@ class _Restorer:
     def __init__(self, engine_args: dict[str, Any], options: RestoreOptions, threads: int) -> None:
         import torch
 
-        from opir_engine.engine import OPIREngine, pick_device
+        from opir_engine.devices import pick_device
+        from opir_engine.inference.engine import OPIREngine
 
         # Each actor owns `threads` CPUs of its node; more torch threads would oversubscribe
         # the cores the other actors on that node were given.

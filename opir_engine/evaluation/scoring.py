@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opir_engine.baselines import BASELINE_NAMES, classical_baseline
-from opir_engine.data import list_images
+from opir_engine.datasets import list_images
+from opir_engine.evaluation.baselines import BASELINE_NAMES, classical_baseline
+from opir_engine.evaluation.metrics import psnr, ssim
 from opir_engine.image_io import read_image
-from opir_engine.metrics import psnr, ssim
 from opir_engine.model.config import CLASSES
 from opir_engine.synthesis import synthesize
 

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from opir_engine.checkpoint import load_checkpoint, save_checkpoint
-from opir_engine.data import (
+from opir_engine.datasets import (
     Pair,
     class_index,
     held_out_names,
@@ -44,12 +43,13 @@ from opir_engine.data import (
     kept_pairs,
     load_rgb,
 )
-from opir_engine.engine import EngineError, pick_device
-from opir_engine.evaluation import finite_mean, validation_items
-from opir_engine.metrics import psnr, ssim
+from opir_engine.devices import DeviceError, pick_device
+from opir_engine.evaluation.metrics import psnr, ssim
+from opir_engine.evaluation.scoring import finite_mean, validation_items
 from opir_engine.model import CLASSES, OPIR, TASKS, GrowthError, OPIRConfig, OPIRLoss, grow
-from opir_engine.padding import crop_to, pad_to_multiple
+from opir_engine.model.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.weights import load_checkpoint, save_checkpoint
 
 _LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")  # kept of an init's card
 # Drawing a batch of 32 128x128 crops (about half synthesized) takes 30-60 ms on one core, about
@@ -165,7 +165,7 @@ def training_device(name: str) -> torch.device:
     training is written for; TrainingError for anything else."""
     try:
         device = pick_device(name)
-    except EngineError as e:
+    except DeviceError as e:
         raise TrainingError(f"--device: {e}") from e
     if device.type not in ("cpu", "cuda"):
         raise TrainingError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opir_engine.data import class_index, held_out_names, kept_images, kept_pairs, load_rgb
-from opir_engine.engine import classification_view
+from opir_engine.datasets import class_index, held_out_names, kept_images, kept_pairs, load_rgb
+from opir_engine.inference.engine import classification_view
 from opir_engine.model import CLASSES, OPIR, auto_decision
-from opir_engine.padding import pad_reflect_to
+from opir_engine.model.padding import pad_reflect_to
 from opir_engine.synthesis import scale_for_size, synthesize
 
 
@@ -377,7 +377,7 @@ def train_classifier_checkpoint(
 ) -> dict[str, Any]:
     """Load `weights`, train its classifier, score it on the split, write `out`
     (.safetensors + card: the input card plus a `classifier_training` entry)."""
-    from opir_engine.checkpoint import load_checkpoint, save_checkpoint
+    from opir_engine.weights import load_checkpoint, save_checkpoint
 
     t0 = time.monotonic()
     model, card = load_checkpoint(weights)
@@ -402,7 +402,7 @@ def transplant_classifier(
     `classifier_training` report. `recalibrate` chooses the threshold again, by the current
     rule, on the donor's held-out views (rendered again from its recipe and data) and scores
     the split again with it."""
-    from opir_engine.checkpoint import load_checkpoint, save_checkpoint
+    from opir_engine.weights import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(weights)
     giver, giver_card = load_checkpoint(donor)
@@ -441,7 +441,7 @@ def _recalibrate(model: OPIR, report: dict[str, Any]) -> None:
 
 
 def _split_items(data: ClassifierData) -> list[tuple[str, str, Tensor]]:
-    from opir_engine.evaluation import photo_items, validation_items
+    from opir_engine.evaluation.scoring import photo_items, validation_items
 
     split, root = Path(data.split or ""), Path(data.data_root or "")
     items = [(task, task, degraded) for task, _n, degraded, _t in validation_items(split, root)]
