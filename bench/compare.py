@@ -19,24 +19,17 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
-from opir_engine.profiling import (
-    ProfileSettings,
-    build_opir,
-    build_promptir,
-    compare_results,
-    describe_machine,
-    label_size,
-    parse_sizes,
-    profile_models,
-    resolve_device,
-)
+from opir_engine.devices import pick_device
+from opir_engine.profiling.profile import build_opir, build_promptir, profile_models
+from opir_engine.profiling.report import compare_results
+from opir_engine.profiling.settings import ProfileSettings, label_size, parse_sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,11 +45,6 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--machine", default=None, help="file name tag (default: from the CPU/GPU)")
     return parser.parse_args(argv)
-
-
-def _machine_tag(machine: dict) -> str:
-    name = machine.get("gpu") or f"{machine['cpu']}-{machine['logical_cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _log(line: str) -> None:
@@ -116,7 +104,7 @@ def _markdown(machine: dict, settings: dict, rows: list, ratios: list, elapsed_s
 
 def main(argv: list[str]) -> int:
     args = _parse_args(argv)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     sizes = parse_sizes(args.sizes)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -151,7 +139,7 @@ def main(argv: list[str]) -> int:
     elapsed = time.perf_counter() - started
     settings_out = {"sizes": [label_size(s) for s in sizes], "configs": configs, "modes": modes,
                     "runs": args.runs, "warmup": args.warmup}  # fmt: skip
-    tag = args.machine or _machine_tag(machine)
+    tag = args.machine or machine_tag(machine)
     RESULTS.mkdir(parents=True, exist_ok=True)
     markdown = _markdown(machine, settings_out, rows, ratios, elapsed)
     (RESULTS / f"compare-{tag}.md").write_text(markdown)

@@ -1,10 +1,14 @@
-"""The Triton forward that kernels/inverse_operator.py replaced, kept for side-by-side timing.
+"""The Triton forward that kernels/triton_kernels.py replaced, kept for side-by-side timing.
 
 bench/triton_configs.py times it in the same process as the current kernel, so the change is
 measured as a ratio on one GPU. This is the one-row design: a program filters a run of BLOCK
 flattened pixels, every channel at once as a (C_BLOCK, BLOCK) tile (C padded to a power of two).
 Its vertically shifted reads (rows p +- d_s) land in rows no program on the same multiprocessor
 has read recently, so they come from L2. Not used by opir itself.
+
+It is its own kernel, so no launcher of opir's can run it; from the package it takes only the
+public pieces the two kernels share: the tap loader `modulated_taps` and the dilations' packing
+`pack_dilations` (passed here at run time, not as a compile-time constant).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from opir_kernels.inverse_operator import _pack_dilations, _taps9
+from opir_kernels.triton_kernels import modulated_taps, pack_dilations
 
 
 @triton.jit
@@ -96,7 +100,7 @@ def _one_row_fwd_kernel(
     srange = tl.arange(0, S_BLOCK)
     alpha = _softmax_rows(logit_ptr + b * S * HW, offs, mask, HW, S, S_BLOCK)  # Eq. 18
     # The 3x3 taps, row-major over delta in {-1, 0, 1}^2.
-    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps9(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = modulated_taps(ker_ptr, mod_ptr, offs, mask, HW, HAS_MOD)
     abs_sum = tl.abs(k0) + tl.abs(k1) + tl.abs(k2) + tl.abs(k3) + tl.abs(k4)
     abs_sum += tl.abs(k5) + tl.abs(k6) + tl.abs(k7) + tl.abs(k8)
     tl.store(unc_ptr + b * HW + offs, abs_sum / 9.0, mask=mask)  # Eq. 11
@@ -138,7 +142,7 @@ def one_row_forward(
     _one_row_fwd_kernel[(triton.cdiv(h * w, block), b)](
         image, kernel, kernel if modulation is None else modulation, fusion_logits,
         image if bias is None else bias, out, unc,
-        c, h, w, _pack_dilations(dilations),
+        c, h, w, pack_dilations(dilations),
         S=s, S_BLOCK=triton.next_power_of_2(s), C_BLOCK=triton.next_power_of_2(c),
         HAS_MOD=modulation is not None, HAS_BIAS=bias is not None, BLOCK=block,
         num_warps=num_warps,

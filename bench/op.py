@@ -44,18 +44,14 @@ from pathlib import Path
 
 import torch
 import triton
-from machine import describe_machine as describe_host  # bench/machine.py (the script's folder)
-from machine import machine_tag
+from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 from rich.console import Console
 from rich.table import Table
+from unfold_baseline import inverse_operator_unfold
 
 from opir_kernels import native
-from opir_kernels.inverse_operator import (
-    FORWARD_CONFIG,
-    inverse_operator,
-    inverse_operator_unfold,
-    kernel_backend,
-)
+from opir_kernels.inverse_operator import inverse_operator, kernel_backend
+from opir_kernels.triton_kernels import FORWARD_CONFIG
 
 SIZES = ("256x256", "512x512", "1920x1080", "3840x2160")  # W x H
 IMPLS = ("unfold", "reference", "compiled", "native", "triton")
@@ -266,10 +262,6 @@ def measure_case(impl: str, height: int, width: int, reps: int, budget_s: float)
 # ---------------------------------------------------------------------------------------------
 
 
-def describe_machine() -> dict:
-    return {**describe_host(), "triton": triton.__version__, "triton_forward": FORWARD_CONFIG}
-
-
 def _skip_reason(impl: str, height: int, width: int, device: str) -> str | None:
     if impl == "triton" and not torch.cuda.is_available():
         return "no CUDA device (Triton runs on CPU only through the interpreter)"
@@ -444,7 +436,7 @@ def main() -> None:
         return
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    machine = describe_machine()
+    machine = {**describe_machine(), "triton": triton.__version__, "triton_forward": FORWARD_CONFIG}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for size in args.sizes:

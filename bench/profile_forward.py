@@ -17,7 +17,7 @@ import torch
 from one_row_forward import one_row_forward  # bench/ (the script's folder)
 from op import DILATIONS, _make_inputs
 
-from opir_kernels.inverse_operator import FORWARD_CONFIG, inverse_operator_forward_triton
+from opir_kernels.triton_kernels import FORWARD_CONFIG, inverse_operator_forward_triton
 
 
 def main() -> None:

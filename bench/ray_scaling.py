@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 from PIL import Image
 
 from opir_engine.batch.ray_backend import restore_with_ray
@@ -40,29 +39,6 @@ from opir_engine.weights import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("OPIR_DATA", ROOT.parent / "shared" / "data"))
-
-
-def describe_machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    import ray
-
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }
-
-
-def machine_tag(machine: dict) -> str:
-    words = machine["cpu"].lower().split()
-    vendor = next((w for w in words if w in ("amd", "intel")), "cpu")
-    family = next((w for w in words if w.isalpha() and w not in (vendor, "processor")), "")
-    return f"{vendor}-{family}-{machine['cores']}c".replace("--", "-")
 
 
 def make_inputs(folder: Path, count: int, size: tuple[int, int]) -> None:
@@ -114,7 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     torch.set_num_threads(1)
-    machine = describe_machine()
+    import ray
+
+    machine = {**describe_machine(torch.device("cpu")), "ray": ray.__version__,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         weights = tmp / f"bench-{args.config}.safetensors"
@@ -155,8 +134,8 @@ def main() -> None:
     lines = [
         f"# opir restore --backend ray: scaling on {tag}",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, load average at start "
-        f"{machine['load_average_at_start']}; torch {machine['torch']}, ray {machine['ray']}.",
+        f"Machine: {machine['cpu']}, {machine['logical_cores']} cores, load average at start "
+        f"{machine.get('load_average_1min')}; torch {machine['torch']}, ray {machine['ray']}.",
         f"Setup: {args.config} config, random init; {args.images} BSDS500 photos at {args.size} "
         "PNG; CPU fp32 eager; 1 torch thread per worker (local: 1 thread).",
         "",

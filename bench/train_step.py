@@ -33,7 +33,8 @@ DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "s
 def _batches(batch: int, patch: int, count: int) -> tuple[list, float | None]:
     """`count` training batches and the mean ms to sample one (None for random tensors)."""
     if DATA.is_dir():
-        from opir_engine.training.trainer import DataSpec, Recipe, TrainingSet
+        from opir_engine.training.recipe import DataSpec, Recipe
+        from opir_engine.training.sampler import TrainingSet
 
         clean = [str(DATA / "clean" / c) for c in ("BSDS500_test", "CBSD68")]
         spec = DataSpec(paired={"rain": [str(DATA / "rain")], "haze": [str(DATA / "haze")]},

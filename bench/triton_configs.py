@@ -7,7 +7,7 @@ Each configuration is timed like bench/op.py times the op (back-to-back calls be
 synchronizes, median of samples) and set against a `copy_` of the same bytes measured in the same
 process, and its output is checked against the PyTorch reference on the same GPU. The forward this
 kernel replaced (bench/one_row_forward.py) is timed in the same run, so the change reads as a ratio.
-`FORWARD_CONFIG` in kernels/inverse_operator.py is the fastest fp32 row of this sweep on the GPU it
+`FORWARD_CONFIG` in kernels/triton_kernels.py is the fastest fp32 row of this sweep on the GPU it
 was chosen on. Needs CUDA; fp32, B=1, C=3, S=4 as bench/op.py, plus fp16 and bf16 at the best and
 at the current configuration (half inputs move half the bytes).
 """
@@ -27,11 +27,8 @@ from machine import describe_machine, machine_tag  # bench/ (the script's folder
 from one_row_forward import one_row_forward
 from op import DILATIONS, _copy_ms, _io_bytes, _make_inputs, _time_ms
 
-from opir_kernels.inverse_operator import (
-    FORWARD_CONFIG,
-    inverse_operator_forward_triton,
-    inverse_operator_reference,
-)
+from opir_kernels.reference import inverse_operator_reference
+from opir_kernels.triton_kernels import FORWARD_CONFIG, inverse_operator_forward_triton
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("BLOCK_H", "BLOCK_W", "num_warps")

@@ -1,1 +1,3 @@
-"""Triton kernels of opir, each beside its PyTorch reference (installed as `opir_kernels`)."""
+"""opir's kernels (installed as `opir_kernels`): the inverse operator's PyTorch reference, its
+Triton and native C kernels, and the custom op that dispatches between them. The entry point is
+`opir_kernels.inverse_operator`; its docstring lists the modules."""

@@ -5,7 +5,7 @@ The C source is compiled once per machine with the system C compiler (the same r
 flags, the compiler and the CPU, so a shared home directory on a cluster never hands one machine
 a library built for another CPU's instruction set. Where no compiler is found or the build
 fails, `available()` is False, `unavailable_reason()` says why, and the op runs the PyTorch
-reference instead.
+reference instead (saying so once, `op._say_native_fallback_once`).
 
 Rows are split across `torch.get_num_threads()` Python threads, one ctypes call each (ctypes
 releases the GIL), rather than with OpenMP: a second OpenMP runtime's spinning threads would
@@ -46,6 +46,7 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
     _BASE_FLAGS,
 )
 MAX_SCALES = 16  # MAX_S in the C source
+TURNED_OFF = "turned off by OPIR_NATIVE=0"  # the reason given when a user chose the reference
 _MIN_ROWS_PER_THREAD = 16  # below this a second thread costs more than it saves
 
 _lock = threading.Lock()
@@ -128,7 +129,7 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _library is None and _reason is None:
             if os.environ.get("OPIR_NATIVE", "1") == "0":
-                _reason = "turned off by OPIR_NATIVE=0"
+                _reason = TURNED_OFF
             else:
                 try:
                     _library = _build()

@@ -11,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from opir_engine.inference.working_scale import working_size
+from opir_engine.image_io import list_images, read_rgb8
 from opir_engine.model.config import CLASSES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 VALIDATION_FRACTION = 0.15
 SPLIT_SEED = 20261125
 
@@ -43,12 +40,6 @@ class Pair:
     def group(self) -> str:
         """Pairs with byte-identical targets show one scene: they are split together."""
         return hashlib.sha256(self.target.read_bytes()).hexdigest()
-
-
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (by suffix), sorted by name."""
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def find_pairs(folder: Path, task: str) -> list[Pair]:
@@ -103,8 +94,14 @@ def choose_validation(
     return sorted(chosen)
 
 
-def make_split(data_root: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+def make_split(
+    data_root: Path, seed: int = SPLIT_SEED, paired_sets: Collection[str] | None = None
+) -> dict[str, list[str]]:
     """The validation split of the shared data: file paths relative to `data_root`.
+
+    `paired_sets` ("rain/DDN-samples", ...) limits the paired sets to those a written-down split
+    was made from, so a set added to the data later changes no split until one is made anew
+    (None: every set there is).
 
     Every paired set of rain/ and haze/ gives about 15% of its pairs (whole scenes); the clean
     photos give 15% of each folder (EXIF test folders excluded: they are for I/O tests);
@@ -117,6 +114,8 @@ def make_split(data_root: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
         if not task_dir.is_dir():
             continue
         for set_dir in sorted(p for p in task_dir.iterdir() if (p / "input").is_dir()):
+            if paired_sets is not None and f"{task}/{set_dir.name}" not in paired_sets:
+                continue
             pairs = find_pairs(set_dir, task)
             if len(pairs) < 3:  # too small to hold out (the single Snow100K pair)
                 continue
@@ -142,13 +141,9 @@ def load_split(path: Path) -> dict[str, set[str]]:
 
 
 def load_rgb(path: Path, max_side: int | None = None) -> torch.Tensor:
-    """uint8 (3, H, W), EXIF orientation applied, long side at most `max_side` (area filter)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        height, width = working_size(im.height, im.width, max_side)
-        if (height, width) != (im.height, im.width):
-            im = im.resize((width, height), Image.Resampling.BOX)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+    """uint8 (3, H, W), EXIF orientation applied, long side at most `max_side` (area filter):
+    `image_io.read_rgb8`, whose errors it raises."""
+    return read_rgb8(path, max_side)
 
 
 def class_index(task: str) -> int:

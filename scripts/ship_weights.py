@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from opir_engine.cli.reproduce import train_command
 from opir_engine.evaluation.scoring import (
     evaluate_engine,
     evaluate_head,
@@ -29,7 +30,7 @@ from opir_engine.evaluation.scoring import (
     validation_items,
 )
 from opir_engine.inference.engine import OPIREngine
-from opir_engine.training.trainer import DataSpec, Recipe, lineage, train_command
+from opir_engine.training.recipe import DataSpec, Recipe, lineage
 from opir_engine.weights import load_checkpoint, save_checkpoint
 
 PAPER_TABLE_1 = {

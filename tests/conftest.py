@@ -32,19 +32,26 @@ SHARED_DATA = Path(
 
 
 @pytest.fixture(scope="session")
-def crop_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+def shared_data() -> Path:
+    """The shared data folder of real photos (`$OPIR_DATA`, else `../shared/data` beside the
+    checkout). Skips the test, saying where it looked, when the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA} (set OPIR_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def crop_data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Callable[..., Path]:
     """`crop_data(files, held_out)`: a fresh folder holding a 62x46 crop of each shared-data
     file ((source relative to the shared data, destination) pairs), written as PNG, plus
     `split.json` holding `held_out` aside. Skips the test when the shared data is absent."""
     from PIL import Image
 
     def write(files: list[tuple[str, str]], held_out: dict[str, list[str]]) -> Path:
-        if not SHARED_DATA.is_dir():
-            pytest.skip(f"shared data folder not found at {SHARED_DATA} (set OPIR_DATA)")
         root = tmp_path_factory.mktemp("data")
         for source, dest in files:
             (root / dest).parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(SHARED_DATA / source) as im:
+            with Image.open(shared_data / source) as im:
                 im.convert("RGB").crop((40, 30, 40 + 62, 30 + 46)).save(root / dest)
         (root / "split.json").write_text(json.dumps({"validation": held_out}))
         return root

@@ -7,7 +7,6 @@ shared data, written as PNG into pytest's tmp folder; the split tests read the r
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from opir_engine.training.classifier import (
 )
 from opir_engine.weights import load_checkpoint, save_checkpoint
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
 
 _FILES = [
@@ -366,17 +364,22 @@ def test_cli_refuses_to_overwrite_its_input(tmp_path: Path, weights: Path) -> No
     assert copy.read_bytes() == before
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder not found at {DATA}")
-def test_committed_split_is_what_make_split_gives() -> None:
-    committed = json.loads(SPLIT.read_text())["validation"]
-    assert committed == make_split(DATA)
+def test_committed_split_is_what_make_split_gives(shared_data: Path) -> None:
+    written = json.loads(SPLIT.read_text())
+    committed = written["validation"]
+    assert committed == make_split(shared_data, paired_sets=written["paired_sets"])
+    # a paired set added to the data later enters no split until one is made anew
+    every_set = make_split(shared_data)
+    assert all(set(committed[task]) <= set(every_set[task]) for task in committed)
     assert len(committed["snow_photos"]) == 5
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder not found at {DATA}")
-def test_real_snow_photos_are_scored_by_the_classifier_alone(weights: Path) -> None:
+@pytest.mark.slow  # five full-size photos through the engine, twice: about 20 s
+def test_real_snow_photos_are_scored_by_the_classifier_alone(
+    weights: Path, shared_data: Path
+) -> None:
     engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
-    photos = photo_items(SPLIT, DATA)
+    photos = photo_items(SPLIT, shared_data)
     assert [t for t, _n, _i in photos] == ["snow"] * 5
     rows = evaluate_head(engine, photos)
     assert [r.task for r in rows] == ["snow_photos"] and rows[0].n == 5
@@ -384,7 +387,9 @@ def test_real_snow_photos_are_scored_by_the_classifier_alone(weights: Path) -> N
     hits = [engine.restore(i, task="auto").task == "snow" for _t, _n, i in photos]
     assert rows[0].head_accuracy == sum(hits) / 5
     # the card's overall head accuracy counts the four classes only
-    clean = TaskRow("clean", 3, None, None, None, None, "-", None, None, 1.0, 1.0)
+    clean = TaskRow(task="clean", n=3, input_psnr=None, input_ssim=None, psnr=None, ssim=None,
+                    baseline="-", baseline_psnr=None, baseline_ssim=None, head_accuracy=1.0,
+                    identical=1.0)  # fmt: skip
     card = rows_to_card([clean, *rows], y_channel=False)
     assert card["head_accuracy"] == 1.0
     assert card["snow_photos"]["n"] == 5

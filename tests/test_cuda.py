@@ -46,8 +46,10 @@ from opir_engine.evaluation.metrics import psnr
 from opir_engine.inference.engine import OPIREngine, to_tensor
 from opir_engine.model import CLASSES, OPIRLoss
 from opir_engine.weights import load_checkpoint
-from opir_kernels import inverse_operator as op_module
+from opir_kernels import op as dispatch
 from opir_kernels.inverse_operator import inverse_operator, kernel_backend
+from opir_kernels.reference import inverse_operator_reference
+from opir_kernels.triton_limits import triton_supports
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -98,8 +100,8 @@ def _to_device(inputs: Inputs, layout: str = "contiguous") -> Inputs:
 
 
 def _spy(name: str):  # type: ignore[no-untyped-def]
-    """A patch of the op module's `name` that counts its calls and runs it."""
-    return mock.patch.object(op_module, name, wraps=getattr(op_module, name))
+    """A patch of `name` (a launcher the op's body calls) that counts its calls and runs it."""
+    return mock.patch.object(dispatch, name, wraps=getattr(dispatch, name))
 
 
 def _check_on_device(
@@ -119,10 +121,10 @@ def _check_on_device(
             inverse_operator, device_inputs, dilations, device_grads
         )
     # Triton ran both ways (auto sends dilations the kernels cannot take to the reference).
-    runs_triton = op_module.triton_supports(dilations)
+    runs_triton = triton_supports(dilations)
     assert fwd.call_count == bwd.call_count == int(runs_triton)
     ref = _forward_and_grads(
-        op_module.inverse_operator_reference,
+        inverse_operator_reference,
         _upcast(inputs, torch.float64),
         dilations,
         (grads[0].double(), grads[1].double()),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,18 +23,24 @@ from opir_engine.inference.engine import EngineError, OPIREngine, RestoreResult,
 from opir_engine.model import CLASSES, OPIRConfig
 from opir_engine.weights import CheckpointError
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-PHOTO = DATA / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"  # 1024x800
-URBAN = DATA / "clean" / "Urban100_subset" / "img_047.png"
-
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
 
 
 @pytest.fixture(scope="session")
 def engine(weights: Path) -> OPIREngine:
     return OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+
+
+@pytest.fixture(scope="module")
+def abbey(shared_data: Path) -> Path:
+    """A 1024x800 SunHays80 photo."""
+    return shared_data / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"
+
+
+@pytest.fixture(scope="module")
+def urban(shared_data: Path) -> Path:
+    """An Urban100 photo: straight edges and fine texture."""
+    return shared_data / "clean" / "Urban100_subset" / "img_047.png"
 
 
 def _photo(path: Path, size: tuple[int, int]) -> torch.Tensor:
@@ -100,9 +105,8 @@ def test_bad_engine_options_raise_engine_error(weights: Path, options: dict, mes
 # inputs and results
 
 
-@needs_data
-def test_restore_accepts_pil_numpy_and_tensors_alike(engine: OPIREngine) -> None:
-    with Image.open(URBAN) as im:
+def test_restore_accepts_pil_numpy_and_tensors_alike(engine: OPIREngine, urban: Path) -> None:
+    with Image.open(urban) as im:
         pil = im.convert("RGB").resize((56, 40), Image.Resampling.BOX)
     u8 = np.array(pil)
     inputs = {
@@ -139,19 +143,19 @@ def test_to_tensor_rejects_other_shapes() -> None:
         to_tensor(torch.zeros(1, 3, 4, 5))
 
 
-@needs_data
 @pytest.mark.parametrize(("height", "width"), [(33, 47), (1, 5), (47, 33)])
-def test_odd_sizes_come_back_at_the_input_size(engine: OPIREngine, height: int, width: int) -> None:
+def test_odd_sizes_come_back_at_the_input_size(
+    engine: OPIREngine, urban: Path, height: int, width: int
+) -> None:
     """Reflect padding to the U-Net's multiple (4 for tiny) and the crop back."""
-    x = _photo(URBAN, (height, width))
+    x = _photo(urban, (height, width))
     result = engine.restore(x, task="rain")
     assert result.image.shape == (3, height, width)
     assert result.uncertainty is not None and result.uncertainty.shape == (1, height, width)
     assert float((result.image - x).abs().mean()) > 1e-3  # it did restore, not copy
 
 
-@needs_data
-def test_tiled_matches_untiled_on_a_real_photo(weights: Path) -> None:
+def test_tiled_matches_untiled_on_a_real_photo(weights: Path, abbey: Path) -> None:
     """A SunHays80 photo at 200x256 through 128-pixel tiles (overlap 32) against one pass.
 
     The tiny model's receptive field (two U-Net levels and two stages, each with dilated
@@ -160,7 +164,7 @@ def test_tiled_matches_untiled_on_a_real_photo(weights: Path) -> None:
     weights: max |tiled - untiled| = 6.9e-5, mean 7.8e-6 (Urban100 img_047: 3.9e-5, 4.0e-6).
     Bound asserted: max < 5e-4 (an eighth of an 8-bit level), mean < 5e-5.
     """
-    x = _photo(PHOTO, (200, 256))
+    x = _photo(abbey, (200, 256))
     untiled = OPIREngine.from_pretrained(weights, device="cpu", compile=False, tile=512)
     tiled = OPIREngine.from_pretrained(
         weights, device="cpu", compile=False, tile=128, tile_overlap=32
@@ -188,8 +192,7 @@ class _CountingEngine(OPIREngine):
         return super()._classify_image(image)
 
 
-@needs_data
-def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path) -> None:
+def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path, abbey: Path) -> None:
     engine = _CountingEngine.from_pretrained(
         weights, device="cpu", compile=False, tile=64, tile_overlap=16
     )
@@ -200,7 +203,7 @@ def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path) -> No
 
     handle = engine.model.register_forward_pre_hook(record_weights)
     try:
-        x = _photo(PHOTO, (100, 150))
+        x = _photo(abbey, (100, 150))
         result = engine.restore(x, task="auto")
     finally:
         handle.remove()
@@ -213,12 +216,11 @@ def test_auto_decides_once_per_image_and_every_tile_uses_it(weights: Path) -> No
     assert result.confidence == pytest.approx(result.probabilities[result.task])
 
 
-@needs_data
-def test_clean_head_passes_the_image_through_unchanged(weights: Path) -> None:
+def test_clean_head_passes_the_image_through_unchanged(weights: Path, urban: Path) -> None:
     engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
     with torch.no_grad():
         engine.model.head.fc2.bias.copy_(torch.tensor([20.0, -20.0, -20.0, -20.0]))
-    x = _photo(URBAN, (48, 64))
+    x = _photo(urban, (48, 64))
     result = engine.restore(x, task="auto")
     assert result.task == "clean" and result.confidence > 0.99
     assert torch.equal(result.image, x)
@@ -227,14 +229,15 @@ def test_clean_head_passes_the_image_through_unchanged(weights: Path) -> None:
     assert not torch.equal(engine.restore(x, task="rain").image, x)
 
 
-@needs_data
-def test_clean_below_the_threshold_is_restored_as_the_likeliest_weather(weights: Path) -> None:
+def test_clean_below_the_threshold_is_restored_as_the_likeliest_weather(
+    weights: Path, urban: Path
+) -> None:
     """Clean is the likeliest class (p ~ 0.6) but under clean_threshold: the photo is restored,
     reported as the likeliest weather (snow here) with that class's probability."""
     engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
     with torch.no_grad():
         engine.model.head.fc2.bias.copy_(torch.tensor([20.0, 18.0, 19.0, 17.0]))
-    x = _photo(URBAN, (48, 64))
+    x = _photo(urban, (48, 64))
     result = engine.restore(x, task="auto")
     probs = result.probabilities
     assert max(probs, key=probs.__getitem__) == "clean" and probs["clean"] < 0.9
@@ -246,10 +249,9 @@ def test_clean_below_the_threshold_is_restored_as_the_likeliest_weather(weights:
     assert again.task == "clean" and torch.equal(again.image, x)
 
 
-@needs_data
-def test_given_task_uses_its_one_hot_embedding(engine: OPIREngine) -> None:
+def test_given_task_uses_its_one_hot_embedding(engine: OPIREngine, urban: Path) -> None:
     """A 128x160 image needs no padding, so the engine's result is the model's own output."""
-    x = _photo(URBAN, (128, 160))
+    x = _photo(urban, (128, 160))
     results = {task: engine.restore(x, task=task) for task in ("rain", "snow", "haze")}
     for task, result in results.items():
         one_hot = F.one_hot(torch.tensor([CLASSES.index(task)]), len(CLASSES)).float()
@@ -265,9 +267,10 @@ def test_given_task_uses_its_one_hot_embedding(engine: OPIREngine) -> None:
 # compile
 
 
-@needs_data
 @pytest.mark.slow
-def test_compiled_engine_matches_eager_and_reuses_its_graphs(weights: Path) -> None:
+def test_compiled_engine_matches_eager_and_reuses_its_graphs(
+    weights: Path, abbey: Path, urban: Path
+) -> None:
     """compile=True on CPU (one compile: about a minute on 2 loaded cores).
 
     Two photos of different sizes (120x168 and 100x150) fall in the same shape bucket (a side
@@ -283,10 +286,10 @@ def test_compiled_engine_matches_eager_and_reuses_its_graphs(weights: Path) -> N
     compiled = OPIREngine.from_pretrained(weights, compile=True, **options)
     eager = OPIREngine.from_pretrained(weights, compile=False, buckets=True, **options)
     photos = [
-        _photo(PHOTO, (120, 168)),
-        _photo(URBAN, (100, 150)),
-        _photo(PHOTO, (200, 600)),
-        _photo(PHOTO, (180, 700)),
+        _photo(abbey, (120, 168)),
+        _photo(urban, (100, 150)),
+        _photo(abbey, (200, 600)),
+        _photo(abbey, (180, 700)),
     ]
     results = []
     for i, x in enumerate(photos):
@@ -375,8 +378,7 @@ def test_cudnn_out_of_memory_is_retried_and_other_errors_are_not(weights: Path) 
     assert broken.attempts == [512]
 
 
-@needs_data
-def test_padding_to_a_shape_bucket_barely_changes_the_restored_photo() -> None:
+def test_padding_to_a_shape_bucket_barely_changes_the_restored_photo(shared_data: Path) -> None:
     """The compiled engine pads a photo up to a shape bucket: this held-out real-rain webcam
     frame (355x681, rain and mist) from 355 to 512 rows, where the stride alone needs 368. The
     model's global means read only the photo (the validity mask), so the shipped weights
@@ -384,7 +386,7 @@ def test_padding_to_a_shape_bucket_barely_changes_the_restored_photo() -> None:
     border: the two agree at 48 dB PSNR. Before the mask they agreed at about 30 dB (0.024
     apart on average) and the bucketed output scored 0.5 dB lower against the target."""
     shipped = Path(__file__).resolve().parents[1] / "weights" / "opir-small-allinone.safetensors"
-    x = read_image(DATA / "rain" / "GT-RAIN-webcam" / "input" / "s003_r009.png").rgb
+    x = read_image(shared_data / "rain" / "GT-RAIN-webcam" / "input" / "s003_r009.png").rgb
     outs = []
     for buckets in (False, True):
         eng = OPIREngine.from_pretrained(shipped, device="cpu", compile=False, buckets=buckets)

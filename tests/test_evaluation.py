@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -26,9 +25,11 @@ from opir_engine.evaluation.scoring import (
     source_set,
 )
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-RAIN = DATA / "rain" / "Rain13K-subset"
-pytestmark = pytest.mark.skipif(not RAIN.is_dir(), reason=f"shared data not found at {DATA}")
+
+@pytest.fixture(scope="module")
+def rain(shared_data: Path) -> Path:
+    """Rain13K's paired sample folder (input/, target/) in the shared data."""
+    return shared_data / "rain" / "Rain13K-subset"
 
 
 def _load(path: Path) -> np.ndarray:
@@ -36,16 +37,16 @@ def _load(path: Path) -> np.ndarray:
 
 
 @pytest.fixture()
-def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+def folders(tmp_path: Path, rain: Path) -> tuple[Path, Path, Path]:
     """restored/ (targets plus seeded noise, saved as PNG), target/, input/ for three real pairs."""
     restored, target, degraded = (tmp_path / n for n in ("restored", "target", "input"))
     for folder in (restored, target, degraded):
         folder.mkdir()
     rng = np.random.default_rng(0)
     for stem in ("1", "10", "11"):
-        tgt = _load(RAIN / "target" / f"{stem}.jpg")
+        tgt = _load(rain / "target" / f"{stem}.jpg")
         Image.fromarray(tgt).save(target / f"{stem}.png")
-        shutil.copy(RAIN / "input" / f"{stem}.jpg", degraded / f"{stem}.jpg")
+        shutil.copy(rain / "input" / f"{stem}.jpg", degraded / f"{stem}.jpg")
         noisy = np.clip(tgt.astype(int) + rng.integers(-6, 7, tgt.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(restored / f"{stem}.png")
     return restored, target, degraded
@@ -103,9 +104,9 @@ def test_eval_cli_without_folders_or_weights_is_usage_error():
     assert "RESTORED_DIR TARGET_DIR" in result.output
 
 
-def test_dark_channel_prior_removes_synthetic_haze():
+def test_dark_channel_prior_removes_synthetic_haze(rain):
     """Haze made with Eq. 4 from a real photo (constant t, grey A): the DCP recovers most of it."""
-    clean = torch.from_numpy(_load(RAIN / "target" / "1.jpg")).permute(2, 0, 1).float() / 255
+    clean = torch.from_numpy(_load(rain / "target" / "1.jpg")).permute(2, 0, 1).float() / 255
     t, airlight = 0.5, torch.tensor([0.85, 0.85, 0.85]).view(3, 1, 1)
     hazy = clean * t + airlight * (1 - t)
     restored = dehaze_dark_channel(hazy)
@@ -124,8 +125,17 @@ def test_median_filter_removes_isolated_streak_pixels():
     assert torch.equal(median_filter(streaky), image)
 
 
-def test_evaluate_engine_rows_and_card(tmp_path):
-    """A tiny model through the engine: one row per task, accuracies in [0, 1], a card entry."""
+def _expected_psnr(target: np.ndarray, output: np.ndarray) -> object:
+    """scikit-image's PSNR of 8-bit (H, W, 3) arrays, as a row reports it: None when the
+    output equals its target (an infinite PSNR leaves a task's mean)."""
+    with np.errstate(divide="ignore"):
+        value = peak_signal_noise_ratio(target, output, data_range=255)
+    return pytest.approx(value, abs=1e-4) if math.isfinite(value) else None
+
+
+def test_evaluate_engine_rows_and_card(tmp_path, rain):
+    """A tiny model through the engine: one row per task, its figures those of the engine's
+    output and decision computed here (scikit-image, `classify` and `auto_task`), a card entry."""
     from opir_engine.inference.engine import OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
     from opir_engine.weights import save_checkpoint
@@ -133,12 +143,20 @@ def test_evaluate_engine_rows_and_card(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "t.safetensors", OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
     engine = OPIREngine.from_pretrained(tmp_path / "t.safetensors", device="cpu", compile=False)
-    pair = [_load(RAIN / d / "1.jpg")[:64, :80] for d in ("input", "target")]
+    pair = [_load(rain / d / "1.jpg")[:64, :80] for d in ("input", "target")]
     x, y = (torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in pair)
     items = [("rain", "a", x, y), ("haze", "b", x, y), ("clean", "c", y, y)]
     rows = evaluate_engine(engine, items)
     assert [r.task for r in rows] == ["rain", "haze", "clean"]
-    assert all(0.0 <= r.head_accuracy <= 1.0 and r.n == 1 for r in rows)
+    assert all(r.n == 1 for r in rows)
+    arrays = {"rain": pair, "haze": pair, "clean": [pair[1], pair[1]]}  # (degraded, target)
+    for row, (task, _name, degraded, _target) in zip(rows, items, strict=True):
+        assert row.head_accuracy == float(engine.auto_task(engine.classify(degraded)) == task)
+        restored = engine.restore(degraded, task="auto").image  # as the user's 8-bit file holds it
+        out = (restored * 255).round().byte().permute(1, 2, 0).numpy()
+        inp, tgt = arrays[task]
+        assert row.input_psnr == _expected_psnr(tgt, inp)
+        assert row.psnr == _expected_psnr(tgt, out)
     assert rows[0].baseline == "median 5x5" and rows[1].baseline == "dark channel prior"
     assert rows[0].set_psnr == pytest.approx(rows[0].psnr)  # one image: its own PSNR
     card = rows_to_card(rows, y_channel=False)
@@ -154,7 +172,7 @@ def test_source_set_names_the_folder_of_each_item():
     assert source_set("synthetic:clean/CBSD68/123074.png") == "synthetic"
 
 
-def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path):
+def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path, rain):
     """Two rain sets: their rows follow the task's row, their sizes and PSNRs make up the
     task's own, and the card's head accuracy counts each image once."""
     from opir_engine.inference.engine import OPIREngine
@@ -166,7 +184,7 @@ def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path
     engine = OPIREngine.from_pretrained(tmp_path / "t.safetensors", device="cpu", compile=False)
     items = []
     for stem, source in (("1", "A"), ("10", "A"), ("14", "B")):
-        x, y = (torch.from_numpy(_load(RAIN / d / f"{stem}.jpg")[:48, :64]).permute(2, 0, 1)
+        x, y = (torch.from_numpy(_load(rain / d / f"{stem}.jpg")[:48, :64]).permute(2, 0, 1)
                 .float() / 255 for d in ("input", "target"))  # fmt: skip
         items.append(("rain", f"rain/{source}/input/{stem}.jpg", x, y))
     clean = items[0][3]
@@ -185,11 +203,11 @@ def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path
     assert card["rain/B"]["n"] == 1
 
 
-def test_synth_cli_writes_pairs_and_parameters(tmp_path):
+def test_synth_cli_writes_pairs_and_parameters(tmp_path, rain):
     clean = tmp_path / "clean"
     clean.mkdir()
     for stem in ("1", "10"):
-        Image.fromarray(_load(RAIN / "target" / f"{stem}.jpg")[:96, :128]).save(
+        Image.fromarray(_load(rain / "target" / f"{stem}.jpg")[:96, :128]).save(
             clean / f"{stem}.png"
         )
     out = tmp_path / "out"
@@ -244,7 +262,7 @@ def test_set_psnr_matches_psnr_of_the_stacked_images():
     assert set_psnr(per_image) == pytest.approx(together, rel=1e-6)
 
 
-def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path):
+def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path, rain):
     """`opir eval --weights W --data rain=DIR --json F`: the CLI's JSON holds the same figures
     as `evaluate_engine` run here on the same pairs with the same checkpoint."""
     from opir_engine.inference.engine import OPIREngine
@@ -260,7 +278,7 @@ def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path):
         crops = []
         for side in ("input", "target"):
             (pairs / side).mkdir(parents=True, exist_ok=True)
-            crop = _load(RAIN / side / f"{stem}.jpg")[:48, :72]
+            crop = _load(rain / side / f"{stem}.jpg")[:48, :72]
             Image.fromarray(crop).save(pairs / side / f"{stem}.png")
             crops.append(torch.from_numpy(crop).permute(2, 0, 1).float() / 255)
         items.append(("rain", stem, *crops))

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from opir_engine.cli.app import app
 from opir_engine.model import OPIR, GrowthError, OPIRConfig, grow
 from opir_engine.model.growth import can_grow
-from opir_engine.training.trainer import DataSpec, Recipe, Trainer, TrainingError
+from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
+from opir_engine.training.trainer import Trainer
 from opir_engine.weights import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -24,7 +24,9 @@ from opir_engine.image_io import (
     UnsupportedImageError,
     infer_format,
     is_image_path,
+    list_images,
     read_image,
+    read_rgb8,
     write_image,
     write_image_like,
 )
@@ -549,9 +551,10 @@ def test_missing_empty_and_directory(tmp_path: Path) -> None:
     folder.mkdir()
     cases.append((folder, "is a directory"))
     for path, words in cases:
-        with pytest.raises(UnreadableImageError) as info:
-            read_image(path)
-        _assert_one_line_error(info.value, path, words)
+        for reader in (read_image, read_rgb8):
+            with pytest.raises(UnreadableImageError) as info:
+                reader(path)
+            _assert_one_line_error(info.value, path, words)
 
 
 @pytest.mark.parametrize("source", [PHOTO_JPG, PHOTO_PNG, GPS_JPG], ids=["jpeg", "png", "camera"])
@@ -757,3 +760,110 @@ def test_decoded_image_fields() -> None:
     assert decoded.path == GPS_JPG and decoded.source_size == (640, 480)
     assert decoded.exif is not None and decoded.exif.startswith(b"Exif\x00\x00")
     assert "tensor" not in repr(decoded) and "Exif" not in repr(decoded)  # short repr
+
+
+# ----------------------------------------------------------------------------------------------
+# one reader for inference, training and synthesis
+
+
+def _pillow_rgb8(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """How training and synthesis read photos before `read_rgb8`, with Pillow alone: upright,
+    converted to RGB, shrunk with the BOX filter to `size` (W, H); uint8 (3, H, W)."""
+    with Image.open(path) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    if size is not None:
+        rgb = rgb.resize(size, Image.Resampling.BOX)
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+def _rgb8_case(name: str, folder: Path) -> Path:
+    """A file of the kind `name` from a real photo: camera JPEGs as they are, the rest made here."""
+    if name == "jpeg_orientation_6":
+        return ORIENTATION_DIR / "landscape_6.jpg"
+    if name == "camera_jpeg_orientation_6":
+        return ROTATED_GPS_JPG
+    path = folder / f"{name}.png"
+    if name.startswith("png16"):
+        _png16_unfiltered(path, _photo16(channels={"gray": 1, "rgb": 3, "rgba": 4}[name[6:]]))
+    elif name == "gray_jpeg":
+        path = path.with_suffix(".jpg")
+        _photo().convert("L").save(path, quality=90)
+    elif name == "gray_png":
+        _photo().convert("L").save(path)
+    elif name.startswith("palette"):
+        _photo().quantize(64).save(path, **({"transparency": 5} if "transparent" in name else {}))
+    elif name == "rgba_png":
+        rgba = np.dstack([np.asarray(_photo()), np.arange(64 * 96, dtype=np.uint8).reshape(64, 96)])
+        Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+RGB8_CASES = [
+    "jpeg_orientation_6",
+    "camera_jpeg_orientation_6",
+    "png16_gray",
+    "png16_rgb",
+    "png16_rgba",
+    "gray_jpeg",
+    "gray_png",
+    "palette",
+    "palette_transparent",
+    "rgba_png",
+]
+
+
+@pytest.mark.parametrize("name", RGB8_CASES)
+def test_read_rgb8_gives_pillows_8bit_rgb(tmp_path: Path, name: str) -> None:
+    path = _rgb8_case(name, tmp_path)
+    rgb = read_rgb8(path)
+    assert rgb.dtype == torch.uint8 and rgb.is_contiguous()
+    np.testing.assert_array_equal(rgb.numpy(), _pillow_rgb8(path))
+
+
+@pytest.mark.parametrize(
+    ("path", "max_side", "size"),
+    [
+        # stored 450x600 with orientation 6: upright 600 wide, 450 high
+        (ORIENTATION_DIR / "landscape_6.jpg", 100, (100, 75)),
+        (ORIENTATION_DIR / "landscape_6.jpg", 599, (599, 449)),  # 449.25 rounds down
+        # stored 2048x1536 with orientation 6: upright 1536 wide, 2048 high
+        (ROTATED_GPS_JPG, 512, (384, 512)),
+        (PHOTO_PNG, 300, (200, 300)),  # 321x481: 321 * 300 / 481 = 200.2
+    ],
+)
+def test_read_rgb8_shrinks_the_long_side_with_the_box_filter(
+    path: Path, max_side: int, size: tuple[int, int]
+) -> None:
+    rgb = read_rgb8(path, max_side)
+    assert rgb.shape == (3, size[1], size[0])
+    np.testing.assert_array_equal(rgb.numpy(), _pillow_rgb8(path, size))
+
+
+def test_read_rgb8_keeps_images_within_max_side() -> None:
+    full = _pillow_rgb8(ORIENTATION_DIR / "landscape_6.jpg")
+    for max_side in (None, 600, 10_000):
+        np.testing.assert_array_equal(
+            read_rgb8(ORIENTATION_DIR / "landscape_6.jpg", max_side), full
+        )
+
+
+def test_training_and_synthesis_read_through_read_rgb8(tmp_path: Path) -> None:
+    from opir_engine.datasets import load_rgb
+    from opir_engine.synthesis import read_clean_image
+
+    path = _rgb8_case("png16_rgba", tmp_path)
+    np.testing.assert_array_equal(load_rgb(path).numpy(), _pillow_rgb8(path))
+    np.testing.assert_array_equal(load_rgb(ROTATED_GPS_JPG, 512), read_rgb8(ROTATED_GPS_JPG, 512))
+    np.testing.assert_array_equal(read_clean_image(path), _pillow_rgb8(path).transpose(1, 2, 0))
+
+
+def test_list_images_by_extension_sorted_by_relative_path(tmp_path: Path) -> None:
+    for name in ["a.png", "B.JPG", "c.txt", ".hidden.png", "sub/d.tif", "sub-e.webp", "f.png.part"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["B.JPG", "a.png", "sub-e.webp"]
+    # relative paths compare as text: "sub-e" comes before "sub/d" ('-' < '/')
+    recursive = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
+    assert recursive == ["B.JPG", "a.png", "sub-e.webp", "sub/d.tif"]
+    assert list_images(tmp_path / "missing") == []

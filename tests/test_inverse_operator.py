@@ -4,35 +4,51 @@ argument checks."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from opir_kernels import inverse_operator as op_module
-from opir_kernels import native
-from opir_kernels.inverse_operator import (
-    _implementation,
-    inverse_operator,
-    inverse_operator_backward_flops,
+from opir_kernels import native, op, triton_kernels
+from opir_kernels.flops import inverse_operator_backward_flops, inverse_operator_flops
+from opir_kernels.inverse_operator import inverse_operator, kernel_backend
+from opir_kernels.planes import inverse_operator_planes
+from opir_kernels.reference import (
+    TAPS,
     inverse_operator_backward_reference,
-    inverse_operator_backward_triton,
-    inverse_operator_flops,
-    inverse_operator_forward_triton,
-    inverse_operator_planes,
     inverse_operator_reference,
-    inverse_operator_unfold,
-    kernel_backend,
-    triton_supports,
 )
+from opir_kernels.triton_kernels import (
+    inverse_operator_backward_triton,
+    inverse_operator_forward_triton,
+)
+from opir_kernels.triton_limits import triton_supports
+
+
+def _load_bench(name: str) -> ModuleType:
+    """A script of bench/ (not a package) as a module."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+inverse_operator_unfold = _load_bench("unfold_baseline").inverse_operator_unfold
 
 NAMES = ("image", "kernel", "modulation", "fusion_logits", "bias")
 DILATIONS_4 = (1, 2, 3, 4)
@@ -206,10 +222,14 @@ def test_inverse_operator_launchers_match_reference(
 @needs_interpreter
 @pytest.mark.parametrize(
     ("tile", "dilations"),
-    [((2, 4), (1, 2, 3, 4)), ((4, 16), (1, 2, 3, 4)), ((1, 32), (1, 2, 3, 4)),
-     ((2, 4), (5, 1, 2))],
-    ids=["2x4", "4x16", "1x32", "2x4-unsorted-dilations"],
-)  # fmt: skip
+    [
+        pytest.param((4, 16), (1, 2, 3, 4), id="4x16"),
+        # Small tiles mean many interpreted programs: 30 to 140 s each on 2 loaded cores.
+        pytest.param((2, 4), (1, 2, 3, 4), id="2x4", marks=pytest.mark.slow),
+        pytest.param((1, 32), (1, 2, 3, 4), id="1x32", marks=pytest.mark.slow),
+        pytest.param((2, 4), (5, 1, 2), id="2x4-unsorted-dilations", marks=pytest.mark.slow),
+    ],
+)
 def test_triton_tiles_cover_the_image(
     tile: tuple[int, int], dilations, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,7 +246,7 @@ def test_triton_tiles_cover_the_image(
     _assert_close(uncertainty, ref_uncertainty, 1e-5, 1e-5, "uncertainty")
 
     for key, value in config.items():
-        monkeypatch.setitem(op_module.BACKWARD_CONFIG, key, value)
+        monkeypatch.setitem(triton_kernels.BACKWARD_CONFIG, key, value)
     g, gu = _grad_outputs(inputs)
     got = inverse_operator_backward_triton(g, gu, *args[:4], dilations)
     ref = inverse_operator_backward_reference(g, gu, *args[:4], dilations)
@@ -309,6 +329,8 @@ def test_planes_match_reference_in_fp64_and_strided_layouts(layout: str) -> None
     torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=0)
 
 
+# Slow: the first inductor compile in a process takes 40 to 80 s on 2 cores.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "dilations", "has_modulation", "has_bias"),
     [CASES[4], CASES[7], CASES[8]],  # no modulation, a dilation past the image, S = 1 bare
@@ -583,11 +605,11 @@ def test_auto_backend_picks_native_on_cpu_and_reference_otherwise(
         ran = _ops_run(lambda: inverse_operator(*small.values()))
     assert "opir::inverse_operator_native" in ran
     with kernel_backend("auto"):
-        assert _implementation(small["image"], DILATIONS_4) == "native"
+        assert op._implementation(small["image"], DILATIONS_4) == "native"
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert _implementation(small["image"], DILATIONS_4) == "reference"
+        assert op._implementation(small["image"], DILATIONS_4) == "reference"
         with kernel_backend("native"):  # asked for, it runs under compile too (an opaque call)
-            assert _implementation(small["image"], DILATIONS_4) == "native"
+            assert op._implementation(small["image"], DILATIONS_4) == "native"
     monkeypatch.undo()
     wide = tuple(range(1, 18))
     cases = {
@@ -670,42 +692,187 @@ def test_native_build_is_cached_and_a_failed_build_falls_back(tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def test_inverse_operator_flops_match_hand_count() -> None:
-    """B=1, C=3, H=W=2 (4 pixels), S=4, with modulation and bias, counted term by term."""
-    pixels, c, s = 4, 3, 4
-    taps = s * 9 * 2  # per pixel and channel: 9 taps x S scales, a mul and an add each = 72
-    fusion = s * 2  # alpha_s * J_s and its sum over s = 8
-    bias = 1
-    per_channel = taps + fusion + bias  # 81
-    modulation = 9  # K * m
-    softmax = s + s + s + (s - 1)  # subtract max, exp, divide, sum of S = 15
-    um = 9 + 8 + 1  # |K~| x 9, 8 adds, / 9 = 18
-    per_pixel = modulation + softmax + um  # 42
-    forward = pixels * (c * per_channel + per_pixel)
-    assert forward == 1140
-    assert inverse_operator_flops(1, c, 2, 2, s) == forward
-    # Without modulation or bias those terms go.
-    assert inverse_operator_flops(1, c, 2, 2, s, False, False) == forward - pixels * (c + 9)
+class _Num:
+    """A float that counts each +, -, *, /, exp, abs and sign done with it as one FLOP, in the
+    shared `count` (a one-element list); comparisons (the softmax's max) are free."""
 
-    # Backward per pixel, channel and scale: J_s recomputed 18, d alpha_s 2, d K~ 9 x 3,
-    # the image gather 9 x 3 = 74; per pixel: softmax and its backward 8 S, UM's sign 27,
-    # d K and d m 2 x 9.
-    backward = pixels * (c * s * (18 + 2 + 27 + 27) + 8 * s + 27 + 18)
-    assert backward == 3860
-    assert inverse_operator_backward_flops(1, c, 2, 2, s) == backward
+    __slots__ = ("count", "value")
 
-    inputs = _make_inputs((1, c, 2, 2), s)
+    def __init__(self, value: float, count: list[int]) -> None:
+        self.value, self.count = float(value), count
+
+    def _new(self, value: float) -> _Num:
+        self.count[0] += 1
+        return _Num(value, self.count)
+
+    def __add__(self, other: _Num | float) -> _Num:
+        return self._new(self.value + float(other))
+
+    def __sub__(self, other: _Num | float) -> _Num:
+        return self._new(self.value - float(other))
+
+    def __mul__(self, other: _Num | float) -> _Num:
+        return self._new(self.value * float(other))
+
+    def __truediv__(self, other: _Num | float) -> _Num:
+        return self._new(self.value / float(other))
+
+    def __float__(self) -> float:
+        return self.value
+
+    def exp(self) -> _Num:
+        return self._new(math.exp(self.value))
+
+    def abs(self) -> _Num:
+        return self._new(abs(self.value))
+
+    def sign(self) -> _Num:
+        return self._new(float((self.value > 0) - (self.value < 0)))
+
+
+def _reduce(values: list[_Num]) -> _Num:
+    """A reduction of n values: n - 1 adds (running sums start at zero: one add per term)."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def _naive_op(
+    inputs: Inputs, grads: tuple[Tensor, Tensor], dilations: Sequence[int]
+) -> tuple[dict[str, Tensor], int, int]:
+    """The op's definition (kernels/reference.py) and its closed-form gradients, pixel by pixel
+    on counting floats, for one image (1, C, H, W). Taps outside the image are computed on
+    zeros, as the kernels do. Returns {name: value}, forward FLOPs, backward FLOPs."""
+    _, c_n, h, w = inputs["image"].shape
+    plane = {k: None if t is None else t[0].tolist() for k, t in inputs.items()}
+    g, gu = grads[0][0].tolist(), grads[1][0, 0].tolist()
+    count = [0]
+
+    def zero() -> _Num:
+        return _Num(0.0, count)
+
+    def at(p: list, y: int, x: int) -> float:
+        return p[y][x] if 0 <= y < h and 0 <= x < w else 0.0
+
+    out = {k: [[[0.0] * w for _ in range(h)] for _ in range(n)] for k, n in
+           (("restored", c_n), ("uncertainty", 1), ("image", c_n), ("kernel", 9),
+            ("modulation", 9), ("fusion_logits", len(dilations)))}  # fmt: skip
+    k_mod, alpha = {}, {}
+    for y in range(h):
+        for x in range(w):
+            k = [_Num(plane["kernel"][i][y][x], count) for i in range(9)]
+            if plane["modulation"] is not None:  # Eq. 19
+                k = [k[i] * plane["modulation"][i][y][x] for i in range(9)]
+            logits = [_Num(p[y][x], count) for p in plane["fusion_logits"]]
+            top = max(logits, key=float)
+            e = [(v - top).exp() for v in logits]
+            total = _reduce(e)
+            k_mod[y, x], alpha[y, x] = k, [v / total for v in e]  # Eq. 18
+            for c in range(c_n):
+                acc = zero()
+                for s, d in enumerate(dilations):
+                    j = zero()
+                    for i, (dy, dx) in enumerate(TAPS):
+                        j = j + k[i] * at(plane["image"][c], y + d * dy, x + d * dx)  # Eq. 16
+                    acc = acc + alpha[y, x][s] * j
+                if plane["bias"] is not None:
+                    acc = acc + plane["bias"][c][y][x]
+                out["restored"][c][y][x] = acc.value
+            out["uncertainty"][0][y][x] = (_reduce([t.abs() for t in k]) / 9).value  # Eq. 11
+    forward = count[0]
+
+    for y in range(h):  # d K~, d alpha, and through them d K, d m, d logits
+        for x in range(w):
+            k = [_Num(plane["kernel"][i][y][x], count) for i in range(9)]
+            if plane["modulation"] is not None:  # K~ recomputed, as the forward did
+                k = [k[i] * plane["modulation"][i][y][x] for i in range(9)]
+            grad_k, grad_a = [zero() for _ in range(9)], [zero() for _ in dilations]
+            logits = [_Num(p[y][x], count) for p in plane["fusion_logits"]]
+            top = max(logits, key=float)
+            e = [(v - top).exp() for v in logits]
+            total = _reduce(e)
+            a = [v / total for v in e]  # alpha recomputed
+            for c in range(c_n):
+                for s, d in enumerate(dilations):
+                    j = zero()
+                    for i, (dy, dx) in enumerate(TAPS):
+                        v = at(plane["image"][c], y + d * dy, x + d * dx)
+                        j = j + k[i] * v
+                        grad_k[i] = grad_k[i] + a[s] * g[c][y][x] * v
+                    grad_a[s] = grad_a[s] + j * g[c][y][x]
+            dot = zero()
+            for s in range(len(dilations)):
+                dot = dot + a[s] * grad_a[s]
+            for s in range(len(dilations)):
+                out["fusion_logits"][s][y][x] = (a[s] * (grad_a[s] - dot)).value
+            for i in range(9):
+                grad = grad_k[i] + k[i].sign() * gu[y][x] / 9
+                if plane["modulation"] is None:
+                    out["kernel"][i][y][x] = grad.value
+                else:
+                    out["kernel"][i][y][x] = (grad * plane["modulation"][i][y][x]).value
+                    out["modulation"][i][y][x] = (grad * plane["kernel"][i][y][x]).value
+    for c in range(c_n):  # the image's gather: q takes alpha_s K~_i g from p = q - d_s delta_i
+        for y in range(h):
+            for x in range(w):
+                acc = zero()
+                for s, d in enumerate(dilations):
+                    for i, (dy, dx) in enumerate(TAPS):
+                        p = (y - d * dy, x - d * dx)
+                        a_s = alpha[p][s] if p in alpha else zero()
+                        k_i = k_mod[p][i] if p in k_mod else zero()
+                        acc = acc + a_s * k_i * at(g[c], *p)
+                out["image"][c][y][x] = acc.value
+    values = {k: torch.tensor(v, dtype=torch.float64)[None] for k, v in out.items()}
+    return values, forward, count[0] - forward
+
+
+@pytest.mark.parametrize(("has_modulation", "has_bias"), [(True, True), (False, False)])
+def test_flop_formulas_count_a_naive_loop(has_modulation: bool, has_bias: bool) -> None:
+    """The FLOP formulas against the operations a naive pixel loop performs, on a 3x4 image
+    with 3 channels and 4 scales, the loop's results checked against the reference first.
+    Conventions (as the formulas'): a running sum pays one add per term (a multiply-add is 2
+    FLOPs), a reduction of n values n - 1, a comparison nothing.
+
+    The backward formula leaves out recomputing K~ = K m (9 a pixel when modulated), adding
+    UM's term to d K~ (9) and the softmax's one add fewer (it counts 8 S for the recomputed
+    softmax and its backward; the loop does 8 S - 1): 8 + 9 m a pixel fewer than the loop."""
+    c, h, w, dilations = 3, 3, 4, (1, 2, 3, 4)
+    inputs = _make_inputs((1, c, h, w), len(dilations), has_modulation, has_bias, torch.float64)
+    grads = _grad_outputs(inputs)
+    values, forward, backward = _naive_op(inputs, grads, dilations)
+    restored, uncertainty, expected = _forward_and_grads(
+        inverse_operator_reference, inputs, dilations, grads
+    )
+    torch.testing.assert_close(values["restored"], restored)
+    torch.testing.assert_close(values["uncertainty"], uncertainty)
+    for name in ("image", "kernel", "modulation", "fusion_logits"):
+        if name in expected:
+            torch.testing.assert_close(values[name], expected[name], msg=name)
+
+    scales = len(dilations)
+    assert inverse_operator_flops(1, c, h, w, scales, has_modulation, has_bias) == forward
+    left_out = h * w * (8 + 9 * has_modulation)
+    assert inverse_operator_backward_flops(1, c, h, w, scales, has_modulation) == (
+        backward - left_out
+    )
+
+
+def test_flop_counter_counts_the_op_with_its_formulas() -> None:
+    """FlopCounterMode (and so the profiler) counts the op and its backward op through the
+    registered formulas."""
+    b, c, h, w, s = 1, 3, 2, 2, 4
+    inputs = _make_inputs((b, c, h, w), s)
     leaves = [t.requires_grad_() for t in inputs.values()]
-    with FlopCounterMode(display=False) as counter:
-        restored, uncertainty = inverse_operator(*leaves)
-    assert counter.get_total_flops() == forward
     with FlopCounterMode(display=False) as counter:
         restored, uncertainty = inverse_operator(*leaves)
         torch.autograd.grad((restored, uncertainty), leaves, _grad_outputs(inputs))
     counts = counter.get_flop_counts()["Global"]
-    assert counts[torch.ops.opir.inverse_operator] == forward
+    assert counts[torch.ops.opir.inverse_operator] == inverse_operator_flops(b, c, h, w, s)
+    backward = inverse_operator_backward_flops(b, c, h, w, s)
     assert counts[torch.ops.opir.inverse_operator_backward] == backward
-    assert counter.get_total_flops() == forward + backward
+    assert counter.get_total_flops() == inverse_operator_flops(b, c, h, w, s) + backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,4 +945,111 @@ def test_triton_dispatch_limits() -> None:
     with kernel_backend("triton"), pytest.raises(ValueError, match="at most 8 scales"):
         inverse_operator(*inputs.values(), dilations=tuple(range(1, 10)))
     with kernel_backend("auto"):  # CPU: native or reference, never Triton
-        assert _implementation(inputs["image"], tuple(range(1, 10))) in ("native", "reference")
+        assert op._implementation(inputs["image"], tuple(range(1, 10))) in ("native", "reference")
+
+
+def test_kernel_backend_is_per_thread() -> None:
+    """A backend chosen in one thread is not seen by another, which keeps its own (the default
+    from OPIR_KERNEL) while the first thread's block runs."""
+    entered, checked = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def other() -> None:
+        entered.wait(10)
+        seen["other, while main chose reference"] = op.current_backend()
+        with kernel_backend("triton"):
+            seen["other, in its own block"] = op.current_backend()
+        checked.set()
+
+    default = op.current_backend()
+    thread = threading.Thread(target=other)
+    thread.start()
+    with kernel_backend("reference"):
+        entered.set()
+        assert checked.wait(10)
+        seen["main, in its block"] = op.current_backend()
+    thread.join(10)
+    assert seen == {
+        "other, while main chose reference": default,
+        "other, in its own block": "triton",
+        "main, in its block": "reference",
+    }
+    assert op.current_backend() == default
+
+
+def test_backward_runs_the_backend_its_forward_chose() -> None:
+    """Autograd may run the backward in another thread: it takes the forward's backend, not
+    the one in force where (or when) it runs."""
+    inputs = _make_inputs((1, 3, 6, 7), 4)
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    with kernel_backend("reference"):
+        restored, _ = inverse_operator(*leaves)
+    with kernel_backend("native"):
+        ran = _ops_run(lambda: restored.sum().backward())
+    assert "opir::inverse_operator_native_backward" not in ran
+    assert "opir::inverse_operator_backward" in ran
+
+
+def test_auto_says_once_when_the_native_kernels_cannot_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a C compiler auto runs the reference, and says so once per process, naming why;
+    OPIR_NATIVE=0 (a choice) is not warned about."""
+    inputs = _make_inputs((1, 3, 6, 7), 4)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_reason", "no C compiler found (set CC, or install gcc or clang)")
+    monkeypatch.setattr(op, "_native_fallback_said", False)
+    with kernel_backend("auto"):
+        with pytest.warns(RuntimeWarning, match=r"native CPU kernels are unavailable \(no C comp"):
+            got = inverse_operator(*inputs.values())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            inverse_operator(*inputs.values())  # said already
+    _assert_close(got[0], inverse_operator_reference(*inputs.values())[0], 0, 0, "restored")
+
+    monkeypatch.setattr(native, "_reason", native.TURNED_OFF)
+    monkeypatch.setattr(op, "_native_fallback_said", False)
+    with kernel_backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inverse_operator(*inputs.values())
+
+
+def test_the_op_imports_and_runs_without_triton() -> None:
+    """Where triton is not installed the op imports, runs on the CPU (native and reference)
+    with nothing said, and asking for Triton says why it cannot."""
+    probe = textwrap.dedent(
+        """
+        import importlib.util, sys
+        find = importlib.util.find_spec
+
+        class NoTriton:  # as on a machine where triton is not installed
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, NoTriton())
+        importlib.util.find_spec = lambda name, *a: None if name == "triton" else find(name, *a)
+        import torch
+        from opir_kernels.inverse_operator import HAS_TRITON, inverse_operator, kernel_backend
+        x, k, l = torch.rand(1, 3, 5, 6), torch.randn(1, 9, 5, 6), torch.randn(1, 4, 5, 6)
+        with kernel_backend("reference"):
+            expected = inverse_operator(x, k, None, l)[0]
+        got = inverse_operator(x, k, None, l)[0]
+        print(HAS_TRITON, "triton" in sys.modules, bool((got - expected).abs().max() < 1e-5))
+        try:
+            with kernel_backend("triton"):
+                inverse_operator(x, k, None, l)
+        except RuntimeError as error:
+            print(error)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False False True",
+        "the Triton kernels need triton, which is not installed",
+    ]
+    assert done.stderr == ""

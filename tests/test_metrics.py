@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,7 @@ PAIRS = [
 PSNR_ATOL = 1e-6  # dB; the brief allows 1e-4, float64 throughout gives ~1e-12
 SSIM_ATOL = 1e-6  # the brief allows 1e-3
 
-
-def _data_dir() -> Path:
-    root = os.environ.get("OPIR_DATA")
-    return Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+PairLoader = Callable[[str, str], tuple[np.ndarray, np.ndarray]]
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -47,16 +44,22 @@ def _find(folder: Path, stem: str) -> Path:
     return matches[0]
 
 
-def _load_pair(set_dir: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (degraded, clean) as float64 (H, W, 3) arrays in [0, 1]."""
-    base = _data_dir() / set_dir
-    if not base.is_dir():
-        pytest.skip(f"real data not found at {base} (set OPIR_DATA to the shared/data folder)")
-    pair = []
-    for side in ("input", "target"):
-        with Image.open(_find(base / side, stem)) as im:
-            pair.append(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0)
-    return pair[0], pair[1]
+@pytest.fixture(scope="module")
+def load_pair(shared_data: Path) -> PairLoader:
+    """`load_pair(set_dir, stem)`: (degraded, clean) of a shared-data pair as float64
+    (H, W, 3) arrays in [0, 1]."""
+
+    def load(set_dir: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
+        base = shared_data / set_dir
+        if not base.is_dir():
+            pytest.skip(f"real data not found at {base}")
+        pair = []
+        for side in ("input", "target"):
+            with Image.open(_find(base / side, stem)) as im:
+                pair.append(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0)
+        return pair[0], pair[1]
+
+    return load
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -98,8 +101,8 @@ def _sk_ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
 
 
 @pytest.mark.parametrize(("set_dir", "stem"), PAIRS)
-def test_rgb_metrics_match_scikit_image(set_dir: str, stem: str) -> None:
-    degraded, clean = _load_pair(set_dir, stem)
+def test_rgb_metrics_match_scikit_image(load_pair: PairLoader, set_dir: str, stem: str) -> None:
+    degraded, clean = load_pair(set_dir, stem)
     ref_x, ref_y = _reference_arrays(degraded), _reference_arrays(clean)
     x, y = _to_tensor(degraded), _to_tensor(clean)
 
@@ -109,8 +112,10 @@ def test_rgb_metrics_match_scikit_image(set_dir: str, stem: str) -> None:
 
 
 @pytest.mark.parametrize(("set_dir", "stem"), PAIRS)
-def test_y_channel_metrics_match_scikit_image_on_numpy_luma(set_dir: str, stem: str) -> None:
-    degraded, clean = _load_pair(set_dir, stem)
+def test_y_channel_metrics_match_scikit_image_on_numpy_luma(
+    load_pair: PairLoader, set_dir: str, stem: str
+) -> None:
+    degraded, clean = load_pair(set_dir, stem)
     y_x, y_y = _luma(_reference_arrays(degraded)), _luma(_reference_arrays(clean))
     assert y_x.min() >= 16.0 and y_x.max() <= 235.0
     x, y = _to_tensor(degraded), _to_tensor(clean)
@@ -121,9 +126,11 @@ def test_y_channel_metrics_match_scikit_image_on_numpy_luma(set_dir: str, stem: 
 
 
 @pytest.mark.parametrize(("set_dir", "stem"), PAIRS[::2])
-def test_quantized_y_channel_matches_matlab_uint8_pipeline(set_dir: str, stem: str) -> None:
+def test_quantized_y_channel_matches_matlab_uint8_pipeline(
+    load_pair: PairLoader, set_dir: str, stem: str
+) -> None:
     """quantize=True: 8-bit RGB, then integer Y as MATLAB's rgb2ycbcr gives for uint8."""
-    _, clean = _load_pair(set_dir, stem)
+    _, clean = load_pair(set_dir, stem)
     # A float "restoration": the clean image plus small noise, off the 8-bit levels.
     rng = np.random.default_rng(7)
     restored = np.clip(clean + rng.normal(0.0, 2.0 / 255.0, clean.shape), 0.0, 1.0)
@@ -177,8 +184,8 @@ def test_ssim_of_constant_images_is_the_luminance_term() -> None:
     assert ssim(a, b) == pytest.approx(expected, abs=1e-12)
 
 
-def test_identical_images_give_inf_psnr_and_unit_ssim() -> None:
-    degraded, _ = _load_pair(*PAIRS[3])
+def test_identical_images_give_inf_psnr_and_unit_ssim(load_pair: PairLoader) -> None:
+    degraded, _ = load_pair(*PAIRS[3])
     x = _to_tensor(degraded)
     assert psnr(x, x.clone()) == math.inf
     assert psnr(x, x.clone(), y_channel=True) == math.inf
@@ -186,8 +193,8 @@ def test_identical_images_give_inf_psnr_and_unit_ssim() -> None:
     assert ssim(x, x.clone(), y_channel=True) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_gray_inputs_accept_two_and_three_dims() -> None:
-    degraded, clean = _load_pair(*PAIRS[0])
+def test_gray_inputs_accept_two_and_three_dims(load_pair: PairLoader) -> None:
+    degraded, clean = load_pair(*PAIRS[0])
     x, y = _to_tensor(degraded)[1], _to_tensor(clean)[1]
     ref_x, ref_y = _reference_arrays(degraded)[..., 1], _reference_arrays(clean)[..., 1]
     assert psnr(x, y) == pytest.approx(peak_signal_noise_ratio(ref_y, ref_x, data_range=1.0))
@@ -195,8 +202,8 @@ def test_gray_inputs_accept_two_and_three_dims() -> None:
     assert ssim(x[None], y[None]) == ssim(x, y)
 
 
-def test_batched_metrics_equal_per_image_metrics() -> None:
-    pairs = [_load_pair(*p) for p in PAIRS[:3]]
+def test_batched_metrics_equal_per_image_metrics(load_pair: PairLoader) -> None:
+    pairs = [load_pair(*p) for p in PAIRS[:3]]
     # Crop to a common size: one of the pairs is portrait.
     crops = [(d[:300, :300], c[:300, :300]) for d, c in pairs]
     xs = torch.stack([_to_tensor(d) for d, _ in crops])

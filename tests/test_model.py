@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +28,6 @@ from opir_engine.model.loss import charbonnier, fft_l1, laplacian
 from opir_engine.weights import CheckpointError, load_checkpoint, read_card, save_checkpoint
 from opir_kernels.inverse_operator import TAPS, inverse_operator, inverse_operator_flops
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-RAIN_SET = DATA / "rain" / "Rain13K-subset"
 EPS = 1e-3  # Charbonnier epsilon of appendix A
 
 
@@ -392,18 +389,18 @@ def test_trunk_classifier_reads_the_image_not_the_kpn() -> None:
     assert model.classify(torch.rand(1, 3, 4, 1000)).shape == (1, len(CLASSES))
 
 
-CLEAN_SET = DATA / "clean" / "CBSD68"
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "opir-small-allinone.safetensors"
 
 
-@pytest.mark.skipif(not CLEAN_SET.is_dir(), reason=f"no clean photos at {CLEAN_SET} (OPIR_DATA)")
-def test_trunk_classifier_with_a_mask_judges_a_padded_photo_as_the_photo() -> None:
+def test_trunk_classifier_with_a_mask_judges_a_padded_photo_as_the_photo(
+    shared_data: Path,
+) -> None:
     """The shipped classifier on real photos padded at the bottom and right, as a tile or a
     shape bucket is: with the mask its logits stay near the unpadded photo's whatever the
     padding holds (only the convolutions' reach across the border differs), without it a dark
     frame moves them by many units; the decision never changes with the mask."""
     model, _ = load_checkpoint(SHIPPED)
-    for path in sorted(CLEAN_SET.iterdir())[:3]:
+    for path in sorted((shared_data / "clean" / "CBSD68").iterdir())[:3]:
         photo = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
         x = photo.permute(2, 0, 1)[None, :, :320, :320].contiguous()  # some are portrait
         valid = torch.zeros(1, 1, 512, 544)
@@ -565,10 +562,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / F.mse_loss(a, b)))
 
 
-@pytest.mark.skipif(not RAIN_SET.is_dir(), reason=f"no real rain pairs at {RAIN_SET} (OPIR_DATA)")
-def test_overfits_one_real_rain_pair() -> None:
-    degraded = _load_crop(RAIN_SET / "input" / "1.jpg", 64, 64, 64)
-    target = _load_crop(RAIN_SET / "target" / "1.jpg", 64, 64, 64)
+def test_overfits_one_real_rain_pair(shared_data: Path) -> None:
+    rain_set = shared_data / "rain" / "Rain13K-subset"
+    degraded = _load_crop(rain_set / "input" / "1.jpg", 64, 64, 64)
+    target = _load_crop(rain_set / "target" / "1.jpg", 64, 64, 64)
     model = _model(seed=0)
     loss_fn = OPIRLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -9,27 +9,21 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from opir_engine.devices import DeviceError
 from opir_engine.model import OPIR, OPIRConfig
-from opir_engine.profiling import (
+from opir_engine.model.flops import FlopCount, count_opir_flops
+from opir_engine.profiling.machine import describe_machine
+from opir_engine.profiling.profile import build_opir, count_flops, run_profile
+from opir_engine.profiling.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_engine.profiling.settings import (
     NAMED_SIZES,
-    DeviceError,
-    FlopCount,
-    PrecisionError,
     ProfileError,
     ProfileSettings,
     SizeError,
     WeightsError,
-    build_opir,
-    count_flops,
-    count_opir_flops,
-    measure_peak_memory,
     parse_sizes,
-    resolve_device,
-    resolve_precision,
-    run_profile,
-    time_interleaved,
 )
-from opir_engine.profiling.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_engine.profiling.timing import measure_peak_memory, time_interleaved
 from opir_engine.weights import save_checkpoint
 from opir_kernels.inverse_operator import inverse_operator_flops
 
@@ -137,8 +131,14 @@ def test_parse_sizes_named_square_and_wxh() -> None:
 
 @pytest.mark.parametrize("text", ["", "256,,512", "abc", "0", "12x", "64x0", "-5", "8k", "3.5"])
 def test_parse_sizes_rejects_bad_entries(text: str) -> None:
-    with pytest.raises(SizeError, match="--sizes"):
+    """The error speaks of the value and names the setting; the flag is the CLI's to add."""
+    with pytest.raises(SizeError) as raised:
         parse_sizes(text)
+    assert raised.value.setting == "sizes"
+    assert "--" not in str(raised.value)
+    assert repr(text) in str(raised.value) or any(
+        repr(entry) in str(raised.value) for entry in text.split(",")
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak RSS needs /proc")
@@ -248,25 +248,42 @@ def test_build_opir_from_a_checkpoint_or_a_config(tmp_path) -> None:
     assert name == "OPIR small" and model.config == OPIRConfig.from_name("small")
     with pytest.raises(WeightsError, match="missing"):
         build_opir(weights=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ProfileError, match="--config"):
+    with pytest.raises(ProfileError, match="unknown config 'huge'") as raised:
         build_opir(config="huge")
+    assert raised.value.setting == "config"
 
 
 def test_bad_device_precision_and_settings_are_reported() -> None:
+    """Device and precision follow the engine's one rule (opir_engine.devices) and its error;
+    the other settings raise ProfileError naming the setting, in words about the value."""
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA"):
-            resolve_device("cuda")
-    with pytest.raises(DeviceError):
-        resolve_device("gpu0")
-    with pytest.raises(PrecisionError, match="fp8"):
-        resolve_precision("fp8", torch.device("cpu"))
-    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
-    with pytest.raises(ProfileError, match="--runs"):
-        run_profile(ProfileSettings(config="tiny", runs=0))
-    with pytest.raises(ProfileError, match="--compare"):
-        run_profile(ProfileSettings(config="tiny", compare="restormer"))
-    with pytest.raises(ProfileError, match="warm"):
-        run_profile(ProfileSettings(config="tiny", compile=True, warmup=0))
+            run_profile(ProfileSettings(config="tiny", device="cuda"))
+    with pytest.raises(DeviceError, match="'gpu0'"):
+        run_profile(ProfileSettings(config="tiny", device="gpu0"))
+    with pytest.raises(DeviceError, match="fp8"):
+        run_profile(ProfileSettings(config="tiny", device="cpu", precision="fp8"))
+    bad = [
+        ({"runs": 0}, "runs", "runs must be at least 1, got 0"),
+        ({"warmup": -1}, "warmup", "got -1"),
+        ({"batch": 0}, "batch", "batch must be at least 1"),
+        ({"compare": "restormer"}, "compare", "'restormer' is not one of none, promptir"),
+        ({"compile": True, "warmup": 0}, "warmup", "warm-up"),
+        ({"threads": 0}, "threads", "threads must be at least 1"),
+    ]
+    for fields, setting, message in bad:
+        with pytest.raises(ProfileError, match=message) as raised:
+            run_profile(ProfileSettings(config="tiny", **fields))
+        assert raised.value.setting == setting
+        assert "--" not in str(raised.value)
+
+
+def test_describe_machine_names_cpu_cores_versions_and_device() -> None:
+    machine = describe_machine(torch.device("cpu"))
+    assert machine["device"] == "cpu" and machine["logical_cores"] >= 1
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
+    assert "gpu" not in machine  # GPU figures only for a CUDA device
+    assert json.dumps(machine)
 
 
 def test_profile_cli_writes_json(tmp_path):
@@ -295,4 +312,5 @@ def test_profile_cli_bad_size_is_one_line_error():
 
     result = CliRunner().invoke(app, ["profile", "--config", "tiny", "--sizes", "huge"])
     assert result.exit_code == 1
-    assert "error:" in result.output and "huge" in result.output
+    assert "error: --sizes: size 'huge'" in result.output  # the CLI adds the option's name
+    assert len(result.output.strip().splitlines()) == 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,12 +25,10 @@ from opir_engine.batch.runner import FileRecord, RestoreOptions, plan_jobs, run_
 from opir_engine.cli.app import app  # noqa: E402
 from opir_engine.inference.engine import OPIREngine  # noqa: E402
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-BSDS = DATA / "clean" / "BSDS500_test"
-
-pytestmark = pytest.mark.skipif(
-    not BSDS.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
+# Each actor runs torch on its 1-CPU share; the local reference must too (conftest's
+# one_thread), since a convolution split over more threads rounds differently and can flip an
+# 8-bit level. Slow: each test takes 10-25 s on 2 idle cores.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +39,24 @@ def ray_instance():  # type: ignore[no-untyped-def]
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Each actor runs torch on its 1-CPU share; the local reference must too, since a
-    convolution split over more threads rounds differently and can flip an 8-bit level."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def photos(shared_data: Path) -> Callable[[Path, int, tuple[int, int]], list[Path]]:
+    """`photos(folder, count, size)`: the first `count` BSDS500 test photos, downscaled to
+    size = (W, H), saved as PNG in folder."""
 
+    def write(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = sorted((shared_data / "clean" / "BSDS500_test").glob("*.jpg"))[:count]
+        paths = []
+        for i, src in enumerate(sources):
+            with Image.open(src) as im:
+                small = im.convert("RGB").resize(size, Image.Resampling.BOX)
+            path = folder / f"{i:02d}_{src.stem}.png"
+            small.save(path)
+            paths.append(path)
+        return paths
 
-def _photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """`count` real photos, downscaled to size = (W, H), saved as PNG in folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, src in enumerate(sorted(BSDS.glob("*.jpg"))[:count]):
-        with Image.open(src) as im:
-            small = im.convert("RGB").resize(size, Image.Resampling.BOX)
-        path = folder / f"{i:02d}_{src.stem}.png"
-        small.save(path)
-        paths.append(path)
-    return paths
+    return write
 
 
 def _engine_args(weights: Path) -> dict:
@@ -73,8 +68,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_ray_and_local_backends_write_identical_files(ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
-    _photos(tmp_path / "in", 6, (96, 72))
+def test_ray_and_local_backends_write_identical_files(photos, ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
+    photos(tmp_path / "in", 6, (96, 72))
     local_jobs = plan_jobs(tmp_path / "in", tmp_path / "local")
     ray_jobs = plan_jobs(tmp_path / "in", tmp_path / "ray")
     engine = OPIREngine.from_pretrained(**_engine_args(weights))
@@ -93,8 +88,8 @@ def test_ray_and_local_backends_write_identical_files(ray_instance, weights, tmp
     assert len(_files(tmp_path / "ray")) == 6
 
 
-def test_bad_file_fails_alone_and_rerun_skips(ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
-    _photos(tmp_path / "in", 4, (64, 48))
+def test_bad_file_fails_alone_and_rerun_skips(photos, ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
+    photos(tmp_path / "in", 4, (64, 48))
     (tmp_path / "in" / "01_zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     jobs = plan_jobs(tmp_path / "in", tmp_path / "out")
     records = restore_with_ray(jobs, RestoreOptions(), _engine_args(weights), workers=2)
@@ -132,9 +127,9 @@ def _actor_pids() -> list[int]:
 
 
 def test_killed_worker_is_retried_without_duplicate_or_partial_output(  # type: ignore[no-untyped-def]
-    ray_instance, weights, tmp_path
+    photos, ray_instance, weights, tmp_path
 ):
-    _photos(tmp_path / "in", 10, (192, 144))
+    photos(tmp_path / "in", 10, (192, 144))
     jobs = plan_jobs(tmp_path / "in", tmp_path / "out")
     killed: list[int] = []
 
@@ -160,8 +155,8 @@ def test_killed_worker_is_retried_without_duplicate_or_partial_output(  # type: 
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")  # every output complete
 
 
-def test_cli_ray_backend_matches_local_summary(ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
-    _photos(tmp_path / "in", 3, (64, 48))
+def test_cli_ray_backend_matches_local_summary(photos, ray_instance, weights, tmp_path):  # type: ignore[no-untyped-def]
+    photos(tmp_path / "in", 3, (64, 48))
     common = ["--weights", str(weights), "--no-compile", "--precision", "fp32",
               "--tile", "128", "--tile-overlap", "16"]  # fmt: skip
     runner = CliRunner()

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,15 +27,13 @@ from typer.testing import CliRunner
 from opir_engine.cli.app import app
 from opir_engine.image_io import read_image, write_image
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CLEAN = DATA / "clean"
 OPIR_SCRIPT = Path(sys.executable).with_name("opir")
 FAST = ["--no-compile", "--tile", "128", "--tile-overlap", "16"]
 SIZE = (80, 60)  # (W, H) of most generated inputs
 
-pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
+# In-process runs on one torch thread (the subprocesses keep theirs).
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
+
 needs_script = pytest.mark.skipif(
     not OPIR_SCRIPT.is_file(), reason=f"`opir` console script not installed at {OPIR_SCRIPT}"
 )
@@ -44,6 +41,12 @@ needs_script = pytest.mark.skipif(
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+@pytest.fixture(scope="module")
+def clean(shared_data: Path) -> Path:
+    """The shared data's folder of clean photos."""
+    return shared_data / "clean"
 
 
 def _photo(path: Path, size: tuple[int, int] = SIZE) -> Image.Image:
@@ -76,11 +79,11 @@ def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
-def build_corpus(folder: Path) -> None:
+def build_corpus(folder: Path, clean: Path) -> None:
     """One file per format and mode, from different real photos."""
     folder.mkdir(parents=True, exist_ok=True)
-    bsds = sorted((CLEAN / "BSDS500_test").glob("*.jpg"))
-    urban = sorted((CLEAN / "Urban100_subset").glob("*.png"))
+    bsds = sorted((clean / "BSDS500_test").glob("*.jpg"))
+    urban = sorted((clean / "Urban100_subset").glob("*.png"))
     _photo(urban[0]).save(folder / "rgb.png", icc_profile=_srgb_icc())
     write_image(folder / "rgb16.png", _as_tensor(_levels16(urban[1])), bit_depth=16)
     _photo(bsds[0]).convert("L").save(folder / "gray.png")
@@ -92,13 +95,13 @@ def build_corpus(folder: Path) -> None:
     rgba.putalpha(_alpha())
     rgba.save(folder / "rgba.png")
     _photo(urban[3]).quantize(64).save(folder / "palette.png")
-    with Image.open(CLEAN / "EXIF_camera" / "DSCN0010.jpg") as im:  # Nikon, GPS
+    with Image.open(clean / "EXIF_camera" / "DSCN0010.jpg") as im:  # Nikon, GPS
         exif = im.info["exif"]
         im.convert("RGB").resize(SIZE, Image.Resampling.BOX).save(
             folder / "jpeg_camera.jpg", exif=exif, quality=90
         )
     _photo(bsds[3]).convert("CMYK").save(folder / "jpeg_cmyk.jpg", quality=90)
-    with Image.open(CLEAN / "EXIF_orientation" / "landscape_6.jpg") as im:  # stored 450x600
+    with Image.open(clean / "EXIF_orientation" / "landscape_6.jpg") as im:  # stored 450x600
         im.resize((60, 80), Image.Resampling.BOX).save(
             folder / "jpeg_rotated.jpg", exif=im.info["exif"], icc_profile=im.info["icc_profile"]
         )
@@ -142,9 +145,11 @@ def _restored_differs(source: Path, output: Path) -> bool:
 
 
 @needs_script
-def test_restore_every_format_and_mode_in_a_subprocess(weights: Path, tmp_path: Path) -> None:
+def test_restore_every_format_and_mode_in_a_subprocess(
+    weights: Path, clean: Path, tmp_path: Path
+) -> None:
     src, out, report = tmp_path / "in", tmp_path / "out", tmp_path / "report.json"
-    build_corpus(src)
+    build_corpus(src, clean)
     before = _hashes(src)
     run = _opir("restore", src, out, "--weights", weights, *FAST, "--report", report)
     assert run.returncode == 0, run.stderr
@@ -222,11 +227,11 @@ def test_restore_every_format_and_mode_in_a_subprocess(weights: Path, tmp_path: 
 
 
 def test_recursive_format_suffix_csv_uncertainty_dry_run_and_overwrite(
-    weights: Path, tmp_path: Path
+    weights: Path, clean: Path, tmp_path: Path
 ) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     (src / "sub" / "deeper").mkdir(parents=True)
-    bsds = sorted((CLEAN / "BSDS500_test").glob("*.jpg"))
+    bsds = sorted((clean / "BSDS500_test").glob("*.jpg"))
     _photo(bsds[10]).save(src / "top.jpg")
     _photo(bsds[11]).save(src / "sub" / "a.png")
     _photo(bsds[12]).save(src / "sub" / "deeper" / "b.tiff")
@@ -279,11 +284,13 @@ def test_recursive_format_suffix_csv_uncertainty_dry_run_and_overwrite(
 # safety
 
 
-def test_outputs_that_would_overwrite_inputs_are_refused(weights: Path, tmp_path: Path) -> None:
+def test_outputs_that_would_overwrite_inputs_are_refused(
+    weights: Path, clean: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    _photo(sorted((CLEAN / "CBSD68").glob("*.png"))[0]).save(src / "a.png")
-    _photo(sorted((CLEAN / "CBSD68").glob("*.png"))[1]).save(src / "sub" / "b.png")
+    _photo(sorted((clean / "CBSD68").glob("*.png"))[0]).save(src / "a.png")
+    _photo(sorted((clean / "CBSD68").glob("*.png"))[1]).save(src / "sub" / "b.png")
     before = _hashes(src)
     cases = {
         "same folder": (["restore", src, src], "would overwrite an input"),
@@ -309,12 +316,14 @@ def test_outputs_that_would_overwrite_inputs_are_refused(weights: Path, tmp_path
 
 
 @needs_script
-def test_bad_files_in_a_batch_get_one_line_each_and_exit_1(weights: Path, tmp_path: Path) -> None:
+def test_bad_files_in_a_batch_get_one_line_each_and_exit_1(
+    weights: Path, clean: Path, tmp_path: Path
+) -> None:
     """Truncated JPEG and PNG, zero bytes, random bytes, an image over the pixel limit, and a
     folder named like an image, among good files: one `PATH: reason` line per bad file."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    cbsd = sorted((CLEAN / "CBSD68").glob("*.png"))
+    cbsd = sorted((clean / "CBSD68").glob("*.png"))
     _photo(cbsd[2]).save(src / "a_good.png")
     _photo(cbsd[3]).save(src / "b_good.jpg", quality=90)
     jpeg, png = io.BytesIO(), io.BytesIO()
@@ -355,8 +364,9 @@ def test_bad_files_in_a_batch_get_one_line_each_and_exit_1(weights: Path, tmp_pa
 
 
 @needs_script
+@pytest.mark.slow
 def test_interrupted_runs_resume_without_partial_or_repeated_outputs(
-    weights: Path, tmp_path: Path
+    weights: Path, clean: Path, tmp_path: Path
 ) -> None:
     """Ctrl-C (SIGINT), then SIGKILL, then a full run: every output complete, none twice."""
     src, out = tmp_path / "in", tmp_path / "out"
@@ -364,7 +374,7 @@ def test_interrupted_runs_resume_without_partial_or_repeated_outputs(
     # 36 small files: a signal sent after the third output must still find work left, even
     # when the process gets through several files before it acts on the signal (seen once a
     # cold first run got through all 12 of an earlier version of this test).
-    photos = sorted((CLEAN / "BSDS500_val_extra").glob("*.jpg"))[:12]
+    photos = sorted((clean / "BSDS500_val_extra").glob("*.jpg"))[:12]
     for i in range(36):
         _photo(photos[i % len(photos)], (96, 72)).save(src / f"{i:02d}.png")
     names = sorted(p.name for p in src.iterdir())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 from pathlib import Path
 
@@ -26,17 +25,11 @@ from opir_engine.inference.tiling import (
 
 EXACT = 1e-6  # max abs difference allowed between tiled and untiled outputs
 
-
-def _data_dir() -> Path:
-    root = os.environ.get("OPIR_DATA")
-    return Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
 
 
-def _load_photo(relative: str) -> torch.Tensor:
+def _load_photo(path: Path) -> torch.Tensor:
     """Load a real photo as a float32 (1, 3, H, W) tensor in [0, 1]."""
-    path = _data_dir() / "clean" / relative
-    if not path.is_file():
-        pytest.skip(f"real photo not found at {path} (set OPIR_DATA to the shared/data folder)")
     with Image.open(path) as im:
         array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
@@ -237,8 +230,8 @@ def test_local_fn_differs_when_margin_is_too_small() -> None:
     assert (out - _box5(image)).abs().max() > 1e-3
 
 
-def test_real_photo_through_small_net_with_two_outputs() -> None:
-    image = _load_photo("Urban100_subset/img_003.png")
+def test_real_photo_through_small_net_with_two_outputs(shared_data: Path) -> None:
+    image = _load_photo(shared_data / "clean" / "Urban100_subset" / "img_003.png")
     net = _small_net()
     shapes: set[tuple[int, ...]] = set()
 
@@ -257,9 +250,9 @@ def test_real_photo_through_small_net_with_two_outputs() -> None:
     assert len(shapes) <= 2
 
 
-def test_real_photo_short_side_padded_to_multiple() -> None:
+def test_real_photo_short_side_padded_to_multiple(shared_data: Path) -> None:
     # This CBSD68 photo is 481 x 321: its 321 columns fit one 384 tile, padded to 336 (reflect).
-    image = _load_photo("CBSD68/101085.png")
+    image = _load_photo(shared_data / "clean" / "CBSD68" / "101085.png")
     width = image.shape[-1]
     assert width % 16 and width < 384 < image.shape[-2]
     padded = F.pad(image, (0, -width % 16, 0, 0), mode="reflect")

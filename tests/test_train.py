@@ -26,30 +26,21 @@ import torch
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
+from opir_engine.cli.reproduce import train_command
+from opir_engine.devices import DeviceError
 from opir_engine.model import CLASSES
-from opir_engine.training.trainer import (
-    DataSpec,
-    Recipe,
-    Trainer,
-    TrainingError,
-    TrainingSet,
-    ValidationSet,
-    lineage,
-    step_batches,
-    train_command,
-)
+from opir_engine.training.recipe import DataSpec, Recipe, TrainingError, lineage
+from opir_engine.training.sampler import TrainingSet, step_batches
+from opir_engine.training.trainer import Trainer
+from opir_engine.training.validation import ValidationSet
 from opir_engine.weights import load_checkpoint
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
 OPIR_SCRIPT = Path(sys.executable).parent / "opir"
 
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-# (source file relative to DATA, file written under the fixture root); crops are 46x62 so
+# (source file relative to the shared data, file written under the fixture root); crops are 46x62 so
 # validation has to pad them to the model's multiple of 4.
 _FIXTURE_FILES = [
     ("rain/Rain13K-subset/input/1.jpg", "rain/input/r1.png"),
@@ -254,7 +245,7 @@ def test_workers_draw_the_batches_of_a_serial_run(tmp_path: Path, data_root: Pat
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:x", "meta", "cpu:cuda"])
 def test_bad_devices_are_refused(tmp_path: Path, data_root: Path, name: str) -> None:
-    with pytest.raises(TrainingError, match=r"^--device: "):
+    with pytest.raises(DeviceError, match=re.escape(repr(name))):
         Trainer(tmp_path / "run", _recipe(), _spec(data_root), device=name)
     assert not (tmp_path / "run").exists()
 
@@ -410,6 +401,7 @@ def _train_args(run: Path, root: Path) -> list[str]:
             "--batch", "2", "--patch", "32"]  # fmt: skip
 
 
+@pytest.mark.slow  # a fresh process imports torch twice: about 20-30 s
 @pytest.mark.skipif(
     not OPIR_SCRIPT.is_file(), reason=f"console script not installed: {OPIR_SCRIPT}"
 )
@@ -440,29 +432,49 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
     assert Trainer.resume(run).recipe.task_weights == (2.0, 0.5, 1.0)
 
 
+def _last_logged_step(run: Path) -> int:
+    """The last step in the run's log.jsonl so far (0 before the first)."""
+    if not (run / "log.jsonl").exists():
+        return 0
+    lines = (run / "log.jsonl").read_text().splitlines()
+    # a line still being written does not end the JSON object yet
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
+@pytest.mark.slow  # a fresh process imports torch twice: about 20-30 s
 @pytest.mark.skipif(
     not OPIR_SCRIPT.is_file(), reason=f"console script not installed: {OPIR_SCRIPT}"
 )
 def test_cli_ctrl_c_stops_at_a_step_boundary_and_resumes(tmp_path: Path, data_root: Path) -> None:
-    """SIGINT mid-run: the step in progress finishes, everything is saved at that step, exit 0,
-    and --resume carries on from it."""
+    """SIGINT mid-run, sent once the run has logged step 25 (the CLI's log interval): the step
+    in progress finishes, everything is saved at that step, exit 0, and --resume carries on
+    from it."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     args = [*_train_args(run, data_root)]
     args[args.index("--steps") + 1] = "100000"
-    proc = subprocess.Popen(
-        [str(OPIR_SCRIPT), *args], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 120
-    while not (run / "run.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3.0)  # a few dozen tiny steps
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    logged = Recipe().log_every
+    with open(tmp_path / "stderr.txt", "w+") as stderr_file:  # a pipe left unread could fill
+        proc = subprocess.Popen(
+            [str(OPIR_SCRIPT), *args], env=env, cwd=tmp_path, stderr=stderr_file, text=True
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while _last_logged_step(run) < logged:
+                assert proc.poll() is None, "the run ended before it was interrupted"
+                assert time.monotonic() < deadline, f"step {logged} not logged in 300 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
     assert proc.returncode == 0, stderr
     assert "stopping after this step" in _flat(stderr)
     step = json.loads((run / "state" / "trainer.json").read_text())["step"]
-    assert 0 < step < 100000
+    assert logged <= step < 100000
     assert json.loads((run / "last.json").read_text())["steps"] == step
     assert f"stopped at step {step}" in _flat(stderr)
     resumed = subprocess.run(
@@ -488,7 +500,10 @@ def test_cli_train_then_resume_on_an_explicit_cpu(tmp_path: Path, data_root: Pat
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("gpu", "unknown device 'gpu'"), ("meta", "expected auto, cpu, cuda or cuda:N, got 'meta'")]
+    [
+        ("gpu", "unknown device 'gpu'"),
+        ("meta", "training devices are auto, cpu, cuda or cuda:N, got 'meta'"),
+    ]
     + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]),
 )
 def test_cli_bad_device_is_a_one_line_error(
@@ -542,19 +557,18 @@ def test_cli_split_without_data_root(tmp_path: Path, data_root: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_data
-def test_training_set_never_loads_validation_files() -> None:
+def test_training_set_never_loads_validation_files(shared_data: Path) -> None:
     split = json.loads(SPLIT.read_text())["validation"]
     held_out = {name for names in split.values() for name in names}
     folders = {"rain": ["rain/Rain13K-subset", "rain/DDN-samples"], "haze": ["haze/HSTS-synthetic"]}
     spec = DataSpec(
-        paired={task: [str(DATA / f) for f in fs] for task, fs in folders.items()},
-        clean=[str(DATA / "clean" / "CBSD68")],
+        paired={task: [str(shared_data / f) for f in fs] for task, fs in folders.items()},
+        clean=[str(shared_data / "clean" / "CBSD68")],
         split=str(SPLIT),
-        data_root=str(DATA),
+        data_root=str(shared_data),
     )
     training_set = TrainingSet(spec, Recipe(config="tiny", max_side=16))
-    loaded = {str(p.relative_to(DATA)) for p in training_set.paths}
+    loaded = {str(p.relative_to(shared_data)) for p in training_set.paths}
     assert len(loaded) == len(training_set.paths)
     assert not loaded & held_out
 
@@ -562,8 +576,8 @@ def test_training_set_never_loads_validation_files() -> None:
     # the files on disk that were not loaded
     for folder in (*folders["rain"], *folders["haze"], "clean/CBSD68"):
         on_disk = {
-            str(p.relative_to(DATA))
-            for p in (DATA / folder).rglob("*")
+            str(p.relative_to(shared_data))
+            for p in (shared_data / folder).rglob("*")
             if p.suffix.lower() in {".png", ".jpg", ".jpeg"}
         }
         held = {n for n in held_out if n.startswith(folder + "/")}
@@ -582,7 +596,7 @@ def test_training_set_never_loads_validation_files() -> None:
 def test_split_without_data_root_is_refused(data_root: Path) -> None:
     spec = _spec(data_root, split=True)
     spec.data_root = None
-    with pytest.raises(TrainingError, match=r"split\.json: a validation split needs --data-root"):
+    with pytest.raises(TrainingError, match=r"split\.json: a validation split needs a data root"):
         TrainingSet(spec, _recipe())
 
 

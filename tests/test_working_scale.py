@@ -4,7 +4,6 @@ carrying the correction back, and what `OPIREngine.restore` does with a photo lo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,7 @@ from opir_engine.inference.working_scale import (
     working_size,
 )
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-PHOTO = DATA / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg"  # 1024x800
-needs_data = pytest.mark.skipif(
-    not PHOTO.is_file(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
 
 
 @pytest.mark.parametrize(
@@ -94,12 +89,12 @@ def test_transfer_correction_removes_a_smooth_veil_at_full_size() -> None:
     assert float((blurred - clean).abs().mean()) > 0.1
 
 
-@needs_data
-def test_engine_restores_long_photos_at_the_working_side(weights: Path) -> None:
+def test_engine_restores_long_photos_at_the_working_side(weights: Path, shared_data: Path) -> None:
     """A photo longer than work_side goes through the model at work_side, and the output is
     the photo plus the enlarged correction the model made there; the uncertainty map comes
     back at full size. Shorter photos are untouched by the option."""
-    photo = F.interpolate(read_image(PHOTO).rgb[None], size=(150, 192), mode="area")[0]
+    abbey = read_image(shared_data / "clean" / "SunHays80" / "abbey_sun_asztnlqhlrvirneh.jpg")
+    photo = F.interpolate(abbey.rgb[None], size=(150, 192), mode="area")[0]  # from 1024x800
     engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False, work_side=96)
     full = OPIREngine.from_pretrained(weights, device="cpu", compile=False, work_side=None)
     result = engine.restore(photo, task="haze")

@@ -15,8 +15,20 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from opir_engine import __version__  # opir_engine/__init__ imports nothing
+
+        typer.echo(f"opir {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
     """Restore photos degraded by rain, snow and haze with one all-in-one OPIR model."""
 
 
@@ -106,15 +118,14 @@ def train(
     """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;
     Ctrl-C stops after the step in progress with everything saved, a second Ctrl-C at once)."""
     from opir_engine.cli.train_progress import run_with_progress
-    from opir_engine.training.trainer import (
-        DataSpec,
-        Recipe,
-        Trainer,
-        TrainingError,
-        TrainingSet,
-        ValidationSet,
-    )
+    from opir_engine.devices import DeviceError
+    from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
+    from opir_engine.training.sampler import TrainingSet
+    from opir_engine.training.trainer import Trainer
+    from opir_engine.training.validation import ValidationSet
 
+    if split and not data_root:
+        raise typer.BadParameter("a validation split needs --data-root", param_hint="--split")
     try:
         if resume:
             trainer = Trainer.resume(out, device)
@@ -135,6 +146,9 @@ def train(
             validation = ValidationSet.from_split(
                 Path(trainer.data.split), Path(trainer.data.data_root)
             )
+    except DeviceError as e:
+        err.print(f"error: --device: {e}")
+        raise typer.Exit(2) from e
     except TrainingError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
@@ -177,7 +191,7 @@ def train_classifier(
         ClassifierData,
         ClassifierRecipe,
         ClassifierTrainingError,
-        describe,
+        summarize_report,
         train_classifier_checkpoint,
         transplant_classifier,
     )
@@ -193,8 +207,10 @@ def train_classifier(
         except (ClassifierTrainingError, CheckpointError) as e:
             err.print(f"error: {e}")
             raise typer.Exit(2) from e
-        err.print(describe(report, out), highlight=False)
+        err.print(summarize_report(report, out), highlight=False)
         return
+    if split and not data_root:
+        raise typer.BadParameter("a validation split needs --data-root", param_hint="--split")
     spec = ClassifierData(paired=_parse_tagged(data, "--data"),
                           photos=_parse_tagged(photos, "--photos"), clean=[str(c) for c in clean],
                           split=str(split) if split else None,
@@ -217,7 +233,7 @@ def train_classifier(
     except ClassifierTrainingError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
-    err.print(describe(report, out), highlight=False)
+    err.print(summarize_report(report, out), highlight=False)
 
 
 @app.command()
@@ -306,6 +322,7 @@ def synth(
     seed: int = typer.Option(0, help="Everything drawn follows from it."),
 ) -> None:
     """Synthesize degraded/clean pairs from clean photos with the paper's models (Eq. 2-4)."""
+    from opir_engine.image_io import ImageIOError
     from opir_engine.synthesis import KINDS, SynthesisError, synthesize_folder
 
     if kind not in (*KINDS, "mixed"):
@@ -313,7 +330,7 @@ def synth(
         raise typer.Exit(2)
     try:
         records = synthesize_folder(clean_dir, out_dir, kind, count, seed)
-    except SynthesisError as e:
+    except (SynthesisError, ImageIOError) as e:
         err.print(f"error: {e}", highlight=False)
         raise typer.Exit(1) from e
     Console().print(f"wrote {len(records)} pairs to {out_dir} (parameters in pairs.jsonl)")
@@ -367,13 +384,10 @@ def profile(
     json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
 ) -> None:
     """Latency, throughput, FLOPs and memory per size, per part, and against PromptIR."""
-    from opir_engine.profiling import (
-        ProfileError,
-        ProfileSettings,
-        parse_sizes,
-        render_report,
-        run_profile,
-    )
+    from opir_engine.cli.render_profile import render_report
+    from opir_engine.devices import DeviceError
+    from opir_engine.profiling.profile import run_profile
+    from opir_engine.profiling.settings import ProfileError, ProfileSettings, parse_sizes
 
     try:
         settings = ProfileSettings(
@@ -382,8 +396,11 @@ def profile(
             breakdown=breakdown, compare=compare, threads=threads,
         )  # fmt: skip
         report = run_profile(settings, progress=err.log)
-    except ProfileError as e:
-        err.print(f"error: {e}", highlight=False)
+    except (ProfileError, DeviceError) as e:
+        # The library speaks of values; the option at fault is the command line's to name.
+        option = getattr(e, "setting", None)
+        where = f"--{option.replace('_', '-')}: " if option else ""
+        err.print(f"error: {where}{e}", highlight=False)
         raise typer.Exit(1) from e
     render_report(report, Console())
     if json_path is not None:

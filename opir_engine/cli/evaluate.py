@@ -14,6 +14,7 @@ from opir_engine.evaluation.scoring import (
     evaluate_folders,
     evaluate_head,
     finite_mean,
+    paired_items,
     photo_items,
     rows_to_card,
     validation_items,
@@ -71,8 +72,6 @@ def eval_engine(
     json_path: Path | None,
     per_set: bool = False,
 ) -> int:
-    from opir_engine.datasets import find_paired_sets
-    from opir_engine.image_io import read_image
     from opir_engine.inference.engine import OPIREngine
 
     err = Console(stderr=True, highlight=False)
@@ -80,11 +79,7 @@ def eval_engine(
         err.print("error: --split needs --data-root (the folder its paths are relative to)")
         return 2
     items = validation_items(split, data_root) if split is not None else []
-    for task, folders in tagged.items():
-        for folder in folders:
-            for pair in find_paired_sets(Path(folder), task):
-                items.append((task, str(pair.input), read_image(pair.input).rgb,
-                              read_image(pair.target).rgb))  # fmt: skip
+    items += paired_items(tagged)
     if not items:
         err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
         return 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from opir_engine.training.trainer import Trainer, TrainingSet, ValidationSet
+from opir_engine.training.sampler import TrainingSet
+from opir_engine.training.trainer import Trainer
+from opir_engine.training.validation import ValidationSet
 
 
 def run_with_progress(

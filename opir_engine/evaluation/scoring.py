@@ -8,16 +8,20 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from opir_engine.datasets import list_images
+from opir_engine.datasets import find_paired_sets
 from opir_engine.evaluation.baselines import BASELINE_NAMES, classical_baseline
 from opir_engine.evaluation.metrics import psnr, ssim
-from opir_engine.image_io import read_image
+from opir_engine.image_io import list_images, read_image
 from opir_engine.model.config import CLASSES
 from opir_engine.synthesis import synthesize
+
+if TYPE_CHECKING:  # scoring folders needs no model: the engine is loaded by whoever passes one
+    from opir_engine.inference.engine import OPIREngine
 
 
 class EvaluationError(Exception):
@@ -146,6 +150,21 @@ def validation_items(
     return items
 
 
+def paired_items(
+    tagged: dict[str, list[str]],
+) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(task, input path, degraded, target) of every pair in task-tagged paired folders
+    ({"rain": [folder, ...]}, each folder holding input/ and target/ or sets of them)."""
+    items = []
+    for task, folders in tagged.items():
+        for folder in folders:
+            for pair in find_paired_sets(Path(folder), task):
+                items.append(
+                    (task, str(pair.input), read_image(pair.input).rgb, read_image(pair.target).rgb)
+                )
+    return items
+
+
 def photo_items(split_path: Path, data_root: Path) -> list[tuple[str, str, torch.Tensor]]:
     """(task, name, image) of the split's degraded photos without ground truth (real snow):
     they score the head alone."""
@@ -155,25 +174,26 @@ def photo_items(split_path: Path, data_root: Path) -> list[tuple[str, str, torch
     ]
 
 
-def evaluate_head(engine, photos: list[tuple[str, str, torch.Tensor]]) -> list[TaskRow]:  # type: ignore[no-untyped-def]
-    """One row per task of photos without ground truth (`<task>_photos`): head accuracy only,
-    counted as `--task auto` decides (clean threshold included), like `evaluate_engine`."""
+def evaluate_head(engine: OPIREngine, photos: list[tuple[str, str, torch.Tensor]]) -> list[TaskRow]:
+    """One row per task of (task, name, image (3, H, W) in [0, 1]) photos without ground truth
+    (`<task>_photos`): head accuracy only, counted as task "auto" decides (clean threshold
+    included), like `evaluate_engine`."""
     hits: dict[str, list[float]] = {}
     for task, _name, image in photos:
         hits.setdefault(task, []).append(float(engine.auto_task(engine.classify(image)) == task))
     return [
         TaskRow(
-            f"{task}_photos",
-            len(h),
-            None,
-            None,
-            None,
-            None,
-            "-",
-            None,
-            None,
-            float(np.mean(h)),
-            0.0,
+            task=f"{task}_photos",
+            n=len(h),
+            input_psnr=None,
+            input_ssim=None,
+            psnr=None,
+            ssim=None,
+            baseline="-",
+            baseline_psnr=None,
+            baseline_ssim=None,
+            head_accuracy=float(np.mean(h)),
+            identical=0.0,
         )
         for task, h in hits.items()
     ]
@@ -190,13 +210,14 @@ def source_set(name: str) -> str:
 
 
 def evaluate_engine(
-    engine,  # type: ignore[no-untyped-def]
+    engine: OPIREngine,
     items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
     y_channel: bool = False,
     baselines: bool = True,
     per_set: bool = False,
 ) -> list[TaskRow]:
-    """Run the engine with task auto (what users run) on each item and score per task.
+    """Run the engine with task auto (what users run) on each (task, name, degraded, target)
+    item (images (3, H, W) in [0, 1]) and score per task.
 
     The output is scored as the 8-bit file a user would get. Head accuracy counts images whose
     auto decision is the right class (for clean photos: passed through or called clean).
@@ -225,18 +246,18 @@ def evaluate_engine(
     order = ["rain", "snow", "haze", "clean"]
     return [
         TaskRow(
-            f"{task}/{source}" if source else task,
-            len(m["p"]),
-            finite_mean(m["ip"]),
-            finite_mean(m["is"]),
-            finite_mean(m["p"]),
-            finite_mean(m["s"]),
-            BASELINE_NAMES.get(task, "-"),
-            finite_mean(m["bp"]),
-            finite_mean(m["bs"]),
-            float(np.mean(m["acc"])),
-            float(np.mean(m["same"])),
-            set_psnr(m["p"]),
+            task=f"{task}/{source}" if source else task,
+            n=len(m["p"]),
+            input_psnr=finite_mean(m["ip"]),
+            input_ssim=finite_mean(m["is"]),
+            psnr=finite_mean(m["p"]),
+            ssim=finite_mean(m["s"]),
+            baseline=BASELINE_NAMES.get(task, "-"),
+            baseline_psnr=finite_mean(m["bp"]),
+            baseline_ssim=finite_mean(m["bs"]),
+            head_accuracy=float(np.mean(m["acc"])),
+            identical=float(np.mean(m["same"])),
+            set_psnr=set_psnr(m["p"]),
         )
         for (task, source), m in sorted(
             per_group.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+# Defined beside the reader, which shrinks training photos to the same size; named here too.
+from opir_engine.image_io.sizing import working_size
+
 
 def shrink_to_side(image: Tensor, side: int) -> Tensor:
     """(..., C, H, W) with its long side brought down to `side` by area averaging (each output
@@ -49,12 +52,3 @@ def transfer_correction(image: Tensor, small: Tensor, restored_small: Tensor) ->
     correction = enlarge_to(restored_small.to(image.dtype) - small.to(image.dtype),
                             tuple(image.shape[-2:]))  # fmt: skip
     return (image + correction).clamp_(0, 1)
-
-
-def working_size(height: int, width: int, side: int | None) -> tuple[int, int]:
-    """The (H, W) the model runs at for an image of (height, width) with working side `side`
-    (None: always full size): the long side becomes `side`, the aspect ratio is kept."""
-    if side is None or max(height, width) <= side:
-        return height, width
-    scale = side / max(height, width)
-    return (max(1, min(side, round(height * scale))), max(1, min(side, round(width * scale))))

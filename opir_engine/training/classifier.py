@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opir_engine.datasets import class_index, held_out_names, kept_images, kept_pairs, load_rgb
+from opir_engine.evaluation.scoring import photo_items, validation_items
 from opir_engine.inference.engine import classification_view
 from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.model.padding import pad_reflect_to
 from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.weights import load_checkpoint, save_checkpoint
 
 
 class ClassifierTrainingError(Exception):
@@ -91,7 +93,7 @@ class _Sources:
         excluded: set[str] = set()
         if data.split:
             if not data.data_root:
-                raise ClassifierTrainingError(f"{data.split}: a validation split needs --data-root")
+                raise ClassifierTrainingError(f"{data.split}: a validation split needs a data root")
             excluded = held_out_names(Path(data.split))
         root = Path(data.data_root) if data.data_root else Path("/")
 
@@ -113,7 +115,7 @@ class _Sources:
         clean = kept_images(data.clean, excluded, root)
         self.clean = [_Source("clean", load(q), str(q)) for q in clean]
         if not self.clean:
-            raise ClassifierTrainingError("no clean photos (pass --clean DIR)")
+            raise ClassifierTrainingError(f"no clean photos in {data.clean}")
 
     def pick(
         self, label: str, rng: np.random.Generator, recipe: ClassifierRecipe
@@ -239,9 +241,7 @@ def choose_clean_threshold(
     per-class accuracies). The pick is the lowest candidate within one standard error of the
     best score (the error of that best: sqrt(sum_c p_c (1 - p_c) / n_c) / classes): a threshold
     moves `--task auto` away from the classifier's own most likely class, so it moves only as
-    far as the views show a gain larger than their noise. (Picking the best outright, ties to
-    the higher, chose 0.90 for a classifier whose scores were flat within 0.9%: it then
-    restored 13 of 61 held-out clean photos instead of 3, and no weather photo more.)
+    far as the views show a gain larger than their noise.
 
     Returns (threshold, {threshold: balanced accuracy}, standard error), or (None, {}, None)
     when the views lack clean or weather ones: the trade-off cannot be measured then.
@@ -377,8 +377,6 @@ def train_classifier_checkpoint(
 ) -> dict[str, Any]:
     """Load `weights`, train its classifier, score it on the split, write `out`
     (.safetensors + card: the input card plus a `classifier_training` entry)."""
-    from opir_engine.weights import load_checkpoint, save_checkpoint
-
     t0 = time.monotonic()
     model, card = load_checkpoint(weights)
     pool = render_pool(data, recipe, model.multiple_of, on_view)
@@ -402,8 +400,6 @@ def transplant_classifier(
     `classifier_training` report. `recalibrate` chooses the threshold again, by the current
     rule, on the donor's held-out views (rendered again from its recipe and data) and scores
     the split again with it."""
-    from opir_engine.weights import load_checkpoint, save_checkpoint
-
     model, card = load_checkpoint(weights)
     giver, giver_card = load_checkpoint(donor)
     if giver.config.classifier != "trunk" or "classifier_training" not in giver_card:
@@ -441,15 +437,14 @@ def _recalibrate(model: OPIR, report: dict[str, Any]) -> None:
 
 
 def _split_items(data: ClassifierData) -> list[tuple[str, str, Tensor]]:
-    from opir_engine.evaluation.scoring import photo_items, validation_items
-
     split, root = Path(data.split or ""), Path(data.data_root or "")
     items = [(task, task, degraded) for task, _n, degraded, _t in validation_items(split, root)]
     return items + [(f"{task}_photos", task, image) for task, _n, image in photo_items(split, root)]
 
 
-def describe(report: dict[str, Any], out: Path) -> str:
-    """A few lines for the terminal: views, the held-out pick, accuracy on the split."""
+def summarize_report(report: dict[str, Any], out: Path) -> str:
+    """A classifier run's report in a few lines for the terminal: views, the held-out pick,
+    accuracy on the split."""
     views = ", ".join(f"{k} {sum(v.values())}" for k, v in report["views"].items())
     held = report["held_out"]
     lines = [f"wrote {out}", f"views: {views}"]

@@ -1,0 +1,85 @@
+"""What defines a training run: the recipe (appendix B.1, machine-sized), where its data comes
+from, and the lineage of trainings behind a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# The parts of an init checkpoint's card a run keeps, so a fine-tune's card still tells the
+# whole recipe, steps and hours behind it.
+LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")
+
+
+class TrainingError(Exception):
+    """A run directory or training option is unusable."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a run besides the data (appendix B.1 defaults, machine-sized)."""
+
+    config: str = "small"
+    steps: int = 20000
+    batch: int = 8
+    patch: int = 128
+    lr: float = 2e-4
+    lr_min: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    synth_ratio: float = 0.6
+    clean_ratio: float = 0.1
+    # How often each weather is drawn, rain/snow/haze (relative): a fine-tune can lean on the
+    # task that lags without starving the others. Equal weights draw as every earlier run did.
+    task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    max_side: int = 512
+    seed: int = 0
+    val_every: int = 1000
+    ckpt_every: int = 250
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        w = self.task_weights
+        if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+            raise TrainingError(
+                f"task weights must be three finite numbers >= 0 (rain, snow, haze), not all 0; "
+                f"got {tuple(w)}"
+            )
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Recipe:
+        """The recipe of a run.json or card (JSON lists back to tuples; runs made before
+        `task_weights` existed get equal weights)."""
+        fields = dict(fields, betas=tuple(fields["betas"]))
+        if "task_weights" in fields:
+            fields["task_weights"] = tuple(fields["task_weights"])
+        return cls(**fields)
+
+    def lr_at(self, step: int) -> float:
+        """Cosine annealing from lr to lr_min over `steps` (Loshchilov & Hutter)."""
+        t = min(step, self.steps) / max(self.steps, 1)
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * t))
+
+
+@dataclass
+class DataSpec:
+    """Where training reads from: paired folders per task, clean photos, the held-out split
+    (whose paths are relative to `data_root`)."""
+
+    paired: dict[str, list[str]] = field(default_factory=dict)
+    clean: list[str] = field(default_factory=list)
+    split: str | None = None
+    data_root: str | None = None
+
+
+def lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trainings behind a checkpoint's card, first to last: each stage's recipe, data, steps,
+    wall time and the weights it started from (`init_weights`, None for a fresh start)."""
+    stages = []
+    node: dict[str, Any] | None = card
+    while node is not None:
+        parent = node.get("init")
+        stages.append({k: node.get(k) for k in ("steps", "wall_time_hours", "recipe", "data")}
+                      | {"init_weights": parent["weights"] if parent else None})  # fmt: skip
+        node = parent
+    return stages[::-1]
