@@ -128,9 +128,19 @@ def inverse_operator(
     Returns:
         (restored (B, C, H, W), uncertainty (B, 1, H, W)).
 
+    Under autocast every floating input is cast to float32 first: the operands come from
+    layers autocast runs at different precisions (a bf16 convolution's kernel beside an fp32
+    image), and the op, memory-bound and accumulating in fp32 anyway, gains nothing from
+    half-precision operands but loses digits of the restored image.
+
     Raises:
         ValueError: mismatched shapes, devices or dtypes, or bad dilations.
     """
+    if torch.is_autocast_enabled(image.device.type):
+        image, kernel, modulation, fusion_logits, bias = (
+            None if t is None else t.float()
+            for t in (image, kernel, modulation, fusion_logits, bias)
+        )
     _check_args(image, kernel, modulation, fusion_logits, bias, dilations)
     return torch.ops.opir.inverse_operator(
         image, kernel, modulation, fusion_logits, bias, [int(d) for d in dilations]

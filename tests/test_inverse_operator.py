@@ -1053,3 +1053,20 @@ def test_the_op_imports_and_runs_without_triton() -> None:
         "the Triton kernels need triton, which is not installed",
     ]
     assert done.stderr == ""
+
+
+def test_autocast_casts_every_operand_to_float32() -> None:
+    """Under CPU autocast a bf16 kernel (from an autocast convolution) beside an fp32 image is
+    taken, every operand upcast: the result is the op's on the upcast operands, bit for bit,
+    and float32. Outside autocast the same mix is refused."""
+    inputs = _make_inputs((1, 3, 9, 11), 4)
+    mixed = {**inputs, "kernel": inputs["kernel"].bfloat16(), "bias": inputs["bias"].bfloat16()}
+    upcast = {k: None if v is None else v.float() for k, v in mixed.items()}
+    expected = inverse_operator(*(upcast[k] for k in NAMES), dilations=DILATIONS_4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = inverse_operator(*(mixed[k] for k in NAMES), dilations=DILATIONS_4)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        assert torch.equal(g, e)
+    with pytest.raises(ValueError, match=r"kernel has dtype torch\.bfloat16 but image has"):
+        inverse_operator(*(mixed[k] for k in NAMES), dilations=DILATIONS_4)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from opir_kernels.tam_modulation import tam_modulation
 
 
 class TAM(nn.Module):
@@ -30,11 +31,13 @@ class TAM(nn.Module):
         nn.init.ones_(self.out.bias)
 
     def forward(self, kernel: Tensor, task_weights: Tensor) -> Tensor:
-        """kernel (B, 9, H, W), task_weights (B, num_classes) -> modulation m (B, 9, H, W)."""
+        """kernel (B, 9, H, W), task_weights (B, num_classes) -> modulation m (B, 9, H, W).
+
+        Per image and tap, m is a function of the kernel value alone, so it is evaluated as a
+        table over the kernel's range (opir_kernels.tam_modulation) rather than one MLP per tap
+        and pixel."""
         task = self.proj_task(task_weights @ self.embeddings)  # (B, hidden)
-        pre = (
-            kernel.unsqueeze(-1) * self.weight_k
-            + task[:, None, None, None, :]
-            + self.tap_offset[None, :, None, None, :]
-        )  # (B, 9, H, W, hidden)
-        return self.out(F.gelu(pre)).squeeze(-1)  # Eq. 19: K~ = K * m, applied in the op
+        # Eq. 19: K~ = K * m, applied in the op
+        return tam_modulation(
+            kernel, self.weight_k, task, self.tap_offset, self.out.weight, self.out.bias
+        )

@@ -1,0 +1,194 @@
+"""The TAM tabulated against the TAM evaluated directly, side by side in one process: the module
+alone, the shipped model's forward per image, and a training step.
+
+    python bench/tam.py                        # sizes 256,512,1024; 5 rounds
+    python bench/tam.py --train-steps 200      # also compare 200 training steps' losses
+
+Each measurement alternates the two forms round by round (direct, tabulated, direct, ...), so a
+load change on a shared machine hits both; medians are reported. The whole-model figure is the
+issue's yardstick: the model's analytic FLOPs per second as a share of this machine's fp32
+matmul rate, measured in the same run. Results go to bench/results/tam-<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
+
+from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
+from opir_engine.model.flops import count_opir_flops
+from opir_engine.weights import load_checkpoint
+from opir_kernels.tam_modulation import tam_form
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+FORMS = ("direct", "tabulated")
+
+
+def _interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each callable, run alternately `rounds` times after one warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, run in runs.items():
+        with tam_form(name):
+            run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            with tam_form(name):
+                t = time.perf_counter()
+                run()
+                times[name].append(1000 * (time.perf_counter() - t))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_gflops(rounds: int) -> float:
+    """This machine's fp32 matmul rate (2048^2 by 2048^2, best of `rounds`), GFLOP/s."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(rounds))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def module_alone(model: OPIR, sizes: list[int], rounds: int) -> dict[str, dict[str, float]]:
+    """The stage-1 TAM on the shipped KPN's kernel of a real photo, per size, forward only."""
+    from opir_engine.image_io import read_image
+
+    photo = read_image(ROOT / "samples" / "rocket_haze.jpg").rgb[None]
+    task = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    out = {}
+    for size in sizes:
+        image = F.interpolate(photo, size=(size, size), mode="bilinear")
+        with torch.no_grad():
+            kernel = model.kpn(image, None).kernel
+            runs = {form: (lambda k=kernel: model.tams[0](k, task)) for form in FORMS}
+            out[f"{size}x{size}"] = _interleaved(runs, rounds)
+    return out
+
+
+def whole_model(model: OPIR, size: int, rounds: int) -> dict[str, float]:
+    """Median ms of the shipped model's forward (task rain) on one (1, 3, size, size) image."""
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    task = F.one_hot(torch.tensor([CLASSES.index("rain")]), len(CLASSES)).float()
+    with torch.no_grad():
+        return _interleaved({form: (lambda: model(image, task)) for form in FORMS}, rounds)
+
+
+def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
+    """Median ms of a training step (small config, same loss, clipping and Adam as the trainer)
+    per form, and the losses of `steps` steps from the same init and batches in each form."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(max(steps, 4)):
+        target = torch.rand(batch, 3, patch, patch, generator=g)
+        degraded = (0.7 * target + 0.3 * torch.rand(target.shape, generator=g)).clamp(0, 1)
+        batches.append((degraded, target, torch.randint(0, len(CLASSES), (batch,), generator=g)))
+    loss_fn = OPIRLoss()
+
+    def trainer() -> tuple[OPIR, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = OPIR(OPIRConfig.from_name("small")).train()
+        return model, torch.optim.Adam(model.parameters(), lr=2e-4)
+
+    def step(model: OPIR, optimizer: torch.optim.Optimizer, i: int) -> float:
+        degraded, target, labels = batches[i % len(batches)]
+        output = model(degraded, F.one_hot(labels, len(CLASSES)).float())
+        total, _ = loss_fn(output, target, labels)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return total.item()
+
+    timing = {form: trainer() for form in FORMS}
+    counter = {form: 0 for form in FORMS}
+
+    def timed_step(form: str) -> Callable[[], float]:
+        def run() -> float:
+            counter[form] += 1
+            return step(*timing[form], counter[form])
+
+        return run
+
+    result: dict = {"median_step_ms": _interleaved({f: timed_step(f) for f in FORMS}, rounds)}
+    if steps:
+        losses = {}
+        for form in FORMS:
+            model, optimizer = trainer()
+            with tam_form(form):
+                losses[form] = [step(model, optimizer, i) for i in range(steps)]
+        diffs = [abs(a - b) for a, b in zip(losses["direct"], losses["tabulated"], strict=True)]
+        result["loss_curves"] = losses
+        result["max_loss_difference"] = max(diffs)
+        result["final_losses"] = {f: losses[f][-1] for f in FORMS}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,512,1024")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=0, help="steps of the loss check")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, _ = load_checkpoint(ROOT / "weights" / "opir-small-allinone.safetensors")
+    model.eval()
+    t0 = time.perf_counter()
+    rate = matmul_gflops(args.rounds)
+    flops = count_opir_flops(model.config, 512, 512).total
+    result = {
+        "machine": describe_machine(),
+        "fp32_matmul_gflops": rate,
+        "tam_forward_ms": module_alone(model, sizes, args.rounds),
+        "model_512_forward_ms": whole_model(model, 512, args.rounds),
+        "model_512_gflop": flops / 1e9,
+        "training_small_batch8_128": training(args.train_steps, 8, 128, args.rounds),
+    }
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    model_ms = result["model_512_forward_ms"]
+    share = {f: flops / (model_ms[f] / 1000) / 1e9 / rate for f in FORMS}
+    train = result["training_small_batch8_128"]
+    lines = [
+        "# The TAM tabulated against the TAM evaluated directly", "",
+        f"machine: `{json.dumps(result['machine'])}`", "",
+        f"fp32 matmul rate measured in the same run: {rate:.0f} GFLOP/s", "",
+        "| measurement | direct (ms) | tabulated (ms) | speed-up |", "|---|---|---|---|",
+    ]  # fmt: skip
+    rows = [(f"TAM forward {s}", t) for s, t in result["tam_forward_ms"].items()]
+    rows += [("shipped model forward 512x512", model_ms),
+             ("training step, small, batch 8 of 128x128", train["median_step_ms"])]  # fmt: skip
+    for label, t in rows:
+        lines.append(f"| {label} | {t['direct']:.1f} | {t['tabulated']:.1f} | "
+                     f"{t['direct'] / t['tabulated']:.2f}x |")  # fmt: skip
+    lines += ["", f"Shipped model at 512x512: {flops / 1e9:.2f} GFLOP per image, "
+              f"{100 * share['direct']:.1f}% of the matmul rate direct, "
+              f"{100 * share['tabulated']:.1f}% tabulated."]  # fmt: skip
+    if "max_loss_difference" in train:
+        final = train["final_losses"]
+        lines += ["", f"Loss over {args.train_steps} training steps from one init and the same "
+                  f"batches: largest difference {train['max_loss_difference']:.2e}; final loss "
+                  f"{final['direct']:.5f} direct, {final['tabulated']:.5f} tabulated."]  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"tam-{machine_tag(result['machine'])}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
