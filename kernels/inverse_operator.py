@@ -136,7 +136,8 @@ def inverse_operator(
     Raises:
         ValueError: mismatched shapes, devices or dtypes, or bad dilations.
     """
-    if torch.is_autocast_enabled(image.device.type):
+    device_type = image.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         image, kernel, modulation, fusion_logits, bias = (
             None if t is None else t.float()
             for t in (image, kernel, modulation, fusion_logits, bias)

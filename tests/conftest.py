@@ -29,6 +29,10 @@ def one_thread() -> Iterator[None]:
 SHARED_DATA = Path(
     os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
+_MISSING = f"shared data folder not found at {SHARED_DATA} (set OPIR_DATA)"
+# For a module whose parametrized paths point into the data (`from conftest import ...`, as
+# pytest puts tests/ on the path); a test body takes the `shared_data` fixture instead.
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=_MISSING)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +40,7 @@ def shared_data() -> Path:
     """The shared data folder of real photos (`$OPIR_DATA`, else `../shared/data` beside the
     checkout). Skips the test, saying where it looked, when the folder is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA} (set OPIR_DATA)")
+        pytest.skip(_MISSING)
     return SHARED_DATA
 
 

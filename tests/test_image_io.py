@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, needs_shared_data
 from PIL import Image, ImageCms, ImageOps
 
 from opir_engine.image_io import (
@@ -31,7 +32,7 @@ from opir_engine.image_io import (
     write_image_like,
 )
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = SHARED_DATA
 ORIENTATION_DIR = DATA / "clean" / "EXIF_orientation"
 CAMERA_DIR = DATA / "clean" / "EXIF_camera"
 PHOTO_PNG = DATA / "clean" / "CBSD68" / "101085.png"
@@ -39,9 +40,7 @@ PHOTO_JPG = DATA / "clean" / "BSDS500_test" / "100007.jpg"
 GPS_JPG = CAMERA_DIR / "DSCN0010.jpg"  # NIKON, GPS IFD, orientation 1
 ROTATED_GPS_JPG = CAMERA_DIR / "canon_hdr_NO.jpg"  # Canon, GPS IFD, orientation 6
 
-pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"shared data folder not found at {DATA} (set OPIR_DATA)"
-)
+pytestmark = needs_shared_data
 
 
 # ----------------------------------------------------------------------------------------------

@@ -775,3 +775,30 @@ def test_nafblock_with_a_mask_ignores_padding_beyond_its_reach() -> None:
         c, d = block(x)[..., :13, :17], block(other)[..., :13, :17]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert float((c - d).abs().max()) > 1e-2
+
+
+def test_kpn_runs_channels_last_and_returns_plain_planes(shared_data: Path) -> None:
+    """The KPN's U-Net runs on channels-last maps (a layout, not a different computation): on a
+    real photo its outputs agree with the plain layout's to float rounding, and they come back
+    as plain contiguous planes, the op's operands."""
+    model, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "weights"
+                               / "opir-small-allinone.safetensors")  # fmt: skip
+    with Image.open(shared_data / "clean" / "CBSD68" / "101085.png") as im:
+        photo = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+    x = photo[None, :, :96, :128].float() / 255
+    layouts: list[bool] = []  # whether the first convolution's output is channels-last
+    model.kpn.intro.register_forward_hook(
+        lambda _m, _i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        assert model.kpn.channels_last
+        now = model.kpn(x)
+        model.kpn.channels_last = False
+        try:
+            plain = model.kpn(x)
+        finally:
+            model.kpn.channels_last = True
+    assert layouts == [True, False]
+    for a, b in zip(now[:3], plain[:3], strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from opir_engine import image_io
@@ -37,7 +37,7 @@ from opir_engine.synthesis import (
     synthesize_folder,
 )
 
-DATA = Path(os.environ.get("OPIR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = SHARED_DATA
 CLEAN = DATA / "clean"
 needs_data = pytest.mark.skipif(
     not (CLEAN / "CBSD68").is_dir(), reason=f"real clean photos not found under {CLEAN}"

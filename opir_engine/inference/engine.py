@@ -203,14 +203,17 @@ class OPIREngine:
 
     def _count_flops_per_pixel(self) -> tuple[float, float]:
         """FLOPs per input pixel of one forward and of one classification (convolutions and
-        the per-pixel operator dominate, and they scale with area)."""
+        the per-pixel operator dominate, and they scale with area), the TAM counted in its
+        direct form as the paper defines the model (see profiling.profile.count_flops)."""
         from torch.utils.flop_counter import FlopCounterMode
+
+        from opir_kernels.tam_modulation import tam_form
 
         side = 4 * self.model.multiple_of
         x = torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype)
         weights = torch.zeros(1, len(CLASSES), device=self.device, dtype=self.dtype)
         weights[:, 1] = 1
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter, tam_form("direct"):
             self.model(x, weights)
         with torch.inference_mode(), FlopCounterMode(display=False) as classify_counter:
             self.model.classify(x)

@@ -31,7 +31,14 @@ class KPN(nn.Module):
 
     The output convolution starts at zero and the centre tap is offset by one, so an untrained
     KPN predicts the identity operator: the model starts by returning its input.
+
+    The U-Net runs on channels-last maps: LayerNorm2d's permute is then a view instead of a
+    copy, and oneDNN's convolutions work in that layout natively; on the CPU the shipped model's
+    forward at 512x512 took 0.76x the time (bench/cpu_speed.py). `channels_last = False`
+    keeps the plain layout (the benchmark's baseline).
     """
+
+    channels_last = True
 
     def __init__(self, config: OPIRConfig, in_channels: int = 3) -> None:
         super().__init__()
@@ -69,6 +76,11 @@ class KPN(nn.Module):
         """x (B, 3, H, W), sides multiples of 2^levels -> (bottleneck, skip features).
         valid (B, 1, H, W): 1 on the image, 0 on padding (see `nafnet.masked_mean`)."""
         masks = self.level_masks(valid)
+        if self.channels_last:
+            # A clone, not `.contiguous(...)`: a view can pass as channels-last with strides
+            # the convolutions do not take as such (a sliced batch of one), and 3 channels
+            # cost little to copy
+            x = x.clone(memory_format=torch.channels_last)
         y = self.intro(x)
         skips = []
         for encoder, down, mask in zip(self.encoders, self.downs, masks, strict=False):
@@ -86,7 +98,7 @@ class KPN(nn.Module):
             self.ups, self.decoders, reversed(skips), masks, strict=True
         ):
             y = run_blocks(decoder, up(y) + skip, mask)
-        out = self.ending(y)
+        out = self.ending(y).contiguous()  # plain planes again: the op's operands
         kernel, fusion_logits, bias = torch.split(out, [9, self.scales, 3], dim=1)
         identity = torch.zeros(9, device=out.device, dtype=out.dtype)
         identity[CENTER_TAP] = 1.0

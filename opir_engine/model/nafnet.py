@@ -17,6 +17,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        # On a channels-last map (how the KPN runs) the permute is a view, not a copy
         x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
@@ -71,6 +72,6 @@ class NAFBlock(nn.Module):
         y = self.conv1(self.norm1(x))
         y = self.sg(self.conv2(y))
         y = y * (self.sca(y) if valid is None else self.sca[1](masked_mean(y, valid)))
-        x = x + self.conv3(y) * self.beta
+        x = torch.addcmul(x, self.conv3(y), self.beta)  # x + conv3(y) beta in one pass
         y = self.sg(self.conv4(self.norm2(x)))
-        return x + self.conv5(y) * self.gamma
+        return torch.addcmul(x, self.conv5(y), self.gamma)

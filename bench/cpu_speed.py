@@ -1,22 +1,25 @@
-"""The TAM tabulated against the TAM evaluated directly, side by side in one process: the module
-alone, the shipped model's forward per image, and a training step.
+"""The CPU speed-ups against the code paths they replaced, side by side in one process: the TAM
+tabulated against the TAM evaluated directly (kernels/tam_modulation.py), and the KPN on
+channels-last maps against the plain layout (model/kpn.py), alone and together; per module, per
+image through the shipped model, and per training step.
 
-    python bench/tam.py                        # sizes 256,512,1024; 5 rounds
-    python bench/tam.py --train-steps 200      # also compare 200 training steps' losses
+    python bench/cpu_speed.py                        # sizes 256,512,1024; 5 rounds
+    python bench/cpu_speed.py --train-steps 200      # also compare 200 training steps' losses
 
-Each measurement alternates the two forms round by round (direct, tabulated, direct, ...), so a
-load change on a shared machine hits both; medians are reported. The whole-model figure is the
-issue's yardstick: the model's analytic FLOPs per second as a share of this machine's fp32
-matmul rate, measured in the same run. Results go to bench/results/tam-<machine>.{json,md}.
+Each measurement alternates the variants round by round, so a load change on a shared machine
+hits all of them; medians are reported. The whole-model figure is issue 20's yardstick: the
+model's analytic FLOPs per second as a share of this machine's fp32 matmul rate, measured in
+the same run. Results go to bench/results/cpu_speed-<machine>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,17 +34,41 @@ from opir_kernels.tam_modulation import tam_form
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("direct", "tabulated")
+# name: (TAM form, KPN on channels-last maps); "before" is the code as it was
+VARIANTS = {
+    "before": ("direct", False),
+    "tabulated TAM": ("tabulated", False),
+    "channels-last KPN": ("direct", True),
+    "both (now)": ("tabulated", True),
+}
 
 
-def _interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median ms of each callable, run alternately `rounds` times after one warm-up each."""
+@contextlib.contextmanager
+def _variant(name: str, models: list[OPIR]) -> Iterator[None]:
+    """Inside the block, `models` run as `name` says (a TAM form alone where `name` is one)."""
+    form, channels_last = VARIANTS.get(name, (name, True))
+    for model in models:
+        model.kpn.channels_last = channels_last
+    try:
+        with tam_form(form):
+            yield
+    finally:
+        for model in models:
+            model.kpn.channels_last = True
+
+
+def _interleaved(
+    runs: dict[str, Callable[[], object]], rounds: int, models: list[OPIR]
+) -> dict[str, float]:
+    """Median ms of each callable, run alternately `rounds` times after one warm-up each, each
+    under the variant it is named after."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, run in runs.items():
-        with tam_form(name):
+        with _variant(name, models):
             run()
     for _ in range(rounds):
         for name, run in runs.items():
-            with tam_form(name):
+            with _variant(name, models):
                 t = time.perf_counter()
                 run()
                 times[name].append(1000 * (time.perf_counter() - t))
@@ -74,7 +101,7 @@ def module_alone(model: OPIR, sizes: list[int], rounds: int) -> dict[str, dict[s
         with torch.no_grad():
             kernel = model.kpn(image, None).kernel
             runs = {form: (lambda k=kernel: model.tams[0](k, task)) for form in FORMS}
-            out[f"{size}x{size}"] = _interleaved(runs, rounds)
+            out[f"{size}x{size}"] = _interleaved(runs, rounds, [model])
     return out
 
 
@@ -83,12 +110,14 @@ def whole_model(model: OPIR, size: int, rounds: int) -> dict[str, float]:
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     task = F.one_hot(torch.tensor([CLASSES.index("rain")]), len(CLASSES)).float()
     with torch.no_grad():
-        return _interleaved({form: (lambda: model(image, task)) for form in FORMS}, rounds)
+        runs = {name: (lambda: model(image, task)) for name in VARIANTS}
+        return _interleaved(runs, rounds, [model])
 
 
 def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
     """Median ms of a training step (small config, same loss, clipping and Adam as the trainer)
-    per form, and the losses of `steps` steps from the same init and batches in each form."""
+    per variant, and the losses of `steps` steps from the same init and batches before and
+    now."""
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(max(steps, 4)):
@@ -112,27 +141,29 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
         optimizer.step()
         return total.item()
 
-    timing = {form: trainer() for form in FORMS}
-    counter = {form: 0 for form in FORMS}
+    timing = {name: trainer() for name in VARIANTS}
+    counter = dict.fromkeys(VARIANTS, 0)
 
-    def timed_step(form: str) -> Callable[[], float]:
+    def timed_step(name: str) -> Callable[[], float]:
         def run() -> float:
-            counter[form] += 1
-            return step(*timing[form], counter[form])
+            counter[name] += 1
+            return step(*timing[name], counter[name])
 
         return run
 
-    result: dict = {"median_step_ms": _interleaved({f: timed_step(f) for f in FORMS}, rounds)}
+    models = [model for model, _ in timing.values()]
+    runs = {name: timed_step(name) for name in VARIANTS}
+    result: dict = {"median_step_ms": _interleaved(runs, rounds, models)}
     if steps:
         losses = {}
-        for form in FORMS:
+        for name in ("before", "both (now)"):
             model, optimizer = trainer()
-            with tam_form(form):
-                losses[form] = [step(model, optimizer, i) for i in range(steps)]
-        diffs = [abs(a - b) for a, b in zip(losses["direct"], losses["tabulated"], strict=True)]
+            with _variant(name, [model]):
+                losses[name] = [step(model, optimizer, i) for i in range(steps)]
+        pairs = zip(losses["before"], losses["both (now)"], strict=True)
         result["loss_curves"] = losses
-        result["max_loss_difference"] = max(diffs)
-        result["final_losses"] = {f: losses[f][-1] for f in FORMS}
+        result["max_loss_difference"] = max(abs(a - b) for a, b in pairs)
+        result["final_losses"] = {name: curve[-1] for name, curve in losses.items()}
     return result
 
 
@@ -161,30 +192,37 @@ def main() -> None:
     }
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     model_ms = result["model_512_forward_ms"]
-    share = {f: flops / (model_ms[f] / 1000) / 1e9 / rate for f in FORMS}
+    share = {name: flops / (ms / 1000) / 1e9 / rate for name, ms in model_ms.items()}
     train = result["training_small_batch8_128"]
     lines = [
-        "# The TAM tabulated against the TAM evaluated directly", "",
+        "# CPU speed-ups against the code paths they replaced", "",
         f"machine: `{json.dumps(result['machine'])}`", "",
         f"fp32 matmul rate measured in the same run: {rate:.0f} GFLOP/s", "",
-        "| measurement | direct (ms) | tabulated (ms) | speed-up |", "|---|---|---|---|",
+        "| TAM alone | direct (ms) | tabulated (ms) | speed-up |", "|---|---|---|---|",
     ]  # fmt: skip
-    rows = [(f"TAM forward {s}", t) for s, t in result["tam_forward_ms"].items()]
-    rows += [("shipped model forward 512x512", model_ms),
-             ("training step, small, batch 8 of 128x128", train["median_step_ms"])]  # fmt: skip
-    for label, t in rows:
-        lines.append(f"| {label} | {t['direct']:.1f} | {t['tabulated']:.1f} | "
+    for size, t in result["tam_forward_ms"].items():
+        lines.append(f"| forward {size} | {t['direct']:.1f} | {t['tabulated']:.1f} | "
                      f"{t['direct'] / t['tabulated']:.2f}x |")  # fmt: skip
-    lines += ["", f"Shipped model at 512x512: {flops / 1e9:.2f} GFLOP per image, "
-              f"{100 * share['direct']:.1f}% of the matmul rate direct, "
-              f"{100 * share['tabulated']:.1f}% tabulated."]  # fmt: skip
+    names = list(VARIANTS)
+    lines += ["", "| median ms | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, t in (
+        ("shipped model forward 512x512", model_ms),
+        ("training step, small, batch 8 of 128x128", train["median_step_ms"]),
+    ):
+        cells = [f"{t[n]:.0f} ({t['before'] / t[n]:.2f}x)" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += [
+        "",
+        f"Shipped model at 512x512: {flops / 1e9:.2f} GFLOP per image; share of the "
+        "matmul rate: " + ", ".join(f"{n} {100 * s:.1f}%" for n, s in share.items()),
+    ]
     if "max_loss_difference" in train:
         final = train["final_losses"]
         lines += ["", f"Loss over {args.train_steps} training steps from one init and the same "
                   f"batches: largest difference {train['max_loss_difference']:.2e}; final loss "
-                  f"{final['direct']:.5f} direct, {final['tabulated']:.5f} tabulated."]  # fmt: skip
+                  f"{final['before']:.5f} before, {final['both (now)']:.5f} now."]  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"tam-{machine_tag(result['machine'])}"
+    stem = RESULTS / f"cpu_speed-{machine_tag(result['machine'])}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
