@@ -30,8 +30,8 @@ from torch import Tensor
 
 TABLE_POINTS = 4097
 FORMS = ("auto", "direct", "tabulated")
-# Per thread and task, like the op's backend (inverse_operator.kernel_backend); read when a
-# graph is traced under torch.compile.
+# Per thread and task, like the op's backend (inverse_operator.kernel_backend); a graph traced
+# by torch.compile always takes "auto".
 _form: contextvars.ContextVar[str] = contextvars.ContextVar("opir_tam_form", default="auto")
 
 
@@ -123,7 +123,8 @@ def tam_modulation(
     """m (B, 9, H, W): tabulated where a table is cheaper than the direct form (more pixels than
     table points), else direct, unless `tam_form` says which. Arguments as
     `tam_modulation_reference`."""
-    form = _form.get()
+    # Dynamo cannot read a ContextVar: a compiled graph takes the automatic choice
+    form = "auto" if torch.compiler.is_compiling() else _form.get()
     if form == "auto":
         form = "tabulated" if kernel.shape[-2] * kernel.shape[-1] > TABLE_POINTS else "direct"
     if form == "tabulated":

@@ -1,4 +1,5 @@
-"""The `opir` command starts without torch: help and --version come from the command line alone.
+"""The `opir` command starts without torch: help and --version come from the command line alone;
+and its help reads cleanly.
 
 Each check runs the real command in a fresh interpreter (`python -m opir_engine`, what the
 `opir` script runs) and reads `-X importtime`'s list of every module that interpreter imported.
@@ -7,6 +8,8 @@ Each check runs the real command in a fresh interpreter (`python -m opir_engine`
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
 import subprocess
 import sys
 
@@ -46,3 +49,49 @@ def test_version_prints_the_installed_version_without_torch() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == f"opir {importlib.metadata.version('opir')}\n"
     assert not imported & set(HEAVY)
+
+
+COMMANDS = ("restore", "eval", "synth", "train", "train-classifier", "profile", "models")
+
+
+def _help(*args: str) -> str:
+    """`opir ARGS --help` as a user reads it, on a terminal wide enough that rich keeps each
+    option's help on one line and without colour codes."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    done = subprocess.run(
+        [sys.executable, "-m", "opir_engine", *args, "--help"],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("command", [(), *((c,) for c in COMMANDS)])
+def test_help_names_values_not_types(command: tuple[str, ...]) -> None:
+    """Values are named (INPUT, PATH, N), flags take none; no Typer type tags, no argument
+    in braces, and no word left before a lone "." where rich ate a "[...]" as markup."""
+    text = _help(*command)
+    assert re.search(r"<(bool|str|int|float|path|list\[\w+\]|int range|float range)>", text) is None
+    assert re.search(r"\{\w+\}", text) is None
+    assert re.search(r"\w \.(\s|$)", text, re.MULTILINE) is None
+    assert "--help" in text
+
+
+def test_restore_usage_and_run_time_defaults_read_truthfully() -> None:
+    from opir_engine.weights import DEFAULT_WEIGHTS  # the test may load torch; the CLI not
+
+    text = _help("restore")
+    assert "restore [OPTIONS] INPUT OUTPUT" in text
+    compile_line = next(line for line in text.splitlines() if "--compile" in line)
+    assert "[default: on CUDA only]" in compile_line
+    quality_line = next(line for line in text.splitlines() if "--quality" in line)
+    assert "[default: JPEG: the input JPEG's own quality, else 95; WebP: lossless]" in quality_line
+    assert f"[default: {DEFAULT_WEIGHTS}]" in text
+    assert "[RESTORED_DIR] [TARGET_DIR]" in _help("eval")
+
+
+def test_profile_help_says_it_times_the_shipped_weights() -> None:
+    from opir_engine.weights import DEFAULT_WEIGHTS
+
+    weights_line = next(line for line in _help("profile").splitlines() if "--weights" in line)
+    assert f"[default: {DEFAULT_WEIGHTS}, what opir restore uses]" in weights_line

@@ -1,20 +1,26 @@
-"""`opir profile`'s library: FLOP counts, the PromptIR baseline, memory, JSON and size parsing."""
+"""`opir profile`: FLOP counts, the PromptIR baseline, memory, JSON, size parsing, the default
+model, and the parts judged against the whole; the command line run as a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from opir_engine.cli.render_profile import render_report
 from opir_engine.devices import DeviceError
 from opir_engine.model import OPIR, OPIRConfig
 from opir_engine.model.flops import FlopCount, count_opir_flops
 from opir_engine.profiling.machine import describe_machine
 from opir_engine.profiling.profile import build_opir, count_flops, run_profile
 from opir_engine.profiling.promptir import PUBLISHED_PARAMETERS, PromptIR
+from opir_engine.profiling.report import PartTiming, ProfileReport, SizeProfile
 from opir_engine.profiling.settings import (
     NAMED_SIZES,
     ProfileError,
@@ -24,7 +30,7 @@ from opir_engine.profiling.settings import (
     parse_sizes,
 )
 from opir_engine.profiling.timing import measure_peak_memory, time_interleaved
-from opir_engine.weights import save_checkpoint
+from opir_engine.weights import DEFAULT_WEIGHTS, load_checkpoint, resolve_weights, save_checkpoint
 from opir_kernels.inverse_operator import inverse_operator_flops
 
 # Parameters of the published PromptIR that its forward never uses: six 1x1 convolutions the
@@ -238,13 +244,16 @@ def test_build_opir_from_a_checkpoint_or_a_config(tmp_path) -> None:
     saved = OPIR(OPIRConfig.from_name("tiny"))
     path = tmp_path / "mine.safetensors"
     save_checkpoint(path, saved, {"note": "test"})
-    loaded, name = build_opir(config="paper", weights=str(path))  # the weights win
+    loaded, name = build_opir(weights=str(path))
     assert name == "OPIR mine"
     assert loaded.config == saved.config
     for key, value in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     model, name = build_opir(config="small")
     assert name == "OPIR small" and model.config == OPIRConfig.from_name("small")
+    with pytest.raises(ProfileError, match="two models") as raised:
+        build_opir(config="paper", weights=str(path))
+    assert raised.value.setting == "config"
     with pytest.raises(WeightsError, match="missing"):
         build_opir(weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ProfileError, match="unknown config 'huge'") as raised:
@@ -269,6 +278,7 @@ def test_bad_device_precision_and_settings_are_reported() -> None:
         ({"compare": "restormer"}, "compare", "'restormer' is not one of none, promptir"),
         ({"compile": True, "warmup": 0}, "warmup", "warm-up"),
         ({"threads": 0}, "threads", "threads must be at least 1"),
+        ({"weights": "mine.safetensors"}, "config", "'mine.safetensors' and preset 'tiny'"),
     ]
     for fields, setting, message in bad:
         with pytest.raises(ProfileError, match=message) as raised:
@@ -285,31 +295,109 @@ def test_describe_machine_names_cpu_cores_versions_and_device() -> None:
     assert json.dumps(machine)
 
 
-def test_profile_cli_writes_json(tmp_path):
-    """`opir profile` through Typer's runner: a table on stdout and the same figures as JSON."""
-    import json
+def _opir(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real `opir` in a fresh interpreter, with a wide terminal so rich does not wrap."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    return subprocess.run(
+        [sys.executable, "-m", "opir_engine", *args],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
 
-    from typer.testing import CliRunner
 
-    from opir_engine.cli.app import app
-
+def test_profile_cli_writes_json_and_judges_the_parts(tmp_path: Path) -> None:
+    """`opir profile --config tiny`: tables on stdout, the same figures as JSON, and the parts
+    judged against the whole timed in the same rounds: the sum, the spread, a verdict."""
     out = tmp_path / "profile.json"
-    args = ["profile", "--config", "tiny", "--sizes", "64", "--runs", "2", "--warmup", "1"]
-    result = CliRunner().invoke(app, [*args, "--threads", "1", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "OPIR tiny" in result.output
+    done = _opir("profile", "--config", "tiny", "--sizes", "64", "--runs", "3", "--warmup", "1",
+                 "--threads", "1", "--json", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "OPIR tiny" in done.stdout
+    (r,) = json.loads(out.read_text())["results"]
+    parts = r["parts"]
+    assert r["parts_sum_ms_p50"] == pytest.approx(sum(p["ms_p50"] for p in parts))
+    assert r["parts_unaccounted_ms"] == pytest.approx(
+        r["parts_whole_ms_p50"] - r["parts_sum_ms_p50"]
+    )
+    spreads = [r["parts_whole_ms_p95"] - r["parts_whole_ms_p50"]]
+    spreads += [p["ms_p95"] - p["ms_p50"] for p in parts]
+    assert r["parts_noise_ms"] == pytest.approx(sum(spreads))
+    assert r["parts_within_noise"] == (abs(r["parts_unaccounted_ms"]) <= r["parts_noise_ms"])
+    for p in parts:
+        assert p["ms_min"] <= p["ms_p50"] <= p["ms_p95"] <= p["ms_max"]
+        assert p["share"] == pytest.approx(p["ms_p50"] / r["parts_whole_ms_p50"])
+    assert "whole - sum of the parts" in done.stdout
+    assert "unaccounted" not in done.stdout
+
+
+def test_profile_defaults_to_the_shipped_weights(tmp_path: Path) -> None:
+    """Without --weights or --config, `opir profile` times what `opir restore` runs."""
+    out = tmp_path / "profile.json"
+    done = _opir("profile", "--sizes", "64", "--runs", "1", "--warmup", "0", "--no-breakdown",
+                 "--threads", "1", "--json", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert json.dumps(data)  # plain JSON
-    text = out.read_text()
-    assert "p50" in text and "flops" in text.lower()
+    assert data["settings"]["weights"] == DEFAULT_WEIGHTS and data["settings"]["config"] is None
+    (r,) = data["results"]
+    assert r["model"] == f"OPIR {DEFAULT_WEIGHTS}"
+    shipped, _ = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
+    assert r["parameters"] == sum(p.numel() for p in shipped.parameters())
 
 
-def test_profile_cli_bad_size_is_one_line_error():
-    from typer.testing import CliRunner
+def test_profile_cli_errors_are_one_line() -> None:
+    """The library names the setting at fault; the command line shows it as its option."""
+    done = _opir("profile", "--config", "tiny", "--sizes", "huge")
+    assert done.returncode == 1
+    assert "error: --sizes: size 'huge'" in done.stderr  # the CLI adds the option's name
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = _opir("profile", "--config", "tiny", "--weights", "mine.safetensors")
+    assert done.returncode == 1
+    assert "error: --config: weights 'mine.safetensors' and preset 'tiny'" in done.stderr
 
-    from opir_engine.cli.app import app
 
-    result = CliRunner().invoke(app, ["profile", "--config", "tiny", "--sizes", "huge"])
-    assert result.exit_code == 1
-    assert "error: --sizes: size 'huge'" in result.output  # the CLI adds the option's name
-    assert len(result.output.strip().splitlines()) == 1
+def _size_profile(
+    whole: float, parts: list[tuple[float, float]], runs_spread: float | None
+) -> SizeProfile:
+    """A report of one size whose parts (p50, p95) sum to less or more than `whole`."""
+    timings = [PartTiming(f"part {i}", p50, p95, p50 / whole) for i, (p50, p95) in enumerate(parts)]
+    total = sum(p50 for p50, _ in parts)
+    noise = None if runs_spread is None else runs_spread + sum(p95 - p50 for p50, p95 in parts)
+    return SizeProfile(
+        model="OPIR test", size="64", height=64, width=64, padded_height=64, padded_width=64,
+        batch=1, latency_ms_p50=whole, latency_ms_p95=whole, images_per_s=1.0,
+        megapixels_per_s=1.0, gflops_per_image=1.0, gmacs_per_image=0.5,
+        achieved_gflops_per_s=1.0, parameters=1, peak_memory_mb=None,
+        peak_memory_growth_mb=None, memory_measure="-", parts=timings,
+        parts_unaccounted_ms=whole - total, parts_whole_ms_p50=whole,
+        parts_whole_ms_p95=whole + (runs_spread or 0), parts_sum_ms_p50=total,
+        parts_noise_ms=noise,
+        parts_within_noise=None if noise is None else abs(whole - total) <= noise,
+        op_ms_p50=1.0, op_gb_per_s=1.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("whole", "parts", "spread", "verdict"),
+    [
+        # Under load: the parts' medians add up to more than the whole's, within the spread.
+        (1000.0, [(800.0, 1000.0), (543.0, 700.0)], 150.0, "-343.00 ms, within the runs' spread"),
+        (1000.0, [(600.0, 605.0), (300.0, 302.0)], 1.0, "+100.00 ms, beyond the runs' spread"),
+        (1000.0, [(800.0, 805.0), (543.0, 545.0)], 1.0, "the parts take longer than the whole"),
+        (1000.0, [(800.0, 800.0), (543.0, 543.0)], None, "one run measures no spread"),
+    ],
+)
+def test_render_reports_the_parts_against_the_whole_with_their_spread(
+    whole: float, parts: list[tuple[float, float]], spread: float | None, verdict: str
+) -> None:
+    """No negative "unaccounted" time: the sum and the whole with their spreads, and whether
+    their difference is within the runs' noise."""
+    from rich.console import Console
+
+    report = ProfileReport({"cpu": "x", "logical_cores": 2, "torch": "t", "device": "cpu"},
+                           {"precision": "fp32", "batch": 1, "compile": False, "runs": 10,
+                            "warmup": 2}, [_size_profile(whole, parts, spread)])  # fmt: skip
+    console = Console(record=True, width=200, color_system=None)
+    render_report(report, console)
+    text = console.export_text()
+    assert verdict in text
+    assert "unaccounted" not in text
+    assert "sum of the parts" in text and "whole forward" in text

@@ -316,6 +316,124 @@ def test_outputs_that_would_overwrite_inputs_are_refused(
 
 
 @needs_script
+def test_rerun_into_the_input_folder_skips_its_own_outputs(
+    weights: Path, clean: Path, tmp_path: Path
+) -> None:
+    """`opir restore DIR DIR --suffix _r` twice: the second run skips instead of refusing,
+    while a real input named like an output (no source beside it) is still restored."""
+    src = tmp_path / "in"
+    src.mkdir()
+    bsds = sorted((clean / "BSDS500_test").glob("*.jpg"))
+    _photo(bsds[20]).save(src / "a.jpg", quality=90)
+    _photo(bsds[21]).save(src / "b.png")
+    args = ["restore", src, src, "--suffix", "_r", "--weights", weights, *FAST]
+    args += ["--save-uncertainty"]
+
+    first = _opir(*args)
+    assert first.returncode == 0, first.stderr
+    assert "2 done, 0 skipped, 0 failed" in first.stdout
+    made = ["a_r.jpg", "a_r.uncertainty.png", "b_r.png", "b_r.uncertainty.png"]
+    assert sorted(p.name for p in src.iterdir()) == sorted(["a.jpg", "b.png", *made])
+    before = _hashes(src)
+
+    dry = _opir(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        f"{src / 'a.jpg'} -> {src / 'a_r.jpg'} (exists, skip)",
+        f"{src / 'b.png'} -> {src / 'b_r.png'} (exists, skip)",
+    ]
+    again = _opir(*args)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == "" and "0 done, 2 skipped, 0 failed" in again.stdout
+    assert _hashes(src) == before  # nothing written, no a_r_r.jpg
+
+    # c_r.png has no c.png: a photo of the user's, restored like any input.
+    _photo(bsds[22]).save(src / "c_r.png")
+    third = _opir(*args)
+    assert third.returncode == 0, third.stderr
+    assert "1 done, 2 skipped, 0 failed" in third.stdout
+    assert _restored_differs(src / "c_r.png", src / "c_r_r.png")
+    assert {k: v for k, v in _hashes(src).items() if k in before} == before
+
+    # Real collisions are still refused: without a suffix every output is its own input.
+    refused = _opir("restore", src, src, "--weights", weights, *FAST)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and "would overwrite an input" in refused.stderr
+
+
+@needs_script
+def test_a_folder_without_images_says_so_and_exits_2(clean: Path, tmp_path: Path) -> None:
+    """Images only in subfolders (no -r), an empty folder, a folder of non-images: one line
+    each, exit 2, with or without --dry-run; -r then finds the subfolders' images."""
+    nested, empty, texts = tmp_path / "nested", tmp_path / "empty", tmp_path / "texts"
+    for sub in ("2023", "2024"):
+        (nested / sub).mkdir(parents=True)
+    _photo(sorted((clean / "CBSD68").glob("*.png"))[9]).save(nested / "2024" / "a.png")
+    empty.mkdir()
+    texts.mkdir()
+    (texts / "notes.txt").write_text("not an image")
+    (texts / "sub").mkdir()
+    out = tmp_path / "out"
+    hint = "no images found; --recursive (-r) also reads its"
+    cases = [  # one subprocess each (seconds apiece); --dry-run plans the same way
+        (nested, [], f"{nested}: {hint} 2 subfolders"),
+        (nested, ["--dry-run"], f"{nested}: {hint} 2 subfolders"),
+        (empty, [], f"{empty}: no images found"),
+        (texts, ["--dry-run"], f"{texts}: {hint} 1 subfolder"),
+    ]
+    for folder, extra, line in cases:
+        run = _opir("restore", folder, out, "--weights", tmp_path / "w.safetensors", *extra)
+        assert run.returncode == 2, (folder, extra, run.stderr)
+        assert run.stderr.splitlines() == [f"error: {line}"], (folder, extra)
+        assert run.stdout == "", (folder, extra)
+    assert not out.exists()
+
+    recursive = _opir("restore", nested, out, "-r", "--dry-run")
+    assert recursive.returncode == 0, recursive.stderr
+    assert recursive.stdout.splitlines() == [
+        f"{nested / '2024/a.png'} -> {out / '2024/a.png'} (restore)"
+    ]
+    empty_recursive = _opir("restore", empty, out, "-r")
+    assert empty_recursive.returncode == 2
+    assert empty_recursive.stderr.splitlines() == [f"error: {empty}: no images found"]
+
+
+@needs_script
+def test_a_rerun_with_every_output_present_loads_no_model(
+    weights: Path, clean: Path, tmp_path: Path
+) -> None:
+    """The rerun names a checkpoint that does not exist: it succeeds (all skipped) only because
+    no model is loaded; with one output missing the same command needs it and fails."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    cbsd = sorted((clean / "CBSD68").glob("*.png"))
+    _photo(cbsd[10]).save(src / "a.png")
+    _photo(cbsd[11]).save(src / "b.jpg", quality=90)
+    first = _opir("restore", src, out, "--weights", weights, *FAST)
+    assert first.returncode == 0, first.stderr
+    outputs = _hashes(out)
+    assert sorted(outputs) == ["a.png", "b.jpg"]
+
+    gone, report = tmp_path / "gone.safetensors", tmp_path / "report.json"
+    for backend in ("local", "ray"):  # nor is Ray started
+        rerun = _opir("restore", src, out, "--weights", gone, "--backend", backend,
+                      "--report", report)  # fmt: skip
+        assert rerun.returncode == 0, (backend, rerun.stderr)
+        assert rerun.stderr == "" and "0 done, 2 skipped, 0 failed" in rerun.stdout, backend
+        files = json.loads(report.read_text())["files"]
+        assert [f["status"] for f in files] == ["skipped", "skipped"], backend
+    assert _hashes(out) == outputs
+
+    (out / "b.jpg").unlink()
+    needed = _opir("restore", src, out, "--weights", gone)
+    assert needed.returncode == 2
+    assert needed.stderr.startswith(f"error: {gone}: checkpoint not found")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    replaced = _opir("restore", src, out, "--weights", gone, "--overwrite")
+    assert replaced.returncode == 2 and "checkpoint not found" in replaced.stderr
+
+
+@needs_script
 def test_bad_files_in_a_batch_get_one_line_each_and_exit_1(
     weights: Path, clean: Path, tmp_path: Path
 ) -> None:

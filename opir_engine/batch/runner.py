@@ -36,6 +36,15 @@ class UsageError(Exception):
     """The command cannot run as asked (bad paths, an output that would overwrite an input)."""
 
 
+class NoImagesError(UsageError):
+    """An input folder without images to restore; `subfolders` counts the ones not read."""
+
+    def __init__(self, folder: Path, subfolders: int = 0) -> None:
+        self.folder, self.subfolders = folder, subfolders
+        unread = f" ({subfolders} subfolder{'s' * (subfolders > 1)} not read)" if subfolders else ""
+        super().__init__(f"{folder}: no images found{unread}")
+
+
 @dataclass(frozen=True)
 class Job:
     input: Path
@@ -95,7 +104,9 @@ def plan_jobs(
 
     Raises UsageError before anything runs when an output would overwrite any input, or when
     the output folder sits inside a recursively-read input folder (its files would be read
-    back as inputs on the next run).
+    back as inputs on the next run); NoImagesError when a folder holds no image to restore.
+    Files in the folder that are these jobs' own outputs (an earlier run into the same
+    folder) are not inputs: a rerun skips or replaces them.
     """
     if fmt != "keep" and fmt not in FORMAT_SUFFIXES:
         raise UsageError(f"--format must be keep, {', '.join(FORMAT_SUFFIXES)}; got {fmt!r}")
@@ -119,6 +130,10 @@ def plan_jobs(
                 "choose an output folder outside it"
             )
         jobs = [Job(p, output / _output_name(p.relative_to(input), fmt, suffix)) for p in files]
+        jobs = _without_own_outputs(jobs)
+        if not jobs:
+            subfolders = 0 if recursive else sum(p.is_dir() for p in input.iterdir())
+            raise NoImagesError(input, subfolders)
     inputs = {j.input.resolve() for j in jobs}
     for job in jobs:
         if job.output.resolve() in inputs:
@@ -130,6 +145,32 @@ def plan_jobs(
     if clash:
         raise UsageError(f"{clash[0]}: several inputs map to this output (same stem, other format)")
     return jobs
+
+
+def _without_own_outputs(jobs: list[Job]) -> list[Job]:
+    """Drop the jobs whose input is the output (or uncertainty map) of another job's input.
+
+    With the output folder in the input tree, an earlier run's `photo_r.jpg` is listed beside
+    `photo.jpg`; it is an output only while its source is a real input, so `photo_r.jpg`
+    whose `photo.jpg` is gone stays an input (and `photo_r_r.jpg` an input when `photo_r.jpg`
+    is an output). A file whose output is itself is never one: the overwrite guard refuses it.
+    """
+    inputs = {j.input.resolve() for j in jobs}
+    sources: dict[Path, list[Path]] = {}
+    for job in jobs:
+        source = job.input.resolve()
+        for made in (job.output.resolve(), uncertainty_path(job.output).resolve()):
+            if made != source and made in inputs:
+                sources.setdefault(made, []).append(source)
+    own: dict[Path, bool] = {}
+
+    def is_own(path: Path) -> bool:
+        if path not in own:
+            own[path] = False  # marks the path in progress: a cycle leaves it an input
+            own[path] = any(not is_own(s) for s in sources.get(path, ()))
+        return own[path]
+
+    return [j for j in jobs if not is_own(j.input.resolve())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +191,9 @@ def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # ty
     record = FileRecord(str(job.input), str(job.output), "done")
     if job.output.exists() and not options.overwrite:
         record.status = "skipped"
+        return record
+    if engine is None:  # needs_model found every output; this one was deleted since
+        record.status, record.error = "failed", "no model loaded: the output was removed"
         return record
     try:
         t0 = time.perf_counter()
@@ -208,6 +252,12 @@ def remove_stale_parts(jobs: Iterable[Job]) -> list[Path]:
                     entry.unlink()
                     removed.append(entry)
     return removed
+
+
+def needs_model(jobs: Iterable[Job], options: RestoreOptions) -> bool:
+    """False when every output exists and is kept: the run only skips, so loading a model
+    (seconds) is wasted. `run_jobs` then takes `engine=None`."""
+    return options.overwrite or not all(job.output.exists() for job in jobs)
 
 
 def run_jobs(

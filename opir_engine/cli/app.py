@@ -3,11 +3,72 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+# The name of opir_engine.weights.DEFAULT_WEIGHTS, repeated here because importing that module
+# loads torch and `opir --help` must stay quick; tests/test_cli_startup.py checks they agree.
+DEFAULT_WEIGHTS = "opir-small-allinone"
+# Defaults decided at run time are written into the help as "\\[default: ...]": the help is
+# rich markup, where a bare "[default: ...]" reads as a tag and vanishes.
+
+
+class _BareArgument(TyperArgument):
+    """An argument shown by its metavar alone: Typer would add a type tag such as <path>."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def _name_values(params: list[Any]) -> None:
+    """Help names values by what they are (INPUT, PATH, N), not by Typer's type tags: a flag
+    takes no value, so it shows none; an argument or option without an explicit metavar is
+    named after itself (--task TASK)."""
+    for param in params:
+        if isinstance(param, TyperArgument):
+            param.__class__ = _BareArgument
+            param.metavar = param.metavar or param.name.upper()
+        elif param.is_flag:
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = param.name.upper()
+
+
+class _NamedValues:
+    """Names every value in help (see `_name_values`), the help option's included."""
+
+    params: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _name_values(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _name_values([option])
+        return option
+
+
+class _Group(_NamedValues, TyperGroup):
+    pass
+
+
+class _Command(_NamedValues, TyperCommand):
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """`[OPTIONS] INPUT OUTPUT`, an optional argument in brackets (Typer braces them)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Restore photos degraded by rain, snow and haze with one all-in-one OPIR model.",
     no_args_is_help=True,
     add_completion=False,
@@ -64,55 +125,71 @@ def _parse_task_weights(values: list[str]) -> tuple[float, float, float]:
     return tuple(weights[t] for t in TASKS)  # type: ignore[return-value]
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
-    out: Path = typer.Option(..., "--out", help="Run directory (created)."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Run directory (created)."),
     config: str = typer.Option("small", help="Model preset: tiny, small, small-deep or paper."),
     data: list[str] = typer.Option(
-        [], "--data", help="Paired folder tagged with its task: rain=DIR."
+        [], "--data", metavar="TASK=DIR", help="Paired folder tagged with its task: rain=DIR."
     ),
     clean: list[Path] = typer.Option(
-        [], "--clean", help="Folder of clean photos (synthesis, clean class)."
+        [], "--clean", metavar="DIR", help="Folder of clean photos (synthesis, clean class)."
     ),
     split: Path | None = typer.Option(
-        None, help="Validation split JSON; its files are never trained on."
+        None, metavar="FILE", help="Validation split JSON; its files are never trained on."
     ),
-    data_root: Path | None = typer.Option(None, help="Root the split's paths are relative to."),
+    data_root: Path | None = typer.Option(
+        None, metavar="DIR", help="Root the split's paths are relative to."
+    ),
     synth_ratio: float = typer.Option(
-        0.6, help="Share of weather samples synthesized from clean photos."
+        0.6, metavar="X", help="Share of weather samples synthesized from clean photos."
     ),
-    clean_ratio: float = typer.Option(0.1, help="Share of clean -> clean samples."),
+    clean_ratio: float = typer.Option(0.1, metavar="X", help="Share of clean -> clean samples."),
     task_weight: list[str] = typer.Option(
-        [], "--task-weight", help="How often a weather is drawn, relative (default 1): rain=2."
+        [],
+        "--task-weight",
+        metavar="TASK=W",
+        help="How often a weather is drawn, relative: rain=2. \\[default: 1 each]",
     ),
     max_side: int = typer.Option(
-        512, help="Photos are loaded at most this long (restore's --work-side is 1024)."
+        512,
+        metavar="N",
+        help="Photos are loaded at most this long (restore's --work-side is 1024).",
     ),
-    steps: int = typer.Option(20000, help="Length of the cosine schedule."),
-    stop_at: int | None = typer.Option(None, help="Stop at this step (resume later)."),
-    batch: int = typer.Option(8),
-    patch: int = typer.Option(128),
-    lr: float = typer.Option(2e-4),
-    seed: int = typer.Option(0),
-    val_every: int = typer.Option(1000),
+    steps: int = typer.Option(20000, metavar="N", help="Length of the cosine schedule."),
+    stop_at: int | None = typer.Option(
+        None, metavar="N", help="Stop at this step (resume later). \\[default: --steps]"
+    ),
+    batch: int = typer.Option(8, metavar="N", help="Crops per step."),
+    patch: int = typer.Option(128, metavar="N", help="Side of the square training crops."),
+    lr: float = typer.Option(
+        2e-4, metavar="X", help="Learning rate at the start (Adam; cosine decay)."
+    ),
+    seed: int = typer.Option(
+        0, metavar="N", help="Seeds the initial weights and every draw of data."
+    ),
+    val_every: int = typer.Option(1000, metavar="N", help="Validate every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
     init: Path | None = typer.Option(
-        None, help="Start from these weights with a fresh schedule (a deeper --config grows them)."
+        None,
+        metavar="PATH",
+        help="Start from these weights with a fresh schedule (a deeper --config grows them).",
     ),
     max_minutes: float | None = typer.Option(
-        None, help="Stop cleanly (with a checkpoint) after this."
+        None, metavar="X", help="Stop cleanly (with a checkpoint) after X minutes."
     ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the step."),
     device: str | None = typer.Option(
         None,
-        help="auto (CUDA when available, the default), cpu, cuda or cuda:N; with --resume "
-        "the run's own unless given.",
+        help="auto (CUDA when available), cpu, cuda or cuda:N. "
+        "\\[default: auto; with --resume, the run's own]",
     ),
     workers: int | None = typer.Option(
         None,
         min=0,
-        help="Processes drawing batches ahead (default: 0 on the CPU; on CUDA 4, at most the "
-        "cores less 2); the batches are the same for any number.",
+        metavar="N",
+        help="Processes drawing batches ahead; the batches are the same for any number. "
+        "\\[default: 0 on the CPU; on CUDA 4, at most the cores less 2]",
     ),
 ) -> None:
     """Train OPIR on paired folders plus weather synthesized from clean photos (resumable;
@@ -155,25 +232,37 @@ def train(
     run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile, workers)
 
 
-@app.command("train-classifier")
+@app.command("train-classifier", cls=_Command)
 def train_classifier(
     weights: Path = typer.Argument(..., help="Trained checkpoint (.safetensors) to extend."),
-    out: Path = typer.Option(..., "--out", help="Write the checkpoint with its classifier here."),
+    out: Path = typer.Option(
+        ..., "--out", metavar="PATH", help="Write the checkpoint with its classifier here."
+    ),
     data: list[str] = typer.Option(
-        [], "--data", help="Paired folder tagged with its task: rain=DIR (targets count as clean)."
+        [],
+        "--data",
+        metavar="TASK=DIR",
+        help="Paired folder tagged with its task: rain=DIR (targets count as clean).",
     ),
     photos: list[str] = typer.Option(
-        [], "--photos", help="Degraded photos without targets, tagged: snow=DIR."
+        [], "--photos", metavar="TASK=DIR", help="Degraded photos without targets: snow=DIR."
     ),
-    clean: list[Path] = typer.Option([], "--clean", help="Folder of clean photos."),
-    split: Path | None = typer.Option(None, help="Validation split JSON: never trained on."),
-    data_root: Path | None = typer.Option(None, help="Root the split's paths are relative to."),
-    views: int = typer.Option(1000, help="Views rendered per class."),
-    steps: int = typer.Option(4000),
-    width: int = typer.Option(24, help="The classifier trunk's first width."),
-    seed: int = typer.Option(0),
+    clean: list[Path] = typer.Option([], "--clean", metavar="DIR", help="Folder of clean photos."),
+    split: Path | None = typer.Option(
+        None, metavar="FILE", help="Validation split JSON: never trained on."
+    ),
+    data_root: Path | None = typer.Option(
+        None, metavar="DIR", help="Root the split's paths are relative to."
+    ),
+    views: int = typer.Option(1000, metavar="N", help="Views rendered per class."),
+    steps: int = typer.Option(4000, metavar="N", help="Training steps."),
+    width: int = typer.Option(24, metavar="N", help="The classifier trunk's first width."),
+    seed: int = typer.Option(0, metavar="N", help="Seeds the views and the classifier."),
     donor: Path | None = typer.Option(
-        None, "--from", help="Copy the trained classifier of this checkpoint instead of training."
+        None,
+        "--from",
+        metavar="PATH",
+        help="Copy the trained classifier of this checkpoint instead of training.",
     ),
     recalibrate: bool = typer.Option(
         False,
@@ -236,7 +325,7 @@ def train_classifier(
     err.print(summarize_report(report, out), highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def restore(
     input: Path = typer.Argument(..., help="An image file or a folder of images."),
     output: Path = typer.Argument(..., help="Output folder (or file, for one input file)."),
@@ -244,47 +333,63 @@ def restore(
         "auto", help="auto (the model decides per image), rain, snow or haze."
     ),
     weights: str = typer.Option(
-        "opir-small-allinone", help="Shipped checkpoint name or .safetensors path."
+        DEFAULT_WEIGHTS, metavar="NAME|PATH", help="Shipped checkpoint name or .safetensors path."
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
-    tile: int = typer.Option(512, help="Tile side for large images (bounds memory)."),
-    tile_overlap: int = typer.Option(32, help="Overlap between tiles, blended smoothly."),
+    tile: int = typer.Option(512, metavar="N", help="Tile side for large images (bounds memory)."),
+    tile_overlap: int = typer.Option(
+        32, metavar="N", help="Overlap between tiles, blended smoothly."
+    ),
     work_side: int = typer.Option(
         1024,  # engine.DEFAULT_WORK_SIDE
+        metavar="N",
         help="Photos longer than this are restored at this size and the correction is carried "
         "back to full size (the model knows weather at the scale it trained on); 0: full size.",
     ),
-    batch_size: int = typer.Option(1, min=1, help="Tiles per forward pass."),
+    batch_size: int = typer.Option(1, min=1, metavar="N", help="Tiles per forward pass."),
     compile: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
-        help="torch.compile the model [default: on CUDA only].",
+        # cli/restore.py and the Ray backend decide on the device picked: the first compile
+        # takes minutes on a CPU, where eager was as fast.
+        help="torch.compile the model. \\[default: on CUDA only]",
     ),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders."),
     format: str = typer.Option("keep", help="keep, png, jpg, webp or tiff."),
     suffix: str = typer.Option("", help="Added to each output's stem, e.g. _restored."),
-    quality: int | None = typer.Option(None, help="JPEG/WebP quality [default: the input's]."),
+    quality: int | None = typer.Option(
+        None,
+        metavar="1-100",
+        # image_io.write_image_like: a JPEG keeps its source JPEG's estimated quality.
+        help="JPEG/WebP quality. "
+        "\\[default: JPEG: the input JPEG's own quality, else 95; WebP: lossless]",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite/--skip-existing", help="Replace outputs that exist."
     ),
     save_uncertainty: bool = typer.Option(False, help="Also write <name>.uncertainty.png."),
-    report: Path | None = typer.Option(None, help="Per-image report, .json or .csv."),
+    report: Path | None = typer.Option(
+        None, metavar="FILE", help="Per-image report, .json or .csv."
+    ),
     max_pixels: int = typer.Option(
-        200_000_000, help="Larger images fail as possible decompression bombs."
+        200_000_000, metavar="N", help="Larger images fail as possible decompression bombs."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done, load nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     backend: str = typer.Option("local", help="local (this process) or ray (a Ray cluster)."),
     address: str | None = typer.Option(
-        None, help="Ray cluster to join (auto, ray://HOST:PORT) [default: start a local one]."
+        None,
+        help="Ray cluster to join: auto or ray://HOST:PORT. \\[default: start a local one]",
     ),
-    workers: int = typer.Option(2, min=1, help="Ray actors, each holding one model."),
-    gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per Ray actor (0: CPU)."),
+    workers: int = typer.Option(2, min=1, metavar="N", help="Ray actors, each holding one model."),
+    gpus_per_worker: float = typer.Option(
+        0.0, min=0.0, metavar="X", help="GPUs per Ray actor (0: CPU)."
+    ),
 ) -> None:
     """Restore a photo or a folder of photos; inputs are never modified."""
     from opir_engine.batch.runner import RestoreOptions, UsageError, check_report_path, plan_jobs
-    from opir_engine.cli.restore import run_restore
+    from opir_engine.cli.restore import run_restore, usage_error_line
 
     try:
         check_report_path(report)
@@ -293,7 +398,7 @@ def restore(
         if backend not in ("local", "ray"):
             raise UsageError(f"--backend must be local or ray; got {backend!r}")
     except UsageError as e:
-        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        err.print(usage_error_line(e), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
                        tile_overlap=tile_overlap, compile=compile,
@@ -305,7 +410,7 @@ def restore(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models() -> None:
     """List the shipped checkpoints with their cards' summary."""
     from opir_engine.cli.restore import print_models
@@ -313,13 +418,13 @@ def models() -> None:
     print_models()
 
 
-@app.command()
+@app.command(cls=_Command)
 def synth(
     clean_dir: Path = typer.Argument(..., help="Folder of clean photos (searched recursively)."),
     out_dir: Path = typer.Argument(..., help="Writes input/, target/ and pairs.jsonl here."),
     kind: str = typer.Option(..., help="rain, snow, haze or mixed."),
-    count: int = typer.Option(..., min=1, help="Number of pairs."),
-    seed: int = typer.Option(0, help="Everything drawn follows from it."),
+    count: int = typer.Option(..., min=1, metavar="N", help="Number of pairs."),
+    seed: int = typer.Option(0, metavar="N", help="Everything drawn follows from it."),
 ) -> None:
     """Synthesize degraded/clean pairs from clean photos with the paper's models (Eq. 2-4)."""
     from opir_engine.image_io import ImageIOError
@@ -336,19 +441,35 @@ def synth(
     Console().print(f"wrote {len(records)} pairs to {out_dir} (parameters in pairs.jsonl)")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def evaluate(
-    restored: Path | None = typer.Argument(None, help="Folder of restored images."),
-    target: Path | None = typer.Argument(None, help="Folder of ground truth, matched by stem."),
-    input: Path | None = typer.Option(None, "--input", help="Degraded inputs: adds their scores."),
+    restored: Path | None = typer.Argument(
+        None, metavar="RESTORED_DIR", help="Folder of restored images."
+    ),
+    target: Path | None = typer.Argument(
+        None, metavar="TARGET_DIR", help="Folder of ground truth, matched by stem."
+    ),
+    input: Path | None = typer.Option(
+        None, "--input", metavar="DIR", help="Degraded inputs: adds their scores."
+    ),
     y: bool = typer.Option(False, "--y", help="Score the Y channel (BT.601), as for deraining."),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-image scores here."),
-    weights: str | None = typer.Option(None, help="Evaluate these weights on held-out data."),
-    split: Path | None = typer.Option(None, help="Validation split JSON (with --weights)."),
-    data_root: Path | None = typer.Option(None, help="Root of the split's paths."),
-    data: list[str] = typer.Option([], "--data", help="Paired folder: rain=DIR (with --weights)."),
-    device: str = typer.Option("auto"),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the table as JSON."),
+    csv_path: Path | None = typer.Option(
+        None, "--csv", metavar="FILE", help="Write per-image scores here."
+    ),
+    weights: str | None = typer.Option(
+        None, metavar="NAME|PATH", help="Evaluate these weights on held-out data."
+    ),
+    split: Path | None = typer.Option(
+        None, metavar="FILE", help="Validation split JSON (with --weights)."
+    ),
+    data_root: Path | None = typer.Option(None, metavar="DIR", help="Root of the split's paths."),
+    data: list[str] = typer.Option(
+        [], "--data", metavar="TASK=DIR", help="Paired folder: rain=DIR (with --weights)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (with --weights)."),
+    json_path: Path | None = typer.Option(
+        None, "--json", metavar="FILE", help="Write the table as JSON."
+    ),
     per_set: bool = typer.Option(
         False, "--per-set", help="With --weights: a row per source set under each task."
     ),
@@ -365,23 +486,35 @@ def evaluate(
     raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path, per_set))
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
     weights: str | None = typer.Option(
-        None, help="Shipped name or .safetensors path (wins over --config)."
+        None,
+        metavar="NAME|PATH",
+        help="Shipped checkpoint name or .safetensors path. "
+        f"\\[default: {DEFAULT_WEIGHTS}, what opir restore uses]",
     ),
-    config: str = typer.Option("paper", help="Preset without --weights (see opir train --config)."),
-    sizes: str = typer.Option("256,512", help="N, WxH, 720p, 1080p, 1440p, 4k; comma-separated."),
-    batch: int = typer.Option(1),
-    device: str = typer.Option("auto"),
+    config: str | None = typer.Option(
+        None,
+        help="Profile this preset with random weights instead: tiny, small, small-deep or paper.",
+    ),
+    sizes: str = typer.Option("256,512", help="N, WxH, 720p, 1080p, 1440p or 4k; comma-separated."),
+    batch: int = typer.Option(1, metavar="N", help="Images per forward."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
-    compile: bool = typer.Option(False, "--compile/--no-compile"),
-    runs: int = typer.Option(10, help="Timed runs per size, after the warm-up."),
-    warmup: int = typer.Option(2),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    runs: int = typer.Option(10, metavar="N", help="Timed runs per size, after the warm-up."),
+    warmup: int = typer.Option(2, metavar="N", help="Untimed runs first (compiling, caches)."),
     breakdown: bool = typer.Option(True, "--breakdown/--no-breakdown", help="Time each part."),
     compare: str = typer.Option("none", help="none or promptir (timed side by side)."),
-    threads: int | None = typer.Option(None, help="CPU threads for torch."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
+    threads: int | None = typer.Option(
+        None,
+        metavar="N",
+        help="CPU threads for torch. \\[default: torch's own]",
+    ),
+    json_path: Path | None = typer.Option(
+        None, "--json", metavar="FILE", help="Write the figures as JSON."
+    ),
 ) -> None:
     """Latency, throughput, FLOPs and memory per size, per part, and against PromptIR."""
     from opir_engine.cli.render_profile import render_report

@@ -5,11 +5,54 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from opir_engine.profiling.report import ProfileReport
+from opir_engine.profiling.report import ProfileReport, SizeProfile
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _spread(p50: float | None, p95: float | None) -> str:
+    return "-" if p50 is None or p95 is None else f"{p95 - p50:.2f}"
+
+
+def _render_parts(r: SizeProfile, console: Console) -> None:
+    """The parts, their sum against the whole forward timed in the same rounds, and a verdict
+    on the difference that does not mistake the runs' noise for time spent elsewhere."""
+    parts = Table(title=f"{r.model} at {r.size}: each part timed alone, in rounds with the whole")
+    for column in ("part", "p50 ms", "p95-p50 ms", "% of whole", "note"):
+        parts.add_column(column, justify="left" if column == "part" else "right")
+    for p in r.parts:
+        parts.add_row(p.name, _fmt(p.ms_p50, ".2f"), _spread(p.ms_p50, p.ms_p95),
+                      _fmt(100 * p.share), "")  # fmt: skip
+    part_spread = sum(p.ms_p95 - p.ms_p50 for p in r.parts)
+    parts.add_row("sum of the parts", _fmt(r.parts_sum_ms_p50, ".2f"), f"{part_spread:.2f}", "", "")
+    whole_spread = _spread(r.parts_whole_ms_p50, r.parts_whole_ms_p95)
+    parts.add_row("whole forward", _fmt(r.parts_whole_ms_p50, ".2f"), whole_spread, "100.0", "")
+    bandwidth = f"{_fmt(r.op_gb_per_s)} GB/s"
+    if r.op_bandwidth_pct_of_peak is not None:
+        bandwidth += f", {r.op_bandwidth_pct_of_peak:.0f}% of peak"
+    parts.add_row("op alone, all stages", _fmt(r.op_ms_p50, ".2f"), "", "", bandwidth)
+    console.print(parts)
+    console.print(_parts_verdict(r), highlight=False)
+
+
+def _parts_verdict(r: SizeProfile) -> str:
+    """The whole's p50 minus the parts' summed p50, judged against the runs' spread."""
+    diff, noise = r.parts_unaccounted_ms, r.parts_noise_ms
+    if diff is None:
+        return ""
+    gap = f"whole - sum of the parts: {diff:+.2f} ms"
+    if noise is None:
+        return f"{gap}; one run measures no spread, so this may be noise (--runs 2 or more)"
+    if r.parts_within_noise:
+        return f"{gap}, within the runs' spread ({noise:.2f} ms), so within noise"
+    if diff > 0:
+        return f"{gap}, beyond the runs' spread ({noise:.2f} ms): time outside the parts timed"
+    return (
+        f"{gap}, beyond the runs' spread ({noise:.2f} ms): timed alone, the parts take longer "
+        "than the whole (which overlaps, caches or fuses across them)"
+    )
 
 
 def render_report(report: ProfileReport, console: Console) -> None:
@@ -35,22 +78,8 @@ def render_report(report: ProfileReport, console: Console) -> None:
         )  # fmt: skip
     console.print(table)
     for r in report.results:
-        if not r.parts:
-            continue
-        parts = Table(
-            title=f"{r.model} at {r.size}: parts timed alone (p50 {r.latency_ms_p50:.1f} ms)"
-        )
-        parts.add_column("part")
-        parts.add_column("ms", justify="right")
-        parts.add_column("% of forward", justify="right")
-        for p in r.parts:
-            parts.add_row(p.name, _fmt(p.ms_p50, ".2f"), _fmt(100 * p.share))
-        parts.add_row("unaccounted (full - sum)", _fmt(r.parts_unaccounted_ms, ".2f"), "")
-        bandwidth = f"{_fmt(r.op_gb_per_s)} GB/s"
-        if r.op_bandwidth_pct_of_peak is not None:
-            bandwidth += f", {r.op_bandwidth_pct_of_peak:.0f}% of peak"
-        parts.add_row("op alone, all stages", _fmt(r.op_ms_p50, ".2f"), bandwidth)
-        console.print(parts)
+        if r.parts:
+            _render_parts(r, console)
     if report.comparisons:
         ratios = Table(title="PromptIR / OPIR (same process, same inputs, interleaved runs)")
         for column in ("size", "OPIR ms", "PromptIR ms", "latency ratio", "OPIR GFLOPs",

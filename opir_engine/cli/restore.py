@@ -13,11 +13,25 @@ from rich.table import Table
 from opir_engine.batch.runner import (
     FileRecord,
     Job,
+    NoImagesError,
     RestoreOptions,
+    UsageError,
+    needs_model,
     run_jobs,
     summarize,
     write_report,
 )
+
+
+def usage_error_line(error: UsageError) -> str:
+    """The one `error: ...` line for a usage error, naming the option that helps."""
+    if isinstance(error, NoImagesError) and error.subfolders:
+        s = "s" if error.subfolders > 1 else ""
+        return (
+            f"error: {error.folder}: no images found; --recursive (-r) also reads its "
+            f"{error.subfolders} subfolder{s}"
+        )
+    return f"error: {error}"
 
 
 def run_restore(
@@ -45,6 +59,13 @@ def run_restore(
             state = "exists, skip" if job.output.exists() and not options.overwrite else "restore"
             out.print(f"{job.input} -> {job.output} ({state})")
         return 0
+    if not needs_model(jobs, options):
+        # A rerun after a finished one: skip without loading the model or starting Ray.
+        title = "opir restore: every output exists (--overwrite replaces them)"
+        return _run_and_summarize(
+            lambda on_record: run_jobs(None, jobs, options, on_record), len(jobs), report,
+            quiet, title, out, err,
+        )  # fmt: skip
     if ray_args is not None:
         return _run_restore_ray(jobs, options, engine_args, batch_size, report, quiet, ray_args)
     try:

@@ -21,7 +21,9 @@ class PartTiming:
     name: str
     ms_p50: float
     ms_p95: float
-    share: float  # ms_p50 / full-forward p50
+    share: float  # ms_p50 / the whole forward's p50 timed in the same rounds
+    ms_min: float | None = None
+    ms_max: float | None = None
 
 
 @dataclass
@@ -49,7 +51,13 @@ class SizeProfile:
     analytic_gflops_per_image: float | None = None  # OPIR: same convention, from the config
     analytic_elementwise_gflops: float | None = None  # OPIR: what flop_counter leaves out
     parts: list[PartTiming] = field(default_factory=list)
-    parts_unaccounted_ms: float | None = None  # full p50 - sum of parts' p50
+    # The parts against the whole forward timed in the same rounds (profile._add_opir_details).
+    parts_unaccounted_ms: float | None = None  # whole p50 - sum of the parts' p50; may be < 0
+    parts_whole_ms_p50: float | None = None
+    parts_whole_ms_p95: float | None = None
+    parts_sum_ms_p50: float | None = None
+    parts_noise_ms: float | None = None  # the whole's and each part's p95 - p50, summed
+    parts_within_noise: bool | None = None  # |unaccounted| <= noise; None: one run, no spread
     op_ms_p50: float | None = None  # the inverse-operator op alone, all stages
     op_gb_per_s: float | None = None
     op_bandwidth_pct_of_peak: float | None = None

@@ -46,9 +46,13 @@ class WeightsError(ProfileError):
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """What a profile was asked for (`opir profile`'s options), checked by `check_settings`."""
+    """What a profile was asked for (`opir profile`'s options), checked by `check_settings`.
 
-    config: str | None = "paper"
+    The model is `weights` (a shipped name or a .safetensors path) or `config` (a preset, with
+    random weights), at most one of them; neither: the shipped weights `opir restore` uses.
+    """
+
+    config: str | None = None
     weights: str | None = None
     sizes: tuple[tuple[int, int], ...] = ((256, 256), (512, 512))
     batch: int = 1
@@ -71,6 +75,12 @@ def check_settings(settings: ProfileSettings) -> None:
                                ("batch", settings.batch, 1)):  # fmt: skip
         if value < least:
             raise ProfileError(f"{name} must be at least {least}, got {value}", setting=name)
+    if settings.config is not None and settings.weights is not None:
+        raise ProfileError(
+            f"weights {settings.weights!r} and preset {settings.config!r} are two models: "
+            "profile one at a time",
+            setting="config",
+        )
     if settings.compare not in COMPARE_MODELS:
         choices = ", ".join(COMPARE_MODELS)
         raise ProfileError(
