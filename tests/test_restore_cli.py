@@ -315,6 +315,7 @@ def test_outputs_that_would_overwrite_inputs_are_refused(
     assert "none.safetensors: checkpoint not found" in missing.stderr
 
 
+@pytest.mark.slow  # five CLI runs: about 20 s
 @needs_script
 def test_rerun_into_the_input_folder_skips_its_own_outputs(
     weights: Path, clean: Path, tmp_path: Path
@@ -361,6 +362,7 @@ def test_rerun_into_the_input_folder_skips_its_own_outputs(
     assert refused.stderr.startswith("error: ") and "would overwrite an input" in refused.stderr
 
 
+@pytest.mark.slow  # nine CLI runs: about 20 s
 @needs_script
 def test_a_folder_without_images_says_so_and_exits_2(clean: Path, tmp_path: Path) -> None:
     """Images only in subfolders (no -r), an empty folder, a folder of non-images: one line
@@ -398,6 +400,7 @@ def test_a_folder_without_images_says_so_and_exits_2(clean: Path, tmp_path: Path
     assert empty_recursive.stderr.splitlines() == [f"error: {empty}: no images found"]
 
 
+@pytest.mark.slow  # CLI runs and a Ray start: about 20 s
 @needs_script
 def test_a_rerun_with_every_output_present_loads_no_model(
     weights: Path, clean: Path, tmp_path: Path
