@@ -49,6 +49,17 @@ def tam_form(name: str) -> Iterator[None]:
         _form.reset(token)
 
 
+def _pre_activation(values: Tensor, weight_k: Tensor, task: Tensor, tap_offset: Tensor) -> Tensor:
+    """The hidden layer's input w_h k + a_{b,h} + o_{i,h} (Eq. 21) for kernel values
+    (B, 9, *S): a pixel's (S = H, W) or a table's (S = points) -> (B, 9, *S, hidden)."""
+    spread = (None,) * (values.dim() - 2)  # broadcast over S
+    return (
+        values.unsqueeze(-1) * weight_k
+        + task[(slice(None), None, *spread)]
+        + tap_offset[(None, slice(None), *spread)]
+    )
+
+
 def tam_modulation_reference(
     kernel: Tensor, weight_k: Tensor, task: Tensor, tap_offset: Tensor, out_weight: Tensor,
     out_bias: Tensor,
@@ -58,11 +69,7 @@ def tam_modulation_reference(
 
     Reads B 9 H W values and writes a (B, 9, H, W, hidden) pre-activation, its GELU and the
     result: the oracle the tabulated form is tested against."""
-    pre = (
-        kernel.unsqueeze(-1) * weight_k
-        + task[:, None, None, None, :]
-        + tap_offset[None, :, None, None, :]
-    )  # (B, 9, H, W, hidden)
+    pre = _pre_activation(kernel, weight_k, task, tap_offset)  # (B, 9, H, W, hidden)
     return F.linear(F.gelu(pre), out_weight, out_bias).squeeze(-1)
 
 
@@ -80,20 +87,17 @@ def tam_modulation_tabulated(
     b, taps = k.shape[:2]
     flat = k.reshape(b, taps, -1)  # (B, 9, HW)
     # Where the table's points lie is a choice, not a function of the kernel: no gradient
-    lo = flat.detach().amin(dim=2)
-    span = flat.detach().amax(dim=2) - lo
+    values = flat.detach()
+    lo = values.amin(dim=2)
+    span = values.amax(dim=2) - lo
     # A constant plane still needs a positive step; any value of k then sits on point 0
     step = torch.where(span > 0, span / (points - 1), torch.ones_like(span))  # (B, 9)
     grid = lo[..., None] + step[..., None] * torch.arange(points, device=k.device, dtype=k.dtype)
-    pre = (
-        grid.unsqueeze(-1) * weight_k.to(k.dtype)
-        + task.to(k.dtype)[:, None, None, :]
-        + tap_offset.to(k.dtype)[None, :, None, :]
-    )  # (B, 9, points, hidden): small
+    pre = _pre_activation(grid, weight_k.to(k.dtype), task.to(k.dtype), tap_offset.to(k.dtype))
     out_w = out_weight.to(k.dtype)
     table = F.linear(F.gelu(pre), out_w, out_bias.to(k.dtype)).squeeze(-1)
     slope = table.diff(dim=2)  # (B, 9, points - 1): the change per step
-    position = ((flat.detach() - lo[..., None]) / step[..., None]).clamp_(0, points - 1)
+    position = ((values - lo[..., None]) / step[..., None]).clamp_(0, points - 1)
     index = position.floor().clamp_(max=points - 2)
     fraction = position - index
     index = index.long()
@@ -106,7 +110,7 @@ def tam_modulation_tabulated(
         with torch.no_grad():
             derivative = (_gelu_derivative(pre) * (out_w[0] * weight_k.to(k.dtype))).sum(-1)
             d = derivative.gather(2, index) + derivative.diff(dim=2).gather(2, index) * fraction
-        m = m + d * (flat - flat.detach())
+        m = m + d * (flat - values)
     return m.reshape(kernel.shape).to(dtype)
 
 

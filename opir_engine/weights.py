@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opir_engine.model import OPIR, OPIRConfig
+from opir_weights import DEFAULT
 
-DEFAULT_WEIGHTS = "opir-small-allinone"
+DEFAULT_WEIGHTS = DEFAULT  # the shipped checkpoint used when none is named
 
 
 class CheckpointError(Exception):

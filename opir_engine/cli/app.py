@@ -9,9 +9,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-# The name of opir_engine.weights.DEFAULT_WEIGHTS, repeated here because importing that module
-# loads torch and `opir --help` must stay quick; tests/test_cli_startup.py checks they agree.
-DEFAULT_WEIGHTS = "opir-small-allinone"
+from opir_weights import DEFAULT as DEFAULT_WEIGHTS  # no torch: `opir --help` stays quick
+
 # Defaults decided at run time are written into the help as "\\[default: ...]": the help is
 # rich markup, where a bare "[default: ...]" reads as a tag and vanishes.
 
