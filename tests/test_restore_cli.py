@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -263,8 +264,9 @@ def test_recursive_format_suffix_csv_uncertainty_dry_run_and_overwrite(
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
         "input", "output", "status", "task", "confidence", "width", "height", "ms", "flops",
-        "restored_at", "error",
+        "restored_at", "psnr_vs_input", "error",
     ]  # fmt: skip
+    assert all(0 < float(r["psnr_vs_input"]) < math.inf for r in rows)  # restored: changed
     assert {r["restored_at"] for r in rows} == {"80x60"}  # under the working side: full size
     assert sorted(Path(r["output"]).relative_to(out) for r in rows) == sorted(expected)
     assert {r["status"] for r in rows} == {"done"} and {r["task"] for r in rows} == {"rain"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from opir_engine.image_io import (
     DEFAULT_MAX_PIXELS,
@@ -24,7 +26,6 @@ from opir_engine.image_io import (
     is_image_path,
     read_image,
     write_image,
-    write_image_like,
 )
 from opir_engine.inference.engine import TASK_CHOICES, EngineError
 from opir_engine.model import CLASSES
@@ -84,6 +85,10 @@ class FileRecord:
     ms: float | None = None
     flops: int = 0
     restored_at: str = ""  # "WxH" the model ran at: the photo's size or the working side's
+    # How much the photo changed: PSNR in dB of the output against the input (lower: more
+    # changed; inf: unchanged, as a clean photo passed through; null in JSON). Not a quality
+    # score: there is no clean reference to measure against.
+    psnr_vs_input: float | None = None
     error: str = ""
 
 
@@ -199,14 +204,16 @@ def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # ty
         t0 = time.perf_counter()
         decoded = read_image(job.input, max_pixels=options.max_pixels)
         record.width, record.height = decoded.source_size
-        result = engine.restore(decoded.rgb, task=options.task)
+        result = engine.restore(decoded, task=options.task)
         job.output.parent.mkdir(parents=True, exist_ok=True)
         if options.save_uncertainty and result.uncertainty is not None:
             um = result.uncertainty  # scaled to its maximum: a map to look at, not to measure
             um = (um / um.max().clamp_min(1e-8)).expand(3, -1, -1)
             write_image(uncertainty_path(job.output), um, channels="gray")
-        write_image_like(job.output, result.image, decoded, quality=options.quality)
+        # skip or overwrite was decided above; save() still never writes over the input
+        result.save(job.output, quality=options.quality, overwrite=True)
         record.ms = round(1000 * (time.perf_counter() - t0), 2)
+        record.psnr_vs_input = change_psnr(result.image, decoded.rgb)
         record.task, record.confidence = result.task, round(result.confidence, 4)
         record.flops = result.flops
         if result.work_size is not None:
@@ -221,6 +228,19 @@ def restore_file(engine, job: Job, options: RestoreOptions) -> FileRecord:  # ty
     except (EngineError, OSError, ValueError, RuntimeError) as e:
         record.status, record.error = "failed", " ".join(f"{type(e).__name__}: {e}".split())
     return record
+
+
+def change_psnr(output: torch.Tensor, input: torch.Tensor) -> float | None:
+    """PSNR in dB (peak 1) of `output` against `input`, both (3, H, W) in [0, 1], to 2 decimals;
+    inf when identical, None when the shapes differ.
+
+    In float32, unlike `evaluation.metrics.psnr`: its float64 copies would take four times the
+    photo's memory for a number shown to 0.01 dB.
+    """
+    if output.shape != input.shape:
+        return None
+    mse = torch.nn.functional.mse_loss(output.float(), input.float()).item()
+    return math.inf if mse == 0 else round(10 * math.log10(1 / mse), 2)
 
 
 def remove_stale_parts(jobs: Iterable[Job]) -> list[Path]:
@@ -322,8 +342,19 @@ def summarize(records: list[FileRecord], wall_s: float) -> Summary:
     )
 
 
+REPORT_SUFFIXES = (".json", ".csv", ".html")
+
+
 def write_report(records: list[FileRecord], path: Path, summary: Summary | None = None) -> None:
-    """JSON (records and summary) or CSV (records), chosen by the suffix; written atomically."""
+    """JSON (records and summary), CSV (records) or HTML (a review page with thumbnails,
+    `html_report`), chosen by the suffix; written atomically."""
+    check_report_path(path)
+    if path.suffix.lower() == ".html":
+        # Imported here: html_report builds on this module's records (a cycle at import time).
+        from opir_engine.batch.html_report import write_html_report
+
+        write_html_report(records, path, summary)
+        return
     rows = [asdict(r) for r in records]
     tmp = path.with_name(f".{path.name}.part")
     if path.suffix.lower() == ".csv":
@@ -331,14 +362,15 @@ def write_report(records: list[FileRecord], path: Path, summary: Summary | None 
             writer = csv.DictWriter(f, fieldnames=list(asdict(FileRecord("", "", "")).keys()))
             writer.writeheader()
             writer.writerows(rows)
-    elif path.suffix.lower() == ".json":
-        data = {"files": rows, "summary": asdict(summary) if summary else None}
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
     else:
-        raise UsageError(f"{path}: --report must end in .json or .csv")
+        for row in rows:  # JSON has no inf: an unchanged photo's psnr_vs_input is null there
+            if row["psnr_vs_input"] == math.inf:
+                row["psnr_vs_input"] = None
+        data = {"files": rows, "summary": asdict(summary) if summary else None}
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def check_report_path(path: Path | None) -> None:
-    if path is not None and path.suffix.lower() not in (".json", ".csv"):
-        raise UsageError(f"{path}: --report must end in .json or .csv")
+    if path is not None and path.suffix.lower() not in REPORT_SUFFIXES:
+        raise UsageError(f"{path}: --report must end in .json, .csv or .html")

@@ -72,7 +72,8 @@ class DecodedImage:
         icc_profile: ICC profile bytes, or None (also None for CMYK files, converted to RGB).
         jpeg_quality: quality 1-100 estimated from a JPEG's quantization tables, else None.
         source_size: (width, height) after orientation, i.e. (W, H) of `rgb`.
-        path: the file read.
+        path: the file read; None for an image described from memory (the engine's
+            `inference/photo.py`), which has no file.
     """
 
     rgb: torch.Tensor = field(repr=False)
@@ -85,7 +86,7 @@ class DecodedImage:
     icc_profile: bytes | None = field(repr=False)
     jpeg_quality: int | None
     source_size: tuple[int, int]
-    path: Path
+    path: Path | None
 
 
 def read_image(

@@ -6,6 +6,7 @@ so one engine can serve many images (or threads) in turn.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from opir_engine.devices import DeviceError, pick_device, pick_dtype
+from opir_engine.image_io import DEFAULT_MAX_PIXELS, DecodedImage
+from opir_engine.inference import photo
+from opir_engine.inference.photo import ImageInput
 from opir_engine.inference.tiling import process_tiled
 from opir_engine.inference.working_scale import enlarge_to, shrink_to_side, transfer_correction
 from opir_engine.model import CLASSES, OPIR, TASKS, auto_decision
@@ -61,6 +65,38 @@ class RestoreResult:
     timings: dict[str, float] = field(default_factory=dict)  # ms: classify, restore, total
     flops: int = 0  # FLOPs spent on this image (model count x pixels processed)
     work_size: tuple[int, int] | None = None  # (H, W) the model ran at; None if passed through
+    # What the input was (alpha, bit depth, gray/RGB, EXIF, ICC, JPEG quality, its file): what
+    # `save` writes back, as `opir restore` does. None only for results built by hand.
+    source: DecodedImage | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        """The input's alpha (1, H, W) float in [0, 1], copied through unchanged, or None."""
+        return self.source.alpha if self.source is not None else None
+
+    def to_pil(self) -> Image.Image:
+        """The restored image as an 8-bit PIL image: "RGBA" when the input had alpha, else
+        "RGB". Pillow has no 16-bit colour mode: `save` to PNG or TIFF keeps 16 bits."""
+        return photo.to_pil(self.image, self.source)
+
+    def save(
+        self, path: str | os.PathLike[str], quality: int | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write the restored image as `opir restore` writes it for this input, atomically.
+
+        The format follows the suffix (.png .jpg .jpeg .webp .tif .tiff .bmp). Kept where the
+        format holds them: alpha, 16 bits (PNG, TIFF), gray, EXIF and ICC profile. `quality`
+        (1-100) is for JPEG (default: a JPEG input's own, else 95) and WebP (default
+        lossless). The folder must exist. Returns the path written.
+
+        Raises:
+            ImageWriteError: `path` is the input file (never overwritten), or exists and not
+                `overwrite`, or could not be written (nothing is left at `path`).
+            UnsupportedImageError: a suffix opir does not write.
+        """
+        if self.source is None:
+            raise EngineError("this result has no source image to write like; use to_pil()")
+        return photo.save(self.image, self.source, path, quality, overwrite)
 
 
 def to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -68,7 +104,8 @@ def to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
 
     Integer samples are scaled by their type's maximum (uint8 by 255, uint16 by 65535, so 16-bit
     data never passes through 8 bits); float samples are taken as [0, 1]. Gray is repeated over
-    the three channels; an alpha channel is dropped (`image_io.write_image_like` copies it back).
+    the three channels; an alpha channel is left out here (`restore` keeps it in
+    `RestoreResult.source`, and `RestoreResult.save` writes it back).
     """
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -109,7 +146,8 @@ class OPIREngine:
     """Restores images with an OPIR checkpoint.
 
     >>> engine = OPIREngine.from_pretrained("opir-small-allinone")
-    >>> result = engine.restore(Image.open("rainy.jpg"), task="auto")
+    >>> result = engine.restore("rainy.jpg", task="auto")
+    >>> result.save("restored.jpg")  # as `opir restore rainy.jpg restored.jpg` writes it
 
     Shapes. The model needs sides that are multiples of `model.multiple_of`; the engine pads
     (reflect, bottom and right) and crops back. A side longer than `tile` is covered by tiles
@@ -251,9 +289,19 @@ class OPIREngine:
 
     # -- restoration ---------------------------------------------------------------------------
     def restore(
-        self, image: Image.Image | np.ndarray | torch.Tensor, task: str = "auto"
+        self,
+        image: ImageInput,
+        task: str = "auto",
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> RestoreResult:
-        """Restore one image (see `to_tensor` for the accepted inputs).
+        """Restore one image: a path (str or Path), a PIL image, an array or a tensor (see
+        `to_tensor`), or a `DecodedImage`.
+
+        A path is decoded as `opir restore` decodes it (`image_io.read_image`: EXIF orientation
+        applied, 16-bit kept, `max_pixels` its limit; it raises the `ImageIOError` naming the
+        file); `result.save(path)` then writes what `opir restore` writes for that file. The
+        input's alpha, bit depth and metadata ride along in `result.source` (`photo.py`).
 
         task "auto": the head decides once per image, from a downscaled copy, and every tile
         uses that decision; an image it calls clean with at least `clean_threshold` confidence
@@ -262,8 +310,9 @@ class OPIREngine:
         """
         if task not in TASK_CHOICES:
             raise EngineError(f"task must be one of {', '.join(TASK_CHOICES)}, got {task!r}")
+        source = photo.decode_input(image, to_tensor, max_pixels)
         t0 = time.perf_counter()
-        rgb = to_tensor(image)
+        rgb = to_tensor(source.rgb)
         probs, classify_pixels = self._classify_image(rgb)
         classify_flops = int(self.classify_flops_per_pixel * classify_pixels)
         t1 = time.perf_counter()
@@ -277,7 +326,7 @@ class OPIREngine:
                 timings["total"] = timings["classify"]
                 unchanged = rgb.cpu()
                 return RestoreResult(unchanged, "clean", confidence, probs, None, timings,
-                                     classify_flops)  # fmt: skip
+                                     classify_flops, source=source)  # fmt: skip
         else:
             chosen, confidence = task, 1.0
             weights = F.one_hot(torch.tensor([CLASSES.index(task)]), len(CLASSES)).float()
@@ -287,10 +336,10 @@ class OPIREngine:
         timings["total"] = timings["classify"] + timings["restore"]
         flops = int(self.flops_per_pixel * pixels) + classify_flops
         return RestoreResult(restored, chosen, confidence, probs, uncertainty, timings, flops,
-                             work_size)  # fmt: skip
+                             work_size, source)  # fmt: skip
 
     def restore_batch(
-        self, images: Iterable[Image.Image | np.ndarray | torch.Tensor], task: str = "auto"
+        self, images: Iterable[ImageInput], task: str = "auto"
     ) -> list[RestoreResult]:
         """Restore many images, in order; each is classified and tiled on its own."""
         return [self.restore(image, task) for image in images]
