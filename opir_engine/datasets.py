@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,43 +94,70 @@ def choose_validation(
     return sorted(chosen)
 
 
+def pixel_digest(path: Path) -> str:
+    """A digest of an image's decoded pixels: the same photo saved by another encoder (a
+    benchmark's copy of a BSD photo as PNG) has other bytes but the same digest."""
+    rgb = read_rgb8(path)
+    return hashlib.sha256(str(tuple(rgb.shape)).encode() + rgb.numpy().tobytes()).hexdigest()
+
+
 def make_split(
-    data_root: Path, seed: int = SPLIT_SEED, paired_sets: Collection[str] | None = None
+    data_root: Path,
+    seed: int = SPLIT_SEED,
+    paired_sets: Collection[str] | None = None,
+    fractions: Mapping[str, float] | None = None,
 ) -> dict[str, list[str]]:
     """The validation split of the shared data: file paths relative to `data_root`.
 
     `paired_sets` ("rain/DDN-samples", ...) limits the paired sets to those a written-down split
     was made from, so a set added to the data later changes no split until one is made anew
-    (None: every set there is).
+    (None: every set there is). `fractions` holds out more of some sets ({"rain/X": 0.5});
+    the others give VALIDATION_FRACTION.
 
-    Every paired set of rain/ and haze/ gives about 15% of its pairs (whole scenes); the clean
+    Every paired set of rain/ and haze/ gives its fraction of pairs (whole scenes); the clean
     photos give 15% of each folder (EXIF test folders excluded: they are for I/O tests);
-    `snow_photos` holds real snowy photos without ground truth, scored by the head alone.
+    `snow_photos` holds real snowy photos without ground truth, scored by the head alone. A pair
+    whose target is one of the clean photos (benchmarks reuse BSD photos) follows that photo: it
+    is held out exactly when the photo is, so neither side ever trains on the other's image.
     """
     data_root = Path(data_root)
+    fractions = fractions or {}
     split: dict[str, list[str]] = {"rain": [], "haze": [], "snow": [], "clean": []}
-    for task in ("rain", "haze", "snow"):
-        task_dir = data_root / task
-        if not task_dir.is_dir():
-            continue
-        for set_dir in sorted(p for p in task_dir.iterdir() if (p / "input").is_dir()):
-            if paired_sets is not None and f"{task}/{set_dir.name}" not in paired_sets:
-                continue
-            pairs = find_pairs(set_dir, task)
-            if len(pairs) < 3:  # too small to hold out (the single Snow100K pair)
-                continue
-            names = [str(p.input.relative_to(data_root)) for p in pairs]
-            split[task] += choose_validation(names, [p.group for p in pairs], seed)
-    # Real snowy photos have no ground truth: a third of them (5 of 15) check the head alone
-    photos = data_root / "snow" / "real_snow_samples" / "real"
-    if photos.is_dir():
-        names = [str(p.relative_to(data_root)) for p in list_images(photos)]
-        split["snow_photos"] = choose_validation(names, names, seed, fraction=1 / 3)
+    clean_digest: dict[str, str] = {}  # digest -> the clean photo's name
     for folder in sorted((data_root / "clean").iterdir()):
         if not folder.is_dir() or folder.name.startswith("EXIF"):
             continue
         names = [str(p.relative_to(data_root)) for p in list_images(folder)]
         split["clean"] += choose_validation(names, names, seed)
+        clean_digest.update({pixel_digest(data_root / n): n for n in names})
+    held_clean = set(split["clean"])
+    for task in ("rain", "haze", "snow"):
+        task_dir = data_root / task
+        if not task_dir.is_dir():
+            continue
+        for set_dir in sorted(p for p in task_dir.iterdir() if (p / "input").is_dir()):
+            key = f"{task}/{set_dir.name}"
+            if paired_sets is not None and key not in paired_sets:
+                continue
+            pairs = find_pairs(set_dir, task)
+            if len(pairs) < 3:  # too small to hold out (the single Snow100K pair)
+                continue
+            free = []
+            for p in pairs:
+                copy_of = clean_digest.get(pixel_digest(p.target))
+                if copy_of is None:
+                    free.append(p)
+                elif copy_of in held_clean:
+                    split[task].append(str(p.input.relative_to(data_root)))
+            names = [str(p.input.relative_to(data_root)) for p in free]
+            fraction = fractions.get(key, VALIDATION_FRACTION)
+            split[task] += choose_validation(names, [p.group for p in free], seed, fraction)
+        split[task].sort()
+    # Real snowy photos have no ground truth: a third of them (5 of 15) check the head alone
+    photos = data_root / "snow" / "real_snow_samples" / "real"
+    if photos.is_dir():
+        names = [str(p.relative_to(data_root)) for p in list_images(photos)]
+        split["snow_photos"] = choose_validation(names, names, seed, fraction=1 / 3)
     return split
 
 
@@ -168,17 +195,51 @@ def held_out_names(split: Path) -> set[str]:
     return set().union(*load_split(split).values())
 
 
-def kept_pairs(
-    folders: Iterable[str], task: str, held_out: set[str], data_root: Path
-) -> list[Pair]:
-    """The pairs of `folders` (see `find_paired_sets`) whose degraded input is not held out."""
+@dataclass(frozen=True)
+class HeldOut:
+    """What training must never read: the split's files by name, and the pixels of its clean
+    images (held-out photos and the targets of held-out pairs) so that a copy of one under
+    another name or encoding is refused too."""
+
+    names: frozenset[str] = frozenset()
+    digests: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_split(cls, split: Path, data_root: Path) -> HeldOut:
+        by_task = load_split(split)
+        clean = [Path(data_root) / n for n in by_task.get("clean", ())]
+        targets = [
+            pair.target
+            for task in ("rain", "haze", "snow")
+            for name in by_task.get(task, ())
+            for pair in [_pair_of(Path(data_root) / name, task)]
+        ]
+        names = frozenset(set().union(*by_task.values()))
+        return cls(names, frozenset(pixel_digest(p) for p in clean + targets))
+
+    def holds(self, path: Path, data_root: Path, image: Path | None = None) -> bool:
+        """Whether `path` (relative to data_root) is held out, or `image` (default: path) has
+        the pixels of a held-out image."""
+        if exclude([path], set(self.names), data_root) == []:
+            return True
+        return bool(self.digests) and pixel_digest(image or path) in self.digests
+
+
+def _pair_of(input_path: Path, task: str) -> Pair:
+    target = next(p for p in list_images(input_path.parent.parent / "target")
+                  if p.stem == input_path.stem)  # fmt: skip
+    return Pair(task, input_path, target)
+
+
+def kept_pairs(folders: Iterable[str], task: str, held_out: HeldOut, data_root: Path) -> list[Pair]:
+    """The pairs of `folders` (see `find_paired_sets`) that are not held out, neither the input
+    by name nor the target by its pixels."""
     pairs = [p for folder in folders for p in find_paired_sets(Path(folder), task)]
-    kept = set(exclude([p.input for p in pairs], held_out, data_root))
-    return [p for p in pairs if p.input in kept]
+    return [p for p in pairs if not held_out.holds(p.input, data_root, image=p.target)]
 
 
-def kept_images(folders: Iterable[str], held_out: set[str], data_root: Path) -> list[Path]:
-    """The images of `folders` that are not held out, in folder then name order."""
-    return exclude(
-        [p for folder in folders for p in list_images(Path(folder))], held_out, data_root
-    )
+def kept_images(folders: Iterable[str], held_out: HeldOut, data_root: Path) -> list[Path]:
+    """The images of `folders` that are not held out (by name or pixels), in folder then name
+    order."""
+    paths = [p for folder in folders for p in list_images(Path(folder))]
+    return [p for p in paths if not held_out.holds(p, data_root)]

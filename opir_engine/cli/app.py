@@ -144,6 +144,17 @@ def train(
         0.6, metavar="X", help="Share of weather samples synthesized from clean photos."
     ),
     clean_ratio: float = typer.Option(0.1, metavar="X", help="Share of clean -> clean samples."),
+    rain_layers: list[Path] = typer.Option(
+        [],
+        "--rain-layers",
+        metavar="DIR",
+        help="Paired rain folder lending its rain layers to clean photos (see --transplant-ratio).",
+    ),
+    transplant_ratio: float = typer.Option(
+        0.0,
+        metavar="X",
+        help="Share of synthesized rain that is a transplanted --rain-layers layer.",
+    ),
     task_weight: list[str] = typer.Option(
         [],
         "--task-weight",
@@ -211,8 +222,9 @@ def train(
             recipe = Recipe(config=config, steps=steps, batch=batch, patch=patch, lr=lr,
                             synth_ratio=synth_ratio, clean_ratio=clean_ratio, seed=seed,
                             task_weights=_parse_task_weights(task_weight), max_side=max_side,
-                            val_every=val_every)  # fmt: skip
+                            val_every=val_every, transplant_ratio=transplant_ratio)  # fmt: skip
             spec = DataSpec(paired=_parse_tagged(data, "--data"), clean=[str(c) for c in clean],
+                            rain_layers=[str(d) for d in rain_layers],
                             split=str(split) if split else None,
                             data_root=str(data_root) if data_root else None)  # fmt: skip
             trainer = Trainer(out, recipe, spec, init=init, device=device or "auto")
@@ -369,7 +381,10 @@ def restore(
     ),
     save_uncertainty: bool = typer.Option(False, help="Also write <name>.uncertainty.png."),
     report: Path | None = typer.Option(
-        None, metavar="FILE", help="Per-image report, .json or .csv."
+        None,
+        metavar="FILE",
+        help="Per-image report: .json, .csv, or .html (a review page; its thumbnails go in "
+        "<name>_files/ beside it).",
     ),
     max_pixels: int = typer.Option(
         200_000_000, metavar="N", help="Larger images fail as possible decompression bombs."

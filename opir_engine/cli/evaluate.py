@@ -26,6 +26,10 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def eval_folders(
     restored: Path, target: Path, degraded: Path | None, y: bool, csv_path: Path | None
 ) -> int:
@@ -89,11 +93,12 @@ def eval_engine(
         rows += evaluate_head(engine, photo_items(split, data_root))
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
-                "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
+                "weather left", "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.task, str(r.n), f"{_f(r.input_psnr)} / {_f(r.input_ssim, 4)}",
-                      f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), _f(r.set_psnr), r.baseline,
+                      f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), _f(r.set_psnr),
+                      _pct(r.weather_left), r.baseline,
                       f"{_f(r.baseline_psnr)} / {_f(r.baseline_ssim, 4)}",
                       f"{100 * r.head_accuracy:.1f}%")  # fmt: skip
     Console().print(table)

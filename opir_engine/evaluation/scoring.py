@@ -16,9 +16,11 @@ import torch
 from opir_engine.datasets import find_paired_sets
 from opir_engine.evaluation.baselines import BASELINE_NAMES, classical_baseline
 from opir_engine.evaluation.metrics import psnr, ssim
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import list_images, read_image
 from opir_engine.model.config import CLASSES
 from opir_engine.synthesis import synthesize
+from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
 
 if TYPE_CHECKING:  # scoring folders needs no model: the engine is loaded by whoever passes one
     from opir_engine.inference.engine import OPIREngine
@@ -116,6 +118,7 @@ class TaskRow:
     head_accuracy: float
     identical: float  # share of outputs equal to the target (clean photos passed through)
     set_psnr: float | None = None  # the PSNR of all the task's outputs together (see set_psnr)
+    weather_left: float | None = None  # mean share of streak/flake amplitude left (weather_left.py)
 
     @property
     def gain(self) -> float | None:
@@ -129,16 +132,21 @@ def validation_items(
 ) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(task, name, degraded, target) of the written-down split.
 
-    Real pairs for rain and haze; clean photos against themselves; and snow, which has no real
-    held-out pairs, synthesized from every other clean validation photo with fixed seeds.
+    Real pairs for rain and haze; clean photos against themselves; snow, which has no real
+    held-out pairs, synthesized from every other clean validation photo with fixed seeds; and,
+    when the split names `rain_layers` (held-out pairs of other renderers), rain transplanted
+    from those onto the remaining clean validation photos (`synthesis.transplant`): a renderer
+    training does not use, on photos it never saw.
     """
-    split = json.loads(Path(split_path).read_text())["validation"]
+    written = json.loads(Path(split_path).read_text())
+    split = written["validation"]
     items = []
     for task in ("rain", "haze"):
         for name in split.get(task, []):
             inp = data_root / name
             tgt = next(p for p in (inp.parent.parent / "target").iterdir() if p.stem == inp.stem)
             items.append((task, name, read_image(inp).rgb, read_image(tgt).rgb))
+    layers = [_held_out_layer(data_root / n) for n in written.get("rain_layers", [])]
     for i, name in enumerate(split.get("clean", [])):
         clean = read_image(data_root / name).rgb
         items.append(("clean", name, clean, clean))
@@ -147,7 +155,24 @@ def validation_items(
             items.append(
                 ("snow", f"synthetic:{name}", (snowy.clamp(0, 1) * 255).round() / 255, clean)
             )
+        elif layers:
+            # odd photos carry other renderers' held-out rain: each layer once light, once heavy
+            k = i // 2
+            (stem, layer), (kind, strength) = layers[k // 2 % len(layers)], TRANSPLANT[k % 2]
+            rainy = lay_rain(clean, fit_layer(layer, *clean.shape[-2:]), strength)
+            rainy = (rainy * 255).round() / 255
+            items.append(("rain", f"transplant-{kind}:{stem}:{name}", rainy, clean))
     return items
+
+
+# The held-out rain layers' strengths on the transplant rows: half and as rendered
+TRANSPLANT = (("light", 0.5), ("heavy", 1.0))
+
+
+def _held_out_layer(input_path: Path) -> tuple[str, torch.Tensor]:
+    target = next(p for p in (input_path.parent.parent / "target").iterdir()
+                  if p.stem == input_path.stem)  # fmt: skip
+    return input_path.stem, rain_layer(read_image(input_path).rgb, read_image(target).rgb)
 
 
 def paired_items(
@@ -205,6 +230,8 @@ def source_set(name: str) -> str:
     (`clean/CBSD68/1.png` -> `CBSD68`), or `synthetic` for pairs made from clean photos."""
     if name.startswith("synthetic:"):
         return "synthetic"
+    if name.startswith("transplant-"):
+        return name.split(":", 1)[0]
     path = Path(name)
     return path.parent.parent.name if path.parent.name == "input" else path.parent.name
 
@@ -225,13 +252,14 @@ def evaluate_engine(
     labelled `task/set`: a task's mean can hide sets that fare very differently (the real rain
     of GT-RAIN next to Rain13K's synthetic streaks).
     """
-    keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same")
+    keys = ("ip", "is", "p", "s", "bp", "bs", "acc", "same", "left")
     per_group: dict[tuple[str, str], dict[str, list]] = {}
     for task, name, degraded, target in items:
         result = engine.restore(degraded, task="auto")
         out = (result.image * 255).round() / 255
         ip, is_ = _score(degraded, target, y_channel)
         p, s = _score(out, target, y_channel)
+        left = weather_left(degraded, out, target) if task in ("rain", "snow") else None
         base = None
         if baselines and task in BASELINE_NAMES:
             restored = (classical_baseline(degraded, task) * 255).round() / 255
@@ -241,6 +269,7 @@ def evaluate_engine(
             m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
             m["acc"].append(float(result.task == task))
             m["same"].append(float(torch.equal(out, target)))
+            m["left"].append(left)
             if base is not None:
                 m["bp"].append(base[0]), m["bs"].append(base[1])
     order = ["rain", "snow", "haze", "clean"]
@@ -258,6 +287,7 @@ def evaluate_engine(
             head_accuracy=float(np.mean(m["acc"])),
             identical=float(np.mean(m["same"])),
             set_psnr=set_psnr(m["p"]),
+            weather_left=finite_mean(m["left"]),
         )
         for (task, source), m in sorted(
             per_group.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])

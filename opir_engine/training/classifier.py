@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opir_engine.datasets import class_index, held_out_names, kept_images, kept_pairs, load_rgb
+from opir_engine.datasets import HeldOut, class_index, kept_images, kept_pairs, load_rgb
 from opir_engine.evaluation.scoring import photo_items, validation_items
 from opir_engine.inference.engine import classification_view
 from opir_engine.model import CLASSES, OPIR, auto_decision
@@ -90,11 +90,11 @@ class _Sources:
     """Every photo training may use, loaded once: real degraded per task, pair targets, clean."""
 
     def __init__(self, data: ClassifierData, recipe: ClassifierRecipe) -> None:
-        excluded: set[str] = set()
+        excluded = HeldOut()
         if data.split:
             if not data.data_root:
                 raise ClassifierTrainingError(f"{data.split}: a validation split needs a data root")
-            excluded = held_out_names(Path(data.split))
+            excluded = HeldOut.from_split(Path(data.split), Path(data.data_root))
         root = Path(data.data_root) if data.data_root else Path("/")
 
         def load(path: Path) -> Tensor:

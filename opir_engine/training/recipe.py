@@ -32,6 +32,9 @@ class Recipe:
     # How often each weather is drawn, rain/snow/haze (relative): a fine-tune can lean on the
     # task that lags without starving the others. Equal weights draw as every earlier run did.
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Share of synthesized rain drawn as another renderer's rain layer transplanted onto a clean
+    # photo (synthesis/transplant.py) instead of our own streaks; needs DataSpec.rain_layers.
+    transplant_ratio: float = 0.0
     max_side: int = 512
     seed: int = 0
     val_every: int = 1000
@@ -39,6 +42,8 @@ class Recipe:
     log_every: int = 25
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.transplant_ratio <= 1.0:
+            raise TrainingError(f"transplant ratio must be in [0, 1]; got {self.transplant_ratio}")
         w = self.task_weights
         if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
             raise TrainingError(
@@ -68,6 +73,8 @@ class DataSpec:
 
     paired: dict[str, list[str]] = field(default_factory=dict)
     clean: list[str] = field(default_factory=list)
+    # Paired rain folders whose (non-held-out) pairs lend their rain layers to transplant
+    rain_layers: list[str] = field(default_factory=list)
     split: str | None = None
     data_root: str | None = None
 

@@ -20,15 +20,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from opir_engine.datasets import (
+    HeldOut,
     Pair,
     class_index,
-    held_out_names,
     kept_images,
     kept_pairs,
     load_rgb,
 )
 from opir_engine.model import TASKS
 from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
 
 # Drawing a batch of 32 128x128 crops (about half synthesized) takes 30-60 ms on one core, about
@@ -51,11 +52,11 @@ class TrainingSet:
     log's `data_ms`); a CUDA run draws ahead in workers (`step_batches`)."""
 
     def __init__(self, spec: DataSpec, recipe: Recipe) -> None:
-        excluded: set[str] = set()
+        excluded = HeldOut()
         if spec.split:
             if not spec.data_root:  # the split's paths are relative: nothing would be excluded
                 raise TrainingError(f"{spec.split}: a validation split needs a data root")
-            excluded = held_out_names(Path(spec.split))
+            excluded = HeldOut.from_split(Path(spec.split), Path(spec.data_root))
         root = Path(spec.data_root) if spec.data_root else Path("/")
         self.paths: list[Path] = []  # every file loaded, in order (tests check the exclusion)
         self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -63,6 +64,11 @@ class TrainingSet:
             pairs = kept_pairs(folders, task, excluded, root)
             self.pairs[task] = [self._load_pair(p, recipe.max_side) for p in pairs]
             self.paths += [q for p in pairs for q in (p.input, p.target)]
+        layer_pairs = kept_pairs(spec.rain_layers, "rain", excluded, root)
+        self.rain_layers = [rain_layer(*self._load_pair(p, recipe.max_side)) for p in layer_pairs]
+        self.paths += [q for p in layer_pairs for q in (p.input, p.target)]
+        if recipe.transplant_ratio > 0 and not self.rain_layers:
+            raise TrainingError("a transplant ratio above 0 needs rain-layer folders with pairs")
         clean_paths = kept_images(spec.clean, excluded, root)
         self.clean = [load_rgb(p, recipe.max_side) for p in clean_paths]
         self.paths += clean_paths
@@ -78,7 +84,8 @@ class TrainingSet:
         return degraded, target
 
     def counts(self) -> dict[str, int]:
-        return {**{t: len(p) for t, p in self.pairs.items()}, "clean": len(self.clean)}
+        counts = {**{t: len(p) for t, p in self.pairs.items()}, "clean": len(self.clean)}
+        return counts | ({"rain_layers": len(self.rain_layers)} if self.rain_layers else {})
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(degraded, target) (B, 3, P, P) float in [0, 1] and class indices (B,) for a step."""
@@ -99,6 +106,9 @@ class TrainingSet:
             return degraded, target, class_index(task)
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
+        # drawn only when transplant is on, so runs without it draw the batches they always did
+        if task == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
+            return random_transplant(target, self.rain_layers, rng), target, class_index(task)
         seed = int(rng.integers(0, 2**62))
         degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
         return degraded.clamp(0, 1), target, class_index(task)

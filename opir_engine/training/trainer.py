@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from opir_engine.devices import DeviceError, pick_device
+from opir_engine.evaluation.contact_sheet import write_contact_sheet
 from opir_engine.model import CLASSES, OPIR, GrowthError, OPIRConfig, OPIRLoss, grow
 from opir_engine.training.recipe import LINEAGE_KEYS, DataSpec, Recipe, TrainingError
 from opir_engine.training.run_folder import (
@@ -242,8 +243,11 @@ class Trainer:
 
     def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
         t = time.monotonic()
-        metrics = evaluate(self.model, validation)
+        rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        metrics = evaluate(self.model, validation, contact=rows)
         metrics["seconds"] = round(time.monotonic() - t, 1)
+        if rows:  # looked at before a checkpoint is called better: numbers hide dimmed streaks
+            write_contact_sheet(self.run_dir / "contact" / f"step-{self.step:06d}.jpg", rows)
         log.write(json.dumps({"step": self.step, "validation": metrics}) + "\n")
         log.flush()
         score = metrics["mean_gain"]

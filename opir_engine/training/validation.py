@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from opir_engine.datasets import class_index
 from opir_engine.evaluation.metrics import psnr, ssim
-from opir_engine.evaluation.scoring import finite_mean, validation_items
+from opir_engine.evaluation.scoring import finite_mean, source_set, validation_items
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.model import CLASSES, OPIR
 from opir_engine.model.padding import crop_to, pad_to_multiple
 
@@ -31,8 +32,17 @@ class ValidationSet:
 
 
 @torch.inference_mode()
-def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
-    """Per task: input and output PSNR/SSIM (RGB), head accuracy; clean: PSNR against itself.
+def evaluate(
+    model: OPIR,
+    val: ValidationSet,
+    contact: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Per task: input and output PSNR/SSIM (RGB), head accuracy, the weather left
+    (`evaluation.weather_left`, rain and snow); clean: PSNR against itself. `sources` holds the
+    same per source set (`evaluation.source_set`: `rain/Rain13K-subset`,
+    `rain/transplant-heavy`, ...), where a task's mean hides how each kind of rain fares.
+    A list given as `contact` receives (source, degraded, restored, target) for the first
+    item of each source: the rows of the validation's contact sheet.
 
     Runs the model directly on whole images (no tiling), on the model's device: the quick
     monitor used while training. The model card's figures come from `opir eval`, which runs the
@@ -41,7 +51,9 @@ def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
     model.eval()
     device = next(model.parameters()).device
     per_task: dict[str, dict[str, list[float]]] = {}
-    for task, _name, degraded, target in val.items:
+    per_source: dict[str, dict[str, list[float]]] = {}
+    keys = ("in_psnr", "in_ssim", "psnr", "ssim", "acc", "identical", "left")
+    for task, name, degraded, target in val.items:
         x, y = degraded[None].float(), target.float()
         padded, size = pad_to_multiple(x.to(device), model.multiple_of)
         logits = model.classify(padded)
@@ -52,22 +64,29 @@ def evaluate(model: OPIR, val: ValidationSet) -> dict[str, Any]:
             out = model(padded, F.one_hot(label, len(CLASSES)).float()).restored
         restored = crop_to(out, size)[0].clamp(0, 1).cpu()
         restored = (restored * 255).round() / 255  # score what a saved 8-bit file holds
-        keys = ("in_psnr", "in_ssim", "psnr", "ssim", "acc", "identical")
-        m = per_task.setdefault(task, {k: [] for k in keys})
-        m["in_psnr"].append(psnr(x[0], y))
-        m["in_ssim"].append(ssim(x[0], y))
-        m["psnr"].append(psnr(restored, y))
-        m["ssim"].append(ssim(restored, y))
-        m["acc"].append(float(int(logits.argmax()) == class_index(task)))
-        m["identical"].append(float(torch.equal(restored, y)))
+        source = f"{task}/{source_set(name)}"
+        if contact is not None and source not in per_source:
+            contact.append((source, x[0], restored, y))
+        left = weather_left(x[0], restored, y) if task in ("rain", "snow") else None
+        for m in (per_task.setdefault(task, {k: [] for k in keys}),
+                  per_source.setdefault(source, {k: [] for k in keys})):  # fmt: skip
+            m["in_psnr"].append(psnr(x[0], y))
+            m["in_ssim"].append(ssim(x[0], y))
+            m["psnr"].append(psnr(restored, y))
+            m["ssim"].append(ssim(restored, y))
+            m["acc"].append(float(int(logits.argmax()) == class_index(task)))
+            m["identical"].append(float(torch.equal(restored, y)))
+            m["left"].append(left)
     model.train()
-    summary: dict[str, Any] = {
-        task: {k: finite_mean(vals) for k, vals in m.items()} | {"n": len(m["psnr"])}
-        for task, m in per_task.items()
-    }
+
+    def means(m: dict[str, list[float]]) -> dict[str, Any]:
+        return {k: finite_mean(vals) for k, vals in m.items()} | {"n": len(m["psnr"])}
+
+    summary: dict[str, Any] = {task: means(m) for task, m in per_task.items()}
     restore_tasks = [t for t in ("rain", "snow", "haze") if t in summary]
     summary["mean_gain"] = float(
         np.mean([summary[t]["psnr"] - summary[t]["in_psnr"] for t in restore_tasks])
     )
     summary["head_accuracy"] = float(np.mean([a for m in per_task.values() for a in m["acc"]]))
+    summary["sources"] = {source: means(m) for source, m in sorted(per_source.items())}
     return summary

@@ -1,0 +1,103 @@
+"""The written-down validation splits: v2 is what make_split gives, holds out everything v1
+did plus pairs of other rain renderers, keeps benchmark copies of clean photos on one side, and
+training refuses a held-out photo under another name or encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from opir_engine.datasets import HeldOut, kept_images, kept_pairs, make_split, pixel_digest
+from opir_engine.evaluation.scoring import source_set, validation_items
+
+SPLITS = Path(__file__).resolve().parents[1] / "splits"
+V1, V2 = SPLITS / "validation.json", SPLITS / "validation-v2.json"
+STREAK_SETS = ("Rain13K-subset", "DDN-samples", "HeavyRain-OutdoorRain-samples",
+               "JORDER-E-RainTrainH-samples")  # fmt: skip
+
+
+@pytest.mark.slow  # make_split decodes every clean photo and target: about 20 s
+def test_committed_v2_split_is_what_make_split_gives(shared_data: Path) -> None:
+    written = json.loads(V2.read_text())
+    again = make_split(shared_data, paired_sets=written["paired_sets"],
+                       fractions=written["fractions"])  # fmt: skip
+    assert again == written["validation"]
+
+
+def test_v2_holds_out_all_of_v1_and_enough_streak_pairs() -> None:
+    v1, v2 = (json.loads(p.read_text())["validation"] for p in (V1, V2))
+    assert all(set(v1[task]) <= set(v2[task]) for task in v1)
+    streaks = [n for n in v2["rain"] if n.split("/")[1] in STREAK_SETS]
+    assert len(streaks) >= 12
+    assert len({n.split("/")[1] for n in streaks}) == 4  # four renderers, none of them ours
+    layers = json.loads(V2.read_text())["rain_layers"]
+    assert sorted(layers) == sorted(streaks)
+
+
+def test_benchmark_copies_of_clean_photos_follow_them(shared_data: Path) -> None:
+    v2 = json.loads(V2.read_text())["validation"]
+    folder = shared_data / "rain" / "JORDER-E-RainTrainH-samples"
+    held_clean = {pixel_digest(shared_data / n) for n in v2["clean"]}
+    all_clean = {pixel_digest(p) for p in (shared_data / "clean" / "CBSD68").iterdir()}
+    copies = 0
+    for target in sorted((folder / "target").iterdir()):
+        digest = pixel_digest(target)
+        if digest in all_clean:
+            copies += 1
+            held = f"rain/{folder.name}/input/{target.name}" in v2["rain"]
+            assert held == (digest in held_clean), target.name
+    assert copies == 9  # the data README lists nine CBSD68 targets
+
+
+def test_training_refuses_a_held_out_photo_under_another_name(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    v1 = json.loads(V1.read_text())["validation"]
+    held = next(n for n in v1["clean"] if n.startswith("clean/CBSD68/"))
+    kept = next(p for p in sorted((shared_data / "clean" / "CBSD68").iterdir())
+                if f"clean/CBSD68/{p.name}" not in v1["clean"])  # fmt: skip
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with Image.open(shared_data / held) as im:  # another name, another encoder (lossless)
+        im.save(folder / "renamed.tiff")
+    with Image.open(kept) as im:
+        im.save(folder / "fine.png")
+    held_out = HeldOut.from_split(V1, shared_data)
+    assert kept_images([str(folder)], held_out, shared_data) == [folder / "fine.png"]
+    # a pair whose target is a held-out photo is refused too, its input never read as rain
+    (tmp_path / "pairs" / "input").mkdir(parents=True)
+    (tmp_path / "pairs" / "target").mkdir()
+    with Image.open(shared_data / held) as im:
+        im.save(tmp_path / "pairs" / "target" / "a.png")
+        im.save(tmp_path / "pairs" / "input" / "a.png")
+    with Image.open(kept) as im:
+        im.save(tmp_path / "pairs" / "target" / "b.png")
+        im.save(tmp_path / "pairs" / "input" / "b.png")
+    pairs = kept_pairs([str(tmp_path / "pairs")], "rain", held_out, shared_data)
+    assert [p.input.name for p in pairs] == ["b.png"]
+
+
+@pytest.mark.slow  # decodes the whole v2 validation: about 15 s
+def test_v2_validation_has_transplant_rows_of_held_out_rain(shared_data: Path) -> None:
+    items = validation_items(V2, shared_data)
+    sources = {source_set(name) for task, name, _d, _t in items if task == "rain"}
+    assert {"transplant-light", "transplant-heavy", *STREAK_SETS, "GT-RAIN-webcam"} <= sources
+    transplants = [(n, d, t) for task, n, d, t in items if n.startswith("transplant-")]
+    assert len(transplants) >= 24
+    v2 = json.loads(V2.read_text())["validation"]
+    for name, degraded, target in transplants:
+        _kind, layer, photo = name.split(":")
+        assert photo in v2["clean"]  # a held-out photo under held-out rain
+        assert any(Path(n).stem == layer for n in v2["rain"])
+        assert degraded.shape == target.shape and (degraded >= target - 1e-6).all()
+        assert torch.equal(degraded, (degraded * 255).round() / 255)  # an 8-bit file's levels
+    light = [float((d - t).mean()) for n, d, t in transplants if n.startswith("transplant-light")]
+    heavy = [float((d - t).mean()) for n, d, t in transplants if n.startswith("transplant-heavy")]
+    assert sum(heavy) / len(heavy) > 1.5 * sum(light) / len(light)
+    # deterministic: the same rows again
+    again = [i for i in validation_items(V2, shared_data) if i[1].startswith("transplant-")]
+    assert all(torch.equal(a[2], b[1]) for a, b in zip(again, transplants, strict=True))
