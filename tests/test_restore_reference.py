@@ -37,8 +37,11 @@ def restored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     out = tmp_path_factory.mktemp("restored")
     report = out / "report.json"
     # The reference was made on a CPU; on a CUDA machine auto would pick the GPU (and compile).
+    # It was made with 512-px tiles pooling on their own, the defaults then (rocket_haze is
+    # 640 px wide): the tiles of today's defaults are checked in test_tile_agreement.py.
     command = [sys.executable, "-m", "opir_engine", "restore", str(SAMPLES), str(out / "png"),
                "--format", "png", "--report", str(report), "--device", "cpu",
+               "--tile", "512", "--tile-overlap", "32", "--pooling", "global",
                "--quiet"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr

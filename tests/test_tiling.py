@@ -327,3 +327,23 @@ def test_bad_images_and_outputs_raise() -> None:
     calls = iter([1, 2, 2, 2, 2, 2, 2, 2, 2])
     with pytest.raises(TileOutputError, match="channels"):
         process_tiled(image, lambda x: x[:, : next(calls)], 16, 4)
+
+
+@pytest.mark.parametrize("size", [513, 600, 1200, 1999])
+@pytest.mark.parametrize(("tile", "overlap", "align"), [(512, 32, 16), (512, 256, 16), (64, 8, 8)])
+def test_aligned_plans_start_on_the_grid_and_keep_the_overlap(
+    size: int, tile: int, overlap: int, align: int
+) -> None:
+    tiles = plan_tiles(size, size, tile, overlap, align=align)
+    spans = sorted({(t.x0, t.x1) for t in tiles})
+    assert spans[0][0] == 0 and spans[-1] == (size - tile, size)
+    assert all(start % align == 0 for start, _ in spans[:-1])
+    assert all(end - start >= overlap for (_, end), (start, _) in itertools.pairwise(spans))
+    assert {(t.height, t.width) for t in tiles} == {(tile, tile)}
+
+
+def test_align_one_plans_as_before() -> None:
+    for size in range(513, 2100, 37):
+        assert plan_tiles(size, 40, 512, 32, align=1) == plan_tiles(size, 40, 512, 32)
+    with pytest.raises(TileArgumentError, match="align"):
+        plan_tiles(600, 600, 64, 60, align=8)

@@ -348,9 +348,22 @@ def restore(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
-    tile: int = typer.Option(512, metavar="N", help="Tile side for large images (bounds memory)."),
-    tile_overlap: int = typer.Option(
-        32, metavar="N", help="Overlap between tiles, blended smoothly."
+    tile: int | None = typer.Option(
+        None,
+        metavar="N",
+        help="Tile side: force tiles of N px. \\[default: one piece when the photo fits in free "
+        "memory, else the largest tiles that fit]",
+    ),
+    tile_overlap: int | None = typer.Option(
+        None,
+        metavar="N",
+        help="Overlap between tiles, blended smoothly. \\[default: 128; 32 with --pooling global]",
+    ),
+    pooling: str = typer.Option(
+        "shared",
+        metavar="MODE",
+        help="How tiles take the model's global statistics: shared (the whole photo's, so tiles "
+        "agree with one piece), local (a window around each pixel) or global (each tile its own).",
     ),
     work_side: int = typer.Option(
         1024,  # engine.DEFAULT_WORK_SIDE
@@ -415,7 +428,7 @@ def restore(
         err.print(usage_error_line(e), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
-                       tile_overlap=tile_overlap, compile=compile,
+                       tile_overlap=tile_overlap, pooling=pooling, compile=compile,
                        work_side=work_side or None)  # fmt: skip
     ray_args = None
     if backend == "ray":

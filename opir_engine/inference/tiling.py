@@ -79,7 +79,7 @@ class Tile:
 
 
 def plan_tiles(
-    height: int, width: int, tile: int, overlap: int, multiple_of: int = 1
+    height: int, width: int, tile: int, overlap: int, multiple_of: int = 1, *, align: int = 1
 ) -> list[Tile]:
     """Return tiles covering a `height x width` image, row by row.
 
@@ -88,13 +88,23 @@ def plan_tiles(
     shrunk), so every tile of a plan has the same shape and a compiled model sees one shape per
     image size. An axis no longer than `tile` gets a single tile spanning it. `multiple_of` only
     checks that `tile` is a multiple of it: `process_tiled` pads a tile that spans a short axis.
+
+    `align`: every start but the last (which ends at the image edge) is a multiple of it. A
+    U-Net that halves its maps L times computes, in a tile that starts at a multiple of 2^L, on
+    the same grid of coarse pixels as on the whole image, so the tile's output can match the
+    whole image's (on a side padded to 2^L, the last start is one too).
     """
     _check_tile_args(tile, overlap, multiple_of)
+    if not isinstance(align, int) or align < 1 or tile - overlap < align:
+        raise TileArgumentError(
+            f"align must be a positive integer at most tile - overlap ({tile - overlap}); "
+            f"got {align!r}"
+        )
     for name, size in (("height", height), ("width", width)):
         if not isinstance(size, int) or size < 1:
             raise TileArgumentError(f"image {name} must be a positive integer; got {size!r}")
-    rows = _plan_axis(height, tile, overlap)
-    cols = _plan_axis(width, tile, overlap)
+    rows = _plan_axis(height, tile, overlap, align)
+    cols = _plan_axis(width, tile, overlap, align)
     return [Tile(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
 
 
@@ -133,6 +143,7 @@ def process_tiled(
     *,
     margin: int | None = None,
     tiles_per_batch: int = 1,
+    align: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Apply `fn` to `image` `(B, C, H, W)` tile by tile and blend the outputs seamlessly.
 
@@ -145,7 +156,7 @@ def process_tiled(
     cropped back. Outputs may come back on another device than `image` (a GPU model reading a
     CPU image): blending happens on `image.device`, in buffers of the output size, so at most
     `tiles_per_batch` tiles are in `fn` at a time. Call it under `torch.inference_mode()`:
-    with autograd on, every tile's graph would be kept.
+    with autograd on, every tile's graph would be kept. `align` places the tiles (`plan_tiles`).
     """
     if image.dim() != 4:
         raise TileInputError(f"expected an image batch (B, C, H, W); got {tuple(image.shape)}")
@@ -154,7 +165,7 @@ def process_tiled(
             f"tiles_per_batch must be a positive integer; got {tiles_per_batch!r}"
         )
     batch, _, height, width = image.shape
-    tiles = plan_tiles(height, width, tile, overlap, multiple_of)
+    tiles = plan_tiles(height, width, tile, overlap, multiple_of, align=align)
     margin = _check_margin(overlap, margin)
     weights = torch.empty(0)
     windows: dict[tuple[int, ...], torch.Tensor] = {}
@@ -188,14 +199,16 @@ def process_tiled(
     return blended[0] if single else blended
 
 
-def _plan_axis(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Return `(start, end)` spans of equal length covering `0..size` with the given overlap."""
+def _plan_axis(size: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int]]:
+    """Return `(start, end)` spans of equal length covering `0..size` with the given overlap,
+    every start but the last a multiple of `align`."""
     if size <= tile:
         return [(0, size)]
-    count = math.ceil((size - overlap) / (tile - overlap))
-    # Even spacing: the steps are floor/ceil of (size - tile) / (count - 1) <= tile - overlap.
-    starts = [i * (size - tile) // (count - 1) for i in range(count)]
-    return [(s, s + tile) for s in starts]
+    # Even spacing: the steps are floor/ceil of (size - tile) / (count - 1) <= tile - overlap
+    # - (align - 1), and rounding a start down to `align` lengthens a step by at most align - 1.
+    count = math.ceil((size - tile) / (tile - overlap - align + 1)) + 1
+    starts = [i * (size - tile) // (count - 1) // align * align for i in range(count - 1)]
+    return [(s, s + tile) for s in [*starts, size - tile]]
 
 
 def _window_1d(

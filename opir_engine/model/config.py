@@ -34,6 +34,11 @@ class OPIRConfig:
     use_uncertainty: bool = True
     use_tam: bool = True
     clean_threshold: float = 0.9
+    # The KPN's channel attention: "global" means over each whole map (as trained on crops),
+    # or "local" means over a `pool_window` box around each pixel (TLC; nafnet.local_mean),
+    # which a tile computes as the whole photo does. Neither changes the weights.
+    pooling: str = "global"
+    pool_window: int = 192
     classes: tuple[str, ...] = field(default=CLASSES)
 
     def __post_init__(self) -> None:
@@ -43,6 +48,10 @@ class OPIRConfig:
             raise ValueError(f"stages must be 1 or 2, got {self.stages}")
         if self.classifier not in ("bottleneck", "trunk"):
             raise ValueError(f"classifier must be 'bottleneck' or 'trunk', got {self.classifier!r}")
+        if self.pooling not in ("global", "local"):
+            raise ValueError(f"pooling must be 'global' or 'local', got {self.pooling!r}")
+        if self.pool_window < 1:
+            raise ValueError(f"pool_window must be positive, got {self.pool_window}")
         if not self.dilations or any(d < 1 for d in self.dilations):
             raise ValueError(f"dilations must be positive, got {self.dilations}")
 

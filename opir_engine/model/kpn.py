@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,15 @@ class KPN(nn.Module):
         nn.init.zeros_(self.ending.weight)
         nn.init.zeros_(self.ending.bias)
         self.scales = scales
+        # The channel attention's pooling (config.pooling): a window side at full resolution,
+        # halved at each level as the maps are; None pools each map whole
+        self.pool_window = config.pool_window if config.pooling == "local" else None
+
+    def level_windows(self) -> list[int | None]:
+        """The channel attention's pooling window at each U-Net level, full size first."""
+        if self.pool_window is None:
+            return [None] * (len(self.downs) + 1)
+        return [max(1, self.pool_window >> level) for level in range(len(self.downs) + 1)]
 
     def level_masks(self, valid: Tensor | None) -> list[Tensor | None]:
         """The validity mask (B, 1, H, W) at each U-Net level, full size first: a pixel of a
@@ -72,10 +82,18 @@ class KPN(nn.Module):
             masks.append(None if valid is None else F.max_pool2d(masks[-1], 2))
         return masks
 
-    def encode(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def encode(
+        self,
+        x: Tensor,
+        valid: Tensor | None = None,
+        shared: Iterator[Tensor] | None = None,
+        record: list[Tensor] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         """x (B, 3, H, W), sides multiples of 2^levels -> (bottleneck, skip features).
-        valid (B, 1, H, W): 1 on the image, 0 on padding (see `nafnet.masked_mean`)."""
-        masks = self.level_masks(valid)
+        valid (B, 1, H, W): 1 on the image, 0 on padding (see `nafnet.masked_mean`).
+        shared, record: the blocks' channel-attention means given, or collected, in the order
+        the blocks run (`nafnet.NAFBlock.forward`)."""
+        masks, windows = self.level_masks(valid), self.level_windows()
         if self.channels_last:
             # A clone, not `.contiguous(...)`: a view can pass as channels-last with strides
             # the convolutions do not take as such (a sliced batch of one), and 3 channels
@@ -83,26 +101,40 @@ class KPN(nn.Module):
             x = x.clone(memory_format=torch.channels_last)
         y = self.intro(x)
         skips = []
-        for encoder, down, mask in zip(self.encoders, self.downs, masks, strict=False):
-            y = run_blocks(encoder, y, mask)
+        for encoder, down, mask, window in zip(
+            self.encoders, self.downs, masks, windows, strict=False
+        ):
+            y = run_blocks(encoder, y, mask, window, shared, record)
             skips.append(y)
             y = down(y)
-        return run_blocks(self.middle, y, masks[-1]), skips
+        return run_blocks(self.middle, y, masks[-1], windows[-1], shared, record), skips
 
     def decode(
-        self, bottleneck: Tensor, skips: list[Tensor], valid: Tensor | None = None
+        self,
+        bottleneck: Tensor,
+        skips: list[Tensor],
+        valid: Tensor | None = None,
+        shared: Iterator[Tensor] | None = None,
+        record: list[Tensor] | None = None,
     ) -> KPNOutput:
         masks = self.level_masks(valid)[-2::-1]  # the decoders run coarse to fine
+        windows = self.level_windows()[-2::-1]
         y = bottleneck
-        for up, decoder, skip, mask in zip(
-            self.ups, self.decoders, reversed(skips), masks, strict=True
+        for up, decoder, skip, mask, window in zip(
+            self.ups, self.decoders, reversed(skips), masks, windows, strict=True
         ):
-            y = run_blocks(decoder, up(y) + skip, mask)
+            y = run_blocks(decoder, up(y) + skip, mask, window, shared, record)
         out = self.ending(y).contiguous()  # plain planes again: the op's operands
         kernel, fusion_logits, bias = torch.split(out, [9, self.scales, 3], dim=1)
         identity = torch.zeros(9, device=out.device, dtype=out.dtype)
         identity[CENTER_TAP] = 1.0
         return KPNOutput(kernel + identity.view(1, 9, 1, 1), fusion_logits, bias, bottleneck)
 
-    def forward(self, x: Tensor, valid: Tensor | None = None) -> KPNOutput:
-        return self.decode(*self.encode(x, valid), valid)
+    def forward(
+        self,
+        x: Tensor,
+        valid: Tensor | None = None,
+        shared: Iterator[Tensor] | None = None,
+        record: list[Tensor] | None = None,
+    ) -> KPNOutput:
+        return self.decode(*self.encode(x, valid, shared, record), valid, shared, record)

@@ -68,7 +68,12 @@ class OPIR(nn.Module):
         return self.head(bottleneck)
 
     def forward(
-        self, image: Tensor, task_weights: Tensor | None = None, valid: Tensor | None = None
+        self,
+        image: Tensor,
+        task_weights: Tensor | None = None,
+        valid: Tensor | None = None,
+        shared_means: tuple[Tensor, ...] | None = None,
+        record: list[Tensor] | None = None,
     ) -> OPIROutput:
         """image (B, 3, H, W) in [0, 1], sides multiples of `multiple_of`.
 
@@ -80,9 +85,14 @@ class OPIR(nn.Module):
         (None: no padding). The KPN's global means and the classifier's pooling read only the
         image, so a padded photo restores (and, in auto, is judged) as it would unpadded, but for
         the convolutions' reach across the border.
+
+        shared_means: the KPN blocks' channel-attention means to use instead of computing them,
+        from `block_means` on the whole photo: each tile of it then scales its channels as the
+        whole photo does. record: collects the means the blocks used (`block_means`).
         """
         self._check_size(image)
-        kpn1 = self.kpn(image, valid)
+        shared = None if shared_means is None else iter(shared_means)
+        kpn1 = self.kpn(image, valid, shared, record)
         if self.config.classifier == "trunk":
             class_logits = self.classifier(image, valid)
         else:
@@ -92,13 +102,23 @@ class OPIR(nn.Module):
         stages = (j1,)
         if self.config.stages == 2:
             guide = j1 * uncertainty if self.config.use_uncertainty else j1
-            j2, _ = self._apply_operator(j1, self.kpn(guide, valid), 1, weights)  # Eq. 13
+            kpn2 = self.kpn(guide, valid, shared, record)
+            j2, _ = self._apply_operator(j1, kpn2, 1, weights)  # Eq. 13
             stages = (j1, j2)
         restored = stages[-1]
         if task_weights is None:
             clean = auto_decision(weights, self.config.clean_threshold) == 0
             restored = torch.where(clean[:, None, None, None], image, restored)
         return OPIROutput(restored, stages, uncertainty, class_logits)
+
+    def block_means(
+        self, image: Tensor, task_weights: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """The KPN blocks' channel-attention means (B, C', 1, 1) over the whole of image (B, 3,
+        H, W), both stages, in the order `forward` runs the blocks: its `shared_means`."""
+        record: list[Tensor] = []
+        self.forward(image, task_weights, valid, record=record)
+        return tuple(record)
 
     def _apply_operator(
         self, image: Tensor, kpn: KPNOutput, stage: int, task_weights: Tensor
