@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
 from opir_engine.cli.reproduce import train_command
 from opir_engine.devices import DeviceError
+from opir_engine.evaluation.contact_sheet import CROP, LABEL
 from opir_engine.model import CLASSES
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError, lineage
 from opir_engine.training.sampler import TrainingSet, step_batches
@@ -318,6 +320,33 @@ def test_equal_task_weights_draw_exactly_as_before(data_root: Path) -> None:
     assert set(_labels(spec, range(6))) == {"clean", "rain", "snow", "haze"}
 
 
+def test_transplanted_rain_is_drawn_only_when_asked(data_root: Path) -> None:
+    plain = _spec(data_root)
+    with_layers = dataclasses.replace(plain, rain_layers=[str(data_root / "rain")])
+    # layers loaded but ratio 0: the batches of a run without them, draw for draw
+    a = TrainingSet(plain, _recipe(batch=6)).batch(3)
+    b = TrainingSet(with_layers, _recipe(batch=6)).batch(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # ratio 1, synthesized rain only: every rain sample is a target under the pairs' rain layer
+    recipe = _recipe(batch=16, synth_ratio=1.0, clean_ratio=0.0, task_weights=(1.0, 0.0, 0.0),
+                     transplant_ratio=1.0)  # fmt: skip
+    training_set = TrainingSet(with_layers, recipe)
+    assert training_set.counts()["rain_layers"] == 2
+    degraded, target, labels = training_set.batch(0)
+    assert set(labels.tolist()) == {CLASSES.index("rain")}
+    assert (degraded >= target - 1e-6).all()  # rain only brightens
+    assert float((degraded - target).mean()) > 0.01
+    again = TrainingSet(with_layers, recipe).batch(0)
+    assert torch.equal(again[0], degraded)
+
+
+def test_transplant_without_layers_is_refused(data_root: Path) -> None:
+    with pytest.raises(TrainingError, match="needs rain-layer folders with pairs"):
+        TrainingSet(_spec(data_root), _recipe(transplant_ratio=0.5))
+    with pytest.raises(TrainingError, match=r"transplant ratio must be in \[0, 1\]; got 1.5"):
+        _recipe(transplant_ratio=1.5)
+
+
 @pytest.mark.parametrize("weights", [(0.0, 0.0, 0.0), (1.0, -1.0, 1.0), (1.0, math.nan, 1.0)])
 def test_bad_task_weights_are_refused(weights: tuple[float, float, float]) -> None:
     with pytest.raises(TrainingError, match=r"task weights must be three finite numbers >= 0"):
@@ -377,6 +406,16 @@ def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
             assert {"psnr", "ssim", "in_psnr", "in_ssim", "acc"} <= metrics[task].keys()
         assert math.isfinite(metrics["mean_gain"])
         assert 0.0 <= metrics["head_accuracy"] <= 1.0
+        # per source set, with the weather left where there is weather to leave
+        sources = metrics["sources"]
+        assert set(sources) == {"rain/rain", "haze/haze", "snow/synthetic", "clean/clean"}
+        assert sources["rain/rain"]["left"] >= 0.0 and sources["clean/clean"]["left"] is None
+        assert sources["rain/rain"]["psnr"] == metrics["rain"]["psnr"]  # its only pair
+    # and a contact sheet per validation: a row (label, then input | output | target) per source
+    sheets = sorted(p.name for p in (run / "contact").iterdir())
+    assert sheets == ["step-000002.jpg", "step-000004.jpg"]
+    with Image.open(run / "contact" / sheets[0]) as sheet:
+        assert sheet.size[1] == 4 * (LABEL + CROP) and sheet.size[0] >= 3 * 46
     best = json.loads((run / "best.json").read_text())
     assert best["steps"] in (2, 4)
     best_val = next(e["validation"] for e in validations if e["step"] == best["steps"])
