@@ -6,7 +6,9 @@ shared data, written as PNG into pytest's tmp folder; the split tests read the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
-from opir_engine.datasets import make_split
+from opir_engine.datasets import class_index, make_split
 from opir_engine.evaluation.scoring import TaskRow, evaluate_head, photo_items, rows_to_card
 from opir_engine.inference.engine import OPIREngine, classification_view
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, auto_decision
@@ -393,3 +395,120 @@ def test_real_snow_photos_are_scored_by_the_classifier_alone(
     card = rows_to_card([clean, *rows], y_channel=False)
     assert card["head_accuracy"] == 1.0
     assert card["snow_photos"]["n"] == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Transplanted rain layers and varied snow
+# ---------------------------------------------------------------------------------------------
+
+
+def _layered(root: Path) -> ClassifierData:
+    data = _data(root)
+    data.rain_layers = [str(root / "rain")]
+    return data
+
+
+def test_pool_draws_transplanted_rain_seeded_from_held_in_pairs_only(data_root: Path) -> None:
+    from opir_engine.training.classifier import _is_held_out, _Sources
+
+    data = _layered(data_root)
+    recipe = ClassifierRecipe(views_per_class=8, real_ratio=0.0, holdout=0.5, max_side=64,
+                              transplant_ratio=1.0, seed=3)  # fmt: skip
+    first = render_pool(data, recipe, multiple=4)
+    again = render_pool(data, recipe, multiple=4)
+    assert all(torch.equal(a, b) for a, b in zip(first.views, again.views, strict=True))
+    assert torch.equal(first.layers, again.layers)
+    # every synthetic rain view is a transplant, and only rain views carry a layer
+    rain = first.labels == class_index("rain")
+    assert first.counts["rain"] == {"real": 0, "pair_targets": 0, "synthetic": 0, "transplant": 8}
+    assert bool((first.layers[rain] >= 0).all()) and bool((first.layers[~rain] == -1).all())
+    assert first.layer_pairs == 1
+    # the split holds out the pair r2: only r1 lends its rain
+    sources = _Sources(data, recipe)
+    assert [Path(k).name for k in sources.layer_keys] == ["r1.png"]
+    # a held-in view shows neither a held-out photo nor a held-out layer
+    for i in torch.nonzero(~first.held_out & (first.layers >= 0)).flatten().tolist():
+        assert not _is_held_out(sources.layer_keys[int(first.layers[i])], recipe)
+    # the layer is laid on: the views differ from the same photos without transplant
+    plain = render_pool(data, dataclasses.replace(recipe, transplant_ratio=0.0), multiple=4)
+    i = int(rain.nonzero()[0])
+    assert not torch.equal(first.views[i], plain.views[i])
+    assert first.counts["rain"]["synthetic"] == 0 and plain.counts["rain"]["synthetic"] == 8
+
+
+def test_snow_variety_changes_only_synthetic_snow_views(data_root: Path) -> None:
+    data = _data(data_root)
+    recipe = ClassifierRecipe(views_per_class=6, real_ratio=0.0, max_side=64, seed=4)
+    plain = render_pool(data, recipe, multiple=4)
+    varied = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0), multiple=4)
+    for label, a, b in zip(plain.labels.tolist(), plain.views, varied.views, strict=True):
+        assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
+
+
+def test_bad_option_values_are_refused_with_their_values() -> None:
+    from opir_engine.training.classifier import ClassifierTrainingError
+
+    for field, value in [("transplant_ratio", 1.5), ("snow_variety", -0.1), ("holdout", 2.0)]:
+        message = re.escape(f"{field} {value}: expected a share")
+        with pytest.raises(ClassifierTrainingError, match=message):
+            ClassifierRecipe(**{field: value})
+    with pytest.raises(ClassifierTrainingError, match=re.escape("steps 0: expected >= 1")):
+        ClassifierRecipe(steps=0)
+    with pytest.raises(ClassifierTrainingError, match=re.escape("lr 0.0: expected > 0")):
+        ClassifierRecipe(lr=0.0)
+
+
+def test_cli_explains_bad_transplant_options(
+    tmp_path: Path, data_root: Path, weights: Path
+) -> None:
+    out = tmp_path / "o.safetensors"
+    base = ["train-classifier", str(weights), "--out", str(out), "--clean",
+            str(data_root / "clean"), "--views", "2", "--steps", "1"]  # fmt: skip
+    cases = [
+        (["--transplant-ratio", "1.2"], "transplant_ratio 1.2: expected a share in [0, 1]"),
+        (["--snow-variety", "-1"], "snow_variety -1.0: expected a share in [0, 1]"),
+        (["--transplant-ratio", "0.5"], "a transplant ratio of 0.5 needs rain pairs to lend "
+                                        "layers; none in []"),
+        (["--transplant-ratio", "0.5", "--rain-layers", str(data_root / "clean")],
+         "no input/ and target/ folders found"),  # after "rain layers: DIR" (wrapped)
+        (["--start-from", str(weights)], "not a trained trunk"),
+        (["--start-from", str(tmp_path / "missing.safetensors")], "checkpoint not found"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)
+        assert "Traceback" not in result.output
+        assert not out.exists()
+
+
+def test_start_from_continues_a_trained_classifier(tmp_path: Path, weights: Path) -> None:
+    base, _ = load_checkpoint(weights)
+    donor, _ = train_classifier(
+        base, _stripes_pool(16, seed=2), ClassifierRecipe(width=8, steps=4, batch=4, patch=32)
+    )
+    # a learning rate too small to move anything: the start's classifier comes through as is,
+    # at its own width (8), not the recipe's (24)
+    recipe = ClassifierRecipe(steps=2, batch=4, patch=32, lr=1e-12, eval_every=1, seed=5)
+    again, _ = train_classifier(base, _stripes_pool(16, seed=3), recipe, start=donor)
+    assert again.config.classifier_width == 8
+    for key, value in again.classifier.state_dict().items():
+        torch.testing.assert_close(value, donor.classifier.state_dict()[key], msg=key)
+
+
+def test_cli_trains_on_transplanted_rain_and_records_it(
+    tmp_path: Path, data_root: Path, weights: Path
+) -> None:
+    out = tmp_path / "layered.safetensors"
+    args = ["train-classifier", str(weights), "--out", str(out),
+            "--data", f"rain={data_root / 'rain'}", "--clean", str(data_root / "clean"),
+            "--split", str(data_root / "split.json"), "--data-root", str(data_root),
+            "--rain-layers", str(data_root / "rain"), "--transplant-ratio", "1",
+            "--snow-variety", "0.5", "--views", "4", "--steps", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = load_checkpoint(out)[1]["classifier_training"]
+    assert report["recipe"]["transplant_ratio"] == 1.0 and report["recipe"]["snow_variety"] == 0.5
+    assert report["data"]["rain_layers"] == [str(data_root / "rain")]
+    assert report["rain_layer_pairs"] == 1  # r1; the split holds r2 out
+    assert report["views"]["rain"]["transplant"] > 0

@@ -265,10 +265,29 @@ def train_classifier(
     data_root: Path | None = typer.Option(
         None, metavar="DIR", help="Root the split's paths are relative to."
     ),
+    rain_layers: list[Path] = typer.Option(
+        [],
+        "--rain-layers",
+        metavar="DIR",
+        help="Paired rain folder lending its rain layers to clean photos (see --transplant-ratio).",
+    ),
+    transplant_ratio: float = typer.Option(
+        0.0, metavar="X", help="Share of synthetic rain views that are a --rain-layers layer."
+    ),
+    snow_variety: float = typer.Option(
+        0.0, metavar="X", help="Share of synthetic snow views with larger flakes, some veiled."
+    ),
     views: int = typer.Option(1000, metavar="N", help="Views rendered per class."),
     steps: int = typer.Option(4000, metavar="N", help="Training steps."),
+    lr: float = typer.Option(1e-3, metavar="X", help="Learning rate at the start (cosine)."),
     width: int = typer.Option(24, metavar="N", help="The classifier trunk's first width."),
     seed: int = typer.Option(0, metavar="N", help="Seeds the views and the classifier."),
+    start: Path | None = typer.Option(
+        None,
+        "--start-from",
+        metavar="PATH",
+        help="Train on from this checkpoint's trained classifier (and its width), not a fresh one.",
+    ),
     donor: Path | None = typer.Option(
         None,
         "--from",
@@ -313,10 +332,13 @@ def train_classifier(
         raise typer.BadParameter("a validation split needs --data-root", param_hint="--split")
     spec = ClassifierData(paired=_parse_tagged(data, "--data"),
                           photos=_parse_tagged(photos, "--photos"), clean=[str(c) for c in clean],
+                          rain_layers=[str(d) for d in rain_layers],
                           split=str(split) if split else None,
                           data_root=str(data_root) if data_root else None)  # fmt: skip
-    recipe = ClassifierRecipe(views_per_class=views, steps=steps, width=width, seed=seed)
     try:
+        recipe = ClassifierRecipe(views_per_class=views, steps=steps, width=width, seed=seed, lr=lr,
+                                  transplant_ratio=transplant_ratio,
+                                  snow_variety=snow_variety)  # fmt: skip
         with Progress(console=err, transient=True) as progress:
             render = progress.add_task("rendering views", total=views * 4)
             train = progress.add_task("training", total=steps, start=False)
@@ -328,9 +350,9 @@ def train_classifier(
             report = train_classifier_checkpoint(
                 weights, out, spec, recipe,
                 on_view=lambda done, total: progress.update(render, completed=done, total=total),
-                on_step=on_step,
+                on_step=on_step, start=start,
             )  # fmt: skip
-    except ClassifierTrainingError as e:
+    except (ClassifierTrainingError, CheckpointError) as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
     err.print(summarize_report(report, out), highlight=False)

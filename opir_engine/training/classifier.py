@@ -7,12 +7,15 @@ unchanged, on views drawn the engine's way: a random part of a photo (at least `
 each side), weather synthesized on it where the class asks for it, then the classification
 view. Classes are balanced; the clean class includes the clean targets of the real pairs, so
 the classifier learns the weather rather than the kind of scene (the haze pairs are indoor
-rooms and hazy landscapes, the clean photos mostly outdoor).
+rooms and hazy landscapes, the clean photos mostly outdoor). Synthetic rain views can also be
+another renderer's rain layer laid on a clean photo (`transplant_ratio`, `synthesis.transplant`),
+and synthetic snow views larger flakes under a light veil (`snow_variety`): our renderer's
+streaks and flakes alone left real and heavy rain called haze or clean.
 
 Views are rendered once into a pool (synthesis costs more than a classifier step); steps take
 random crops of them. A seeded part of the source photos is held out: its loss picks the
 checkpoint (early stopping) and its views set the model's `clean_threshold` (the confidence
-above which `--task auto` returns a photo unchanged); the split of `splits/validation.json` is
+above which `--task auto` returns a photo unchanged); the validation split is
 never read except to report accuracy at the end.
 """
 
@@ -32,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opir_engine.datasets import HeldOut, class_index, kept_images, kept_pairs, load_rgb
+from opir_engine.datasets import DataError, HeldOut, class_index, kept_images, kept_pairs, load_rgb
 from opir_engine.evaluation.scoring import photo_items, validation_items
 from opir_engine.inference.engine import classification_view
 from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.model.padding import pad_reflect_to
 from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.weights import load_checkpoint, save_checkpoint
 
 
@@ -63,6 +67,27 @@ class ClassifierRecipe:
     eval_every: int = 250
     max_side: int = 1024  # sources are loaded this long at most: weather is drawn at this size
     seed: int = 0
+    # of the synthetic rain views, the share that is another renderer's rain layer laid on a
+    # clean photo (`synthesis.transplant`): our renderer's streaks alone taught the classifier
+    # to call real and heavy rain haze or clean
+    transplant_ratio: float = 0.0
+    # of the synthetic snow views, the share drawn with larger flakes (scale x1.5-3) and, half
+    # of them, a light bright veil: falling snow as photos show it, near and in a snowy haze
+    snow_variety: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("real_ratio", "pair_target_ratio", "holdout", "transplant_ratio",
+                     "snow_variety"):  # fmt: skip
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ClassifierTrainingError(f"{name} {value}: expected a share in [0, 1]")
+        if not 0.0 < self.min_crop <= 1.0:
+            raise ClassifierTrainingError(f"min_crop {self.min_crop}: expected a share in (0, 1]")
+        for name in ("views_per_class", "steps", "batch", "patch", "width", "max_side"):
+            if getattr(self, name) < 1:
+                raise ClassifierTrainingError(f"{name} {getattr(self, name)}: expected >= 1")
+        if self.lr <= 0:
+            raise ClassifierTrainingError(f"lr {self.lr}: expected > 0")
 
 
 @dataclass
@@ -72,6 +97,7 @@ class ClassifierData:
     paired: dict[str, list[str]] = field(default_factory=dict)
     photos: dict[str, list[str]] = field(default_factory=dict)  # degraded photos, no target
     clean: list[str] = field(default_factory=list)
+    rain_layers: list[str] = field(default_factory=list)  # paired rain folders lending layers
     split: str | None = None
     data_root: str | None = None
 
@@ -84,6 +110,8 @@ class _Source:
     image: Tensor  # uint8 (3, H, W)
     key: str  # identifies the photo (pairs by their target), for the held-out part
     synth: str | None = None
+    layer: int | None = None  # a transplant: the index of the rain layer laid on the photo
+    variety: bool = False  # snow: larger flakes, maybe a veil (`ClassifierRecipe.snow_variety`)
 
 
 class _Sources:
@@ -116,6 +144,18 @@ class _Sources:
         self.clean = [_Source("clean", load(q), str(q)) for q in clean]
         if not self.clean:
             raise ClassifierTrainingError(f"no clean photos in {data.clean}")
+        # the split's held-out pairs lend no layer: their rain is the transplant validation rows'
+        try:
+            self.layer_pairs = kept_pairs(data.rain_layers, "rain", excluded, root)
+        except DataError as e:
+            raise ClassifierTrainingError(f"rain layers: {e}") from e
+        self.layers = [rain_layer(load(p.input), load(p.target)) for p in self.layer_pairs]
+        self.layer_keys = [str(p.target) for p in self.layer_pairs]
+        if recipe.transplant_ratio > 0 and not self.layers:
+            raise ClassifierTrainingError(
+                f"a transplant ratio of {recipe.transplant_ratio} needs rain pairs to lend "
+                f"layers; none in {data.rain_layers}"
+            )
 
     def pick(
         self, label: str, rng: np.random.Generator, recipe: ClassifierRecipe
@@ -129,7 +169,20 @@ class _Sources:
         if real and rng.random() < recipe.real_ratio:
             return real[rng.integers(len(real))], "real"
         photo = self.clean[rng.integers(len(self.clean))]
-        return _Source(label, photo.image, photo.key, synth=label), "synthetic"
+        # drawn only when the option is on, so pools of runs without it stay as they were
+        r = recipe
+        if label == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
+            layer = int(rng.integers(len(self.layers)))
+            return _Source(label, photo.image, photo.key, synth=label, layer=layer), "transplant"
+        variety = label == "snow" and r.snow_variety > 0 and rng.random() < r.snow_variety
+        return _Source(label, photo.image, photo.key, synth=label, variety=variety), "synthetic"
+
+    def held_out(self, source: _Source, recipe: ClassifierRecipe) -> bool:
+        """A view is held out when its photo is, or the rain layer laid on it: held-in views
+        never show a held-out layer."""
+        if source.layer is not None and _is_held_out(self.layer_keys[source.layer], recipe):
+            return True
+        return _is_held_out(source.key, recipe)
 
 
 def _is_held_out(key: str, recipe: ClassifierRecipe) -> bool:
@@ -139,10 +192,15 @@ def _is_held_out(key: str, recipe: ClassifierRecipe) -> bool:
 
 
 def render_view(
-    source: _Source, rng: np.random.Generator, recipe: ClassifierRecipe, multiple: int
+    source: _Source,
+    rng: np.random.Generator,
+    recipe: ClassifierRecipe,
+    multiple: int,
+    layers: list[Tensor] | None = None,
 ) -> Tensor:
     """A random part (at least `min_crop` of each side) and flip of the photo, weather drawn
-    on it when the source asks for it, as an 8-bit file would hold it, then the engine's
+    on it when the source asks for it (a transplant: `layers[source.layer]` fitted to the whole
+    part, zoomed and at a random strength), as an 8-bit file would hold it, then the engine's
     classification view: uint8 (3, h, w)."""
     image = source.image
     h, w = image.shape[-2:]
@@ -152,11 +210,28 @@ def render_view(
     crop = image[:, y : y + ch, x : x + cw].float() / 255.0
     if rng.random() < 0.5:
         crop = crop.flip(-1)
-    if source.synth is not None:
-        seed = int(rng.integers(0, 2**62))
-        crop, _ = synthesize(crop, source.synth, seed, scale=scale_for_size(ch, cw))
+    if source.layer is not None:
+        if layers is None:
+            raise ClassifierTrainingError("a transplant view needs the rain layers")
+        crop = random_transplant(crop, [layers[source.layer]], rng)
+    elif source.synth is not None:
+        crop = _synthesize(crop, source, rng)
     view = classification_view(crop.clamp(0, 1), multiple)[0]
     return (view * 255).round().to(torch.uint8)
+
+
+def _synthesize(crop: Tensor, source: _Source, rng: np.random.Generator) -> Tensor:
+    """`source.synth` weather drawn on `crop` (3, h, w); varied snow: flakes 1.5-3x larger and,
+    one time in two, a bright veil of 5-25% (snow falling in its own haze)."""
+    seed = int(rng.integers(0, 2**62))
+    scale = scale_for_size(*crop.shape[-2:])
+    if not source.variety:
+        return synthesize(crop, source.synth or "", seed, scale=scale)[0]
+    crop, _ = synthesize(crop, "snow", seed, scale=scale * float(rng.uniform(1.5, 3.0)))
+    if rng.random() < 0.5:
+        veil, light = float(rng.uniform(0.05, 0.25)), float(rng.uniform(0.75, 0.95))
+        crop = crop * (1 - veil) + light * veil
+    return crop
 
 
 @dataclass
@@ -167,6 +242,8 @@ class ViewPool:
     labels: Tensor
     held_out: Tensor
     counts: dict[str, dict[str, int]]  # per class: views from real / pair targets / synthetic
+    layers: Tensor | None = None  # per view: the index of its transplanted rain layer, or -1
+    layer_pairs: int = 0  # rain pairs that lent their layers
 
 
 def render_pool(
@@ -179,7 +256,7 @@ def render_pool(
     """`views_per_class` views of each class; view i of a class depends on (seed, class, i)
     alone, so `held_out_only` renders exactly the held-out views of the full pool."""
     sources = _Sources(data, recipe)
-    views, labels, held = [], [], []
+    views, labels, held, layers = [], [], [], []
     counts: dict[str, dict[str, int]] = {}
     total = recipe.views_per_class * len(CLASSES)
     for label in CLASSES:
@@ -187,15 +264,18 @@ def render_pool(
         for i in range(recipe.views_per_class):
             rng = np.random.default_rng([recipe.seed, class_index(label), i])
             source, kind = sources.pick(label, rng, recipe)
-            if held_out_only and not _is_held_out(source.key, recipe):
+            is_held = sources.held_out(source, recipe)
+            if held_out_only and not is_held:
                 continue
-            tally[kind] += 1
-            views.append(render_view(source, rng, recipe, multiple))
+            tally[kind] = tally.get(kind, 0) + 1
+            views.append(render_view(source, rng, recipe, multiple, sources.layers))
             labels.append(class_index(label))
-            held.append(_is_held_out(source.key, recipe))
+            held.append(is_held)
+            layers.append(-1 if source.layer is None else source.layer)
             if on_view:
                 on_view(len(views), total)
-    return ViewPool(views, torch.tensor(labels), torch.tensor(held), counts)
+    return ViewPool(views, torch.tensor(labels), torch.tensor(held), counts,
+                    torch.tensor(layers, dtype=torch.long), len(sources.layers))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,12 +362,21 @@ def train_classifier(
     pool: ViewPool,
     recipe: ClassifierRecipe,
     on_step: Callable[[int, float], None] | None = None,
+    start: OPIR | None = None,
 ) -> tuple[OPIR, dict[str, Any]]:
-    """Train a fresh trunk classifier on the held-in views (AdamW, cosine); keep the state
-    with the lowest held-out loss. Returns (model copy with it, report)."""
+    """Train a trunk classifier on the held-in views (AdamW, cosine): a fresh one, or a copy of
+    the trained one of `start` (its width, not the recipe's); keep the state with the lowest
+    held-out loss. Returns (model copy with it, report)."""
     t0 = time.monotonic()
-    new = with_trunk_classifier(model, recipe.width, recipe.seed)
+    if start is not None and start.config.classifier != "trunk":
+        raise ClassifierTrainingError("the classifier to start from is not a trained trunk")
+    width = start.config.classifier_width if start is not None else recipe.width
+    new = with_trunk_classifier(model, width, recipe.seed)
     classifier = new.classifier
+    if start is not None:
+        if start.config.classes != model.config.classes:
+            raise ClassifierTrainingError(f"classes {start.config.classes} of the start differ")
+        classifier.load_state_dict(start.classifier.state_dict())
     train_idx = torch.nonzero(~pool.held_out).flatten()
     held_idx = torch.nonzero(pool.held_out).flatten().tolist()
     if len(train_idx) == 0:
@@ -333,6 +422,7 @@ def train_classifier(
     report = {
         "recipe": asdict(recipe),
         "views": pool.counts,
+        "rain_layer_pairs": pool.layer_pairs,
         "held_out": {"views": len(held_views), **best},
         "clean_threshold": threshold,
         "history": history,
@@ -374,15 +464,20 @@ def train_classifier_checkpoint(
     recipe: ClassifierRecipe,
     on_view: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    start: Path | None = None,
 ) -> dict[str, Any]:
-    """Load `weights`, train its classifier, score it on the split, write `out`
-    (.safetensors + card: the input card plus a `classifier_training` entry)."""
+    """Load `weights`, train its classifier (from the trained one of the checkpoint `start`,
+    else fresh), score it on the split, write `out` (.safetensors + card: the input card plus
+    a `classifier_training` entry)."""
     t0 = time.monotonic()
     model, card = load_checkpoint(weights)
+    begin = load_checkpoint(start)[0] if start is not None else None
     pool = render_pool(data, recipe, model.multiple_of, on_view)
     render_seconds = time.monotonic() - t0
-    trained, report = train_classifier(model, pool, recipe, on_step)
+    trained, report = train_classifier(model, pool, recipe, on_step, begin)
     report = {"source": str(weights), "data": asdict(data), **report}
+    if start is not None:
+        report["started_from"] = str(start)
     report["render_seconds"] = round(render_seconds, 1)
     if data.split and data.data_root:
         report["split_accuracy"] = split_accuracy(trained, _split_items(data))
