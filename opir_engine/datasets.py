@@ -177,7 +177,7 @@ def class_index(task: str) -> int:
     return CLASSES.index(task)
 
 
-def exclude(paths: Iterable[Path], excluded: set[str], data_root: Path) -> list[Path]:
+def exclude(paths: Iterable[Path], excluded: Collection[str], data_root: Path) -> list[Path]:
     """Drop files whose path relative to data_root is in `excluded` (the validation split)."""
     kept = []
     for p in paths:
@@ -188,11 +188,6 @@ def exclude(paths: Iterable[Path], excluded: set[str], data_root: Path) -> list[
         if rel not in excluded:
             kept.append(p)
     return kept
-
-
-def held_out_names(split: Path) -> set[str]:
-    """Every file a split holds out (all its lists), as paths relative to the data root."""
-    return set().union(*load_split(split).values())
 
 
 @dataclass(frozen=True)
@@ -212,7 +207,7 @@ class HeldOut:
             pair.target
             for task in ("rain", "haze", "snow")
             for name in by_task.get(task, ())
-            for pair in [_pair_of(Path(data_root) / name, task)]
+            for pair in [pair_of(Path(data_root) / name, task)]
         ]
         names = frozenset(set().union(*by_task.values()))
         return cls(names, frozenset(pixel_digest(p) for p in clean + targets))
@@ -220,12 +215,14 @@ class HeldOut:
     def holds(self, path: Path, data_root: Path, image: Path | None = None) -> bool:
         """Whether `path` (relative to data_root) is held out, or `image` (default: path) has
         the pixels of a held-out image."""
-        if exclude([path], set(self.names), data_root) == []:
+        if exclude([path], self.names, data_root) == []:
             return True
         return bool(self.digests) and pixel_digest(image or path) in self.digests
 
 
-def _pair_of(input_path: Path, task: str) -> Pair:
+def pair_of(input_path: Path, task: str) -> Pair:
+    """The pair of a paired set's input file: its target is the file of the same stem in the
+    set's target/ folder."""
     target = next(p for p in list_images(input_path.parent.parent / "target")
                   if p.stem == input_path.stem)  # fmt: skip
     return Pair(task, input_path, target)

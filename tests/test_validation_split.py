@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from opir_engine.datasets import HeldOut, kept_images, kept_pairs, make_split, pixel_digest
+from opir_engine.datasets import (
+    HeldOut,
+    kept_images,
+    kept_pairs,
+    make_split,
+    pair_of,
+    pixel_digest,
+)
 from opir_engine.evaluation.scoring import TRANSPLANT, source_set, validation_items
 from opir_engine.image_io import read_image
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
@@ -103,9 +110,8 @@ def test_v2_validation_has_transplant_rows_of_held_out_rain(shared_data: Path) -
     # each row is exactly its held-out layer laid on its photo, at its kind's strength
     name, degraded, target = transplants[1]
     kind, stem, photo = name.split(":")
-    pair = next(n for n in v2["rain"] if Path(n).stem == stem)
-    target_path = next((shared_data / pair).parent.parent.joinpath("target").glob(f"{stem}.*"))
-    layer = rain_layer(read_image(shared_data / pair).rgb, read_image(target_path).rgb)
+    pair = pair_of(shared_data / next(n for n in v2["rain"] if Path(n).stem == stem), "rain")
+    layer = rain_layer(read_image(pair.input).rgb, read_image(pair.target).rgb)
     strength = dict(TRANSPLANT)[kind.removeprefix("transplant-")]
     again = lay_rain(target, fit_layer(layer, *target.shape[-2:]), strength)
     assert torch.equal((again * 255).round() / 255, degraded)

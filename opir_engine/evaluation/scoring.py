@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from opir_engine.datasets import find_paired_sets
+from opir_engine.datasets import find_paired_sets, pair_of
 from opir_engine.evaluation.baselines import BASELINE_NAMES, classical_baseline
 from opir_engine.evaluation.metrics import psnr, ssim
 from opir_engine.evaluation.weather_left import weather_left
@@ -143,9 +143,8 @@ def validation_items(
     items = []
     for task in ("rain", "haze"):
         for name in split.get(task, []):
-            inp = data_root / name
-            tgt = next(p for p in (inp.parent.parent / "target").iterdir() if p.stem == inp.stem)
-            items.append((task, name, read_image(inp).rgb, read_image(tgt).rgb))
+            pair = pair_of(data_root / name, task)
+            items.append((task, name, read_image(pair.input).rgb, read_image(pair.target).rgb))
     layers = [_held_out_layer(data_root / n) for n in written.get("rain_layers", [])]
     for i, name in enumerate(split.get("clean", [])):
         clean = read_image(data_root / name).rgb
@@ -170,9 +169,8 @@ TRANSPLANT = (("light", 0.5), ("heavy", 1.0))
 
 
 def _held_out_layer(input_path: Path) -> tuple[str, torch.Tensor]:
-    target = next(p for p in (input_path.parent.parent / "target").iterdir()
-                  if p.stem == input_path.stem)  # fmt: skip
-    return input_path.stem, rain_layer(read_image(input_path).rgb, read_image(target).rgb)
+    pair = pair_of(input_path, "rain")
+    return input_path.stem, rain_layer(read_image(pair.input).rgb, read_image(pair.target).rgb)
 
 
 def paired_items(
