@@ -448,11 +448,7 @@ class OPIREngine:
             side = max(MIN_WORK_SIDE, int(side * (budget / per_pixel / rgb[0].numel()) ** 0.5))
         copy = shrink_to_side(rgb, side)
         m, (height, width) = self.model.multiple_of, copy.shape[-2:]
-        marked = torch.cat([copy[None], torch.ones_like(copy[None, :1])], dim=1)
-        x = pad_reflect_to(marked, -(-height // m) * m, -(-width // m) * m)
-        x[:, 3:, height:] = 0
-        x[:, 3:, :, width:] = 0
-        x = x.to(self.device, self.dtype)
+        x = _marked(copy, -(-height // m) * m, -(-width // m) * m).to(self.device, self.dtype)
         return self.model.block_means(x[:, :3].contiguous(), weights, x[:, 3:].contiguous())
 
     def _process(
@@ -461,13 +457,7 @@ class OPIREngine:
         """One attempt of `_run_tiled` at this tile size."""
         weights = weights.to(self.device, self.dtype)
         height, width = rgb.shape[-2:]
-        # A 4th channel marks the image (1) against the padding (0) and travels with it through
-        # the tiles: the model's global means read only the image (`OPIR.forward`'s valid), so a
-        # photo padded up to a shape bucket restores as it does padded to the stride alone.
-        marked = torch.cat([rgb[None], torch.ones_like(rgb[None, :1])], dim=1)
-        x = pad_reflect_to(marked, self._padded_side(height, tile), self._padded_side(width, tile))
-        x[:, 3:, height:] = 0
-        x[:, 3:, :, width:] = 0
+        x = _marked(rgb, self._padded_side(height, tile), self._padded_side(width, tile))
         tiled = max(x.shape[-2:]) > tile
         full = self.tiles_per_batch
         pixels = 0
@@ -497,6 +487,18 @@ class OPIREngine:
             restored, uncertainty = run(x)
         restored = crop_to(restored, (height, width))[0].clamp_(0, 1).cpu()
         return restored, crop_to(uncertainty, (height, width))[0].cpu(), pixels
+
+
+def _marked(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """rgb (3, H, W) reflect-padded to (1, 4, height, width) with a 4th channel marking the
+    image (1) against the padding (0). The mark travels with the photo through the tiles: the
+    model's global means read only the image (`OPIR.forward`'s valid), so a photo padded up to a
+    shape bucket restores as it does padded to the stride alone."""
+    marked = torch.cat([rgb[None], torch.ones_like(rgb[None, :1])], dim=1)
+    x = pad_reflect_to(marked, height, width)
+    x[:, 3:, rgb.shape[-2] :] = 0
+    x[:, 3:, :, rgb.shape[-1] :] = 0
+    return x
 
 
 def describe(engine: OPIREngine) -> dict[str, Any]:
