@@ -1,7 +1,9 @@
 """The CPU speed-ups against the code paths they replaced, side by side in one process: the TAM
 tabulated against the TAM evaluated directly (kernels/tam_modulation.py), and the KPN on
-channels-last maps against the plain layout (model/kpn.py), alone and together; per module, per
-image through the shipped model, and per training step.
+channels-last maps against the plain layout (model/kpn.py), alone and together, and both with
+bfloat16 (the model in bf16 for a forward, as `opir restore --precision bf16` runs it; bf16
+autocast for a training step); per module, per image through the shipped model, and per training
+step.
 
     python bench/cpu_speed.py                        # sizes 256,512,1024; 5 rounds
     python bench/cpu_speed.py --train-steps 200      # also compare 200 training steps' losses
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import time
@@ -34,19 +37,22 @@ from opir_kernels.tam_modulation import tam_form
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("direct", "tabulated")
-# name: (TAM form, KPN on channels-last maps); "before" is the code as it was
+# name: (TAM form, KPN on channels-last maps, bf16); "before" is the code as it was. "bf16" is
+# both with the model in bfloat16 (`--precision bf16`) for a forward, under bf16 autocast (weights,
+# gradients and Adam in fp32) for a training step
 VARIANTS = {
-    "before": ("direct", False),
-    "tabulated TAM": ("tabulated", False),
-    "channels-last KPN": ("direct", True),
-    "both (now)": ("tabulated", True),
+    "before": ("direct", False, False),
+    "tabulated TAM": ("tabulated", False, False),
+    "channels-last KPN": ("direct", True, False),
+    "both (now)": ("tabulated", True, False),
+    "both, bf16": ("tabulated", True, True),
 }
 
 
 @contextlib.contextmanager
 def _variant(name: str, models: list[OPIR]) -> Iterator[None]:
     """Inside the block, `models` run as `name` says (a TAM form alone where `name` is one)."""
-    form, channels_last = VARIANTS.get(name, (name, True))
+    form, channels_last, _ = VARIANTS.get(name, (name, True, False))
     for model in models:
         model.kpn.channels_last = channels_last
     try:
@@ -105,13 +111,24 @@ def module_alone(model: OPIR, sizes: list[int], rounds: int) -> dict[str, dict[s
     return out
 
 
-def whole_model(model: OPIR, size: int, rounds: int) -> dict[str, float]:
-    """Median ms of the shipped model's forward (task rain) on one (1, 3, size, size) image."""
+def whole_model(model: OPIR, size: int, rounds: int) -> tuple[dict[str, float], float]:
+    """Median ms of the shipped model's forward (task rain) on one (1, 3, size, size) image per
+    variant, and the PSNR of the bf16 output against the fp32 one."""
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     task = F.one_hot(torch.tensor([CLASSES.index("rain")]), len(CLASSES)).float()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    image16, task16 = image.to(torch.bfloat16), task.to(torch.bfloat16)
+
+    def forward(name: str) -> Callable[[], torch.Tensor]:
+        if VARIANTS[name][2]:
+            return lambda: half(image16, task16).restored
+        return lambda: model(image, task).restored
+
     with torch.no_grad():
-        runs = {name: (lambda: model(image, task)) for name in VARIANTS}
-        return _interleaved(runs, rounds, [model])
+        runs = {name: forward(name) for name in VARIANTS}
+        times = _interleaved(runs, rounds, [model, half])
+        error = (runs["both, bf16"]().float() - runs["both (now)"]()).square().mean()
+    return times, float(-10 * torch.log10(error))
 
 
 def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
@@ -131,9 +148,10 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
         model = OPIR(OPIRConfig.from_name("small")).train()
         return model, torch.optim.Adam(model.parameters(), lr=2e-4)
 
-    def step(model: OPIR, optimizer: torch.optim.Optimizer, i: int) -> float:
+    def step(model: OPIR, optimizer: torch.optim.Optimizer, i: int, bf16: bool = False) -> float:
         degraded, target, labels = batches[i % len(batches)]
-        output = model(degraded, F.one_hot(labels, len(CLASSES)).float())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = model(degraded, F.one_hot(labels, len(CLASSES)).float())
         total, _ = loss_fn(output, target, labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -147,7 +165,7 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
     def timed_step(name: str) -> Callable[[], float]:
         def run() -> float:
             counter[name] += 1
-            return step(*timing[name], counter[name])
+            return step(*timing[name], counter[name], VARIANTS[name][2])
 
         return run
 
@@ -156,13 +174,15 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
     result: dict = {"median_step_ms": _interleaved(runs, rounds, models)}
     if steps:
         losses = {}
-        for name in ("before", "both (now)"):
+        for name in ("before", "both (now)", "both, bf16"):
             model, optimizer = trainer()
             with _variant(name, [model]):
-                losses[name] = [step(model, optimizer, i) for i in range(steps)]
-        pairs = zip(losses["before"], losses["both (now)"], strict=True)
+                losses[name] = [step(model, optimizer, i, VARIANTS[name][2]) for i in range(steps)]
         result["loss_curves"] = losses
-        result["max_loss_difference"] = max(abs(a - b) for a, b in pairs)
+        result["max_loss_difference"] = {
+            name: max(abs(a - b) for a, b in zip(losses["before"], losses[name], strict=True))
+            for name in ("both (now)", "both, bf16")
+        }
         result["final_losses"] = {name: curve[-1] for name, curve in losses.items()}
     return result
 
@@ -181,12 +201,14 @@ def main() -> None:
     model.eval()
     t0 = time.perf_counter()
     rate = matmul_gflops(args.rounds)
+    forward_ms, bf16_psnr = whole_model(model, 512, args.rounds)
     flops = count_opir_flops(model.config, 512, 512).total
     result = {
         "machine": describe_machine(),
         "fp32_matmul_gflops": rate,
         "tam_forward_ms": module_alone(model, sizes, args.rounds),
-        "model_512_forward_ms": whole_model(model, 512, args.rounds),
+        "model_512_forward_ms": forward_ms,
+        "model_512_bf16_psnr_vs_fp32": bf16_psnr,
         "model_512_gflop": flops / 1e9,
         "training_small_batch8_128": training(args.train_steps, 8, 128, args.rounds),
     }
@@ -215,12 +237,16 @@ def main() -> None:
         "",
         f"Shipped model at 512x512: {flops / 1e9:.2f} GFLOP per image; share of the "
         "matmul rate: " + ", ".join(f"{n} {100 * s:.1f}%" for n, s in share.items()),
+        "",
+        f"The bf16 model's output against the fp32 one on that image: {bf16_psnr:.1f} dB PSNR.",
     ]
     if "max_loss_difference" in train:
         final = train["final_losses"]
+        diff = train["max_loss_difference"]
         lines += ["", f"Loss over {args.train_steps} training steps from one init and the same "
-                  f"batches: largest difference {train['max_loss_difference']:.2e}; final loss "
-                  f"{final['before']:.5f} before, {final['both (now)']:.5f} now."]  # fmt: skip
+                  f"batches, largest difference from before: now {diff['both (now)']:.2e}, bf16 "
+                  f"autocast {diff['both, bf16']:.2e}; final loss {final['before']:.5f} before, "
+                  f"{final['both (now)']:.5f} now, {final['both, bf16']:.5f} bf16."]  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"cpu_speed-{machine_tag(result['machine'])}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

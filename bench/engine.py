@@ -6,7 +6,15 @@ with and without tiling.
 
 Weights: the shipped `opir-small-allinone` when it exists, else a seeded random `small` model
 (the compute does not depend on the weights' values). Task "rain" (the head still runs, as in
-`--task auto`), default precision of the device, tile 512 with overlap 32 unless untiled.
+`--task auto`), default precision of the device. Three ways per size:
+
+- tiled: the photo at full size (no working side) in tiles of 512 with the engine's default
+  overlap for its pooling (128 for the default "shared" means), eager and compiled;
+- untiled: the photo at full size in one piece, eager (sizes over one tile);
+- default: as `opir restore` runs it on this device: the working side "auto" (a photo longer
+  than 1024 px restored at each side of 512-1536 below its own, the one leaving the fewest lines
+  kept; inference/working_scale.py), tiles only when memory needs them (inference/tile_budget.py),
+  eager on the CPU (sizes over 1024; below it, it is the untiled case).
 
 Each case runs in a fresh subprocess, so compiled graphs, allocator state and the peak-memory
 high-water mark belong to that case alone. Inside it:
@@ -46,7 +54,8 @@ import torch
 from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
 SIZES = ("256x256", "512x512", "1920x1080", "4000x3000")  # W x H
-TILE, OVERLAP = 512, 32
+TILE = 512
+WORK_SIDE = 1024  # photos longer than this are shrunk under the engine's default ("auto")
 RESULTS = Path(__file__).resolve().parent / "results"
 LARGE = 1_000_000  # pixels: sizes above use --runs-large
 
@@ -56,22 +65,27 @@ LARGE = 1_000_000  # pixels: sizes above use --runs-large
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_engine(config: str, compiled: bool, tile: int) -> Any:
+def _build_engine(config: str, compiled: bool, tile: int | None, default: bool) -> Any:
+    """The engine of a case: `default` as `opir restore` builds it, else at full size (no
+    working side) with `tile`."""
     from opir_engine.devices import pick_device, pick_dtype
-    from opir_engine.inference.engine import OPIREngine
+    from opir_engine.inference.engine import DEFAULT_WORK_SIDE, OPIREngine
     from opir_engine.model import OPIR, OPIRConfig
     from opir_engine.weights import DEFAULT_WEIGHTS, CheckpointError
 
+    work_side = DEFAULT_WORK_SIDE if default else None
     try:
-        return OPIREngine.from_pretrained(DEFAULT_WEIGHTS, compile=compiled, tile=tile), "shipped"
+        engine = OPIREngine.from_pretrained(
+            DEFAULT_WEIGHTS, compile=compiled, tile=tile, work_side=work_side
+        )
+        return engine, "shipped"
     except CheckpointError:
         torch.manual_seed(0)
         model = OPIR(OPIRConfig.from_name(config))
         device = pick_device("auto")
         card = {"name": f"random-{config}"}
-        engine = OPIREngine(
-            model, card, device, pick_dtype("auto", device), compiled, tile, OVERLAP
-        )
+        dtype = pick_dtype("auto", device)
+        engine = OPIREngine(model, card, device, dtype, compiled, tile, work_side=work_side)
         return engine, "random init"
 
 
@@ -88,13 +102,18 @@ def _sync(device: torch.device) -> None:
 def run_case(case: dict) -> dict:
     """Time `engine.restore` on one image size; returns latencies and peak memory."""
     width, height = case["width"], case["height"]
-    tile = TILE if case["tiled"] else max(TILE, -(-max(width, height) // 16) * 16)
-    engine, weights = _build_engine(case["config"], case["compiled"], tile)
+    default = case.get("default", False)
+    if default:
+        tile = None
+    else:
+        tile = TILE if case["tiled"] else max(TILE, -(-max(width, height) // 16) * 16)
+    engine, weights = _build_engine(case["config"], case["compiled"], tile, default)
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(3, height, width, generator=gen)
     first_s = None
     if case["compiled"]:
-        warm = image if max(width, height) <= tile else torch.rand(3, tile, tile, generator=gen)
+        side = tile or max(width, height)
+        warm = image if max(width, height) <= side else torch.rand(3, side, side, generator=gen)
         t0 = time.perf_counter()
         engine.restore(warm, task="rain")
         _sync(engine.device)
@@ -120,6 +139,10 @@ def run_case(case: dict) -> dict:
         "device": str(engine.device),
         "precision": str(engine.dtype).removeprefix("torch."),
         "tile": tile if case["tiled"] else None,
+        "overlap": engine.tile_overlap if case["tiled"] else None,
+        "pooling": engine.pooling,
+        "work_side": engine.work_side,
+        "work_size": list(result.work_size) if result.work_size else None,
         "first_call_s": round(first_s, 2) if first_s is not None else None,
         "times_s": [round(t, 3) for t in times],
         "median_s": round(median, 3),
@@ -168,12 +191,14 @@ def plan_cases(sizes: list[str], config: str, runs: int, runs_large: int) -> lis
         cases.append({**base, "compiled": True, "tiled": True})
         if max(width, height) > TILE:
             cases.append({**base, "compiled": False, "tiled": False})
+        if max(width, height) > WORK_SIDE:
+            cases.append({**base, "compiled": False, "tiled": False, "default": True})
     return cases
 
 
 def _untiled_skip_reason(case: dict, rows: list[dict]) -> str | None:
     """Skip an untiled case whose memory, scaled from a smaller untiled run, would not fit."""
-    measured = [r for r in rows if not r["tiled"] and "growth_mb" in r]
+    measured = [r for r in rows if not r["tiled"] and not r.get("default") and "growth_mb" in r]
     available = _available_mb()
     if not measured or available is None:
         return None
@@ -199,15 +224,23 @@ def _fmt(value: Any, unit: str = "") -> str:
 def write_markdown(path: Path, report: dict) -> None:
     lines = ["# Engine benchmark", "", "Machine:", ""]
     lines += [f"- {k}: {v}" for k, v in report["machine"].items()]
-    lines += ["", "Latency (median of the timed runs) and throughput, tile 512 / overlap 32:", ""]
+    lines += ["", "Latency (median of the timed runs) and throughput: tiled is the photo at full "
+              "size in 512-px tiles (overlap as given), default as `opir restore` runs it "
+              "(work side 1024, tiles only when memory needs them):", ""]  # fmt: skip
     cuda = any("cuda_peak_mb" in r for r in report["rows"])
     lines += ["| size | mode | runs (s) | median | MP/s | GFLOPs/image | GFLOP/s | first call |"
               + (" CUDA peak |" if cuda else "")]  # fmt: skip
     lines += ["|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in report["rows"]:
-        if not r["tiled"] or "error" in r or "skipped" in r:
+        if not (r["tiled"] or r.get("default")) or "error" in r or "skipped" in r:
             continue
-        mode = "compiled" if r["compiled"] else "eager"
+        if r.get("default"):
+            work = "x".join(map(str, r["work_size"][::-1])) if r.get("work_size") else "?"
+            mode = f"default (model at {work})"
+        else:
+            mode = f"tiled, overlap {r.get('overlap')}, " + (
+                "compiled" if r["compiled"] else "eager"
+            )
         lines.append(
             f"| {r['size']} | {mode} | {', '.join(map(str, r['times_s']))} | {r['median_s']} s "
             f"| {r['megapixels_per_s']} | {r['gflops_per_image']} | {r['gflop_per_s']} "
@@ -221,7 +254,8 @@ def write_markdown(path: Path, report: dict) -> None:
     for size in dict.fromkeys(r["size"] for r in report["rows"]):
         tiled = next((r for r in report["rows"] if r["size"] == size and r["tiled"]
                       and not r["compiled"]), {})  # fmt: skip
-        untiled = next((r for r in report["rows"] if r["size"] == size and not r["tiled"]), {})
+        untiled = next((r for r in report["rows"] if r["size"] == size and not r["tiled"]
+                        and not r.get("default")), {})  # fmt: skip
         if not untiled and max(tiled.get("width", 0), tiled.get("height", 0)) <= TILE:
             untiled = {**tiled, "note": "one tile"}
         if cuda:  # the GPU's allocations are what tiling bounds there
@@ -287,7 +321,7 @@ def main() -> None:
     machine["load_average_end"] = os.getloadavg()
     tag = machine_tag(machine)
     command = "python bench/engine.py " + " ".join(sys.argv[1:])
-    report = {"machine": machine, "tile": TILE, "overlap": OVERLAP, "rows": rows}
+    report = {"machine": machine, "tile": TILE, "rows": rows}
     report["command"] = command.strip()
     report["notes"] = args.note
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,10 @@ from machine import describe_machine, machine_tag  # bench/machine.py (the scrip
 from opir_engine.datasets import find_paired_sets
 from opir_engine.evaluation.metrics import psnr
 from opir_engine.evaluation.scoring import validation_items
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import read_image
 from opir_engine.inference.engine import OPIREngine
+from opir_engine.inference.streaks import streak_energy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str, str, torch.Tensor, 
     kind = f"held-out x{args.factor:g}"
     cases = [
         (kind, task, name, _enlarge(d, args.factor), _enlarge(t, args.factor))
-        for task, name, d, t in weather[:: args.every]
+        for task, name, d, t in weather[args.start :: args.every]
     ]
     for task in ("rain", "haze"):
         for pair in find_paired_sets(args.data_root / task, task):
@@ -74,16 +76,20 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, str, str, torch.Tensor, 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="opir-small-allinone")
-    parser.add_argument("--split", type=Path, default=ROOT / "splits" / "validation.json")
+    parser.add_argument("--split", type=Path, default=ROOT / "splits" / "validation-v2.json")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--factor", type=float, default=3.0)
     parser.add_argument("--every", type=int, default=3, help="every N-th held-out pair")
-    parser.add_argument("--sides", default="512,768,1024,1536,0", help="0: full size")
+    parser.add_argument("--start", type=int, default=0, help="the first of them")
+    parser.add_argument("--name", default="", help="appended to the results' file names")
+    parser.add_argument(
+        "--sides", default="512,768,1024,1536,0,auto", help="0: full size; auto: chosen per photo"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sides = [int(s) for s in args.sides.split(",")]
+    sides = [s if s == "auto" else int(s) for s in args.sides.split(",")]
     engines = {
         s: OPIREngine.from_pretrained(args.weights, compile=False, work_side=s or None)
         for s in sides
@@ -97,8 +103,16 @@ def main(argv: list[str]) -> None:
             t0 = time.perf_counter()
             result = engine.restore(degraded, task=task)
             seconds = time.perf_counter() - t0
-            row[f"psnr_{side}"] = psnr(_quantize(result.image), target)
+            output = _quantize(result.image)
+            row[f"psnr_{side}"] = psnr(output, target)
             row[f"seconds_{side}"] = seconds
+            # what each candidate rule for choosing the side per photo would read: weather left
+            # (needs the target), and three figures a user's photo has (no target)
+            row[f"left_{side}"] = weather_left(degraded, output, target)
+            row[f"lines_{side}"] = streak_energy(output) / max(streak_energy(degraded), 1e-12)
+            row[f"uncertainty_{side}"] = float(result.uncertainty.mean())
+            row[f"change_{side}"] = float((output - degraded).abs().mean())
+            row[f"work_size_{side}"] = result.work_size
         rows.append(row)
         gains = " ".join(f"{s}:{row[f'psnr_{s}'] - row['input_psnr']:+.2f}" for s in sides)
         print(f"{kind:22s} {task:5s} {row['size']} {gains}", flush=True)
@@ -109,8 +123,10 @@ def main(argv: list[str]) -> None:
         *(f"- {k}: {v}" for k, v in machine.items()),
         f"- weights: {args.weights}; factor {args.factor:g}, every {args.every}-th held-out pair",
         "",
-        "Mean PSNR gain over the input (dB) and seconds per image, per working side (0: full "
-        "size), task given.",
+        "Mean PSNR gain over the input (dB), weather left (evaluation/weather_left.py: the "
+        "streak amplitude left, output against input; rain and snow) and seconds per image, per "
+        "working side (full: full size; auto: chosen per photo, the side it chose per image "
+        "below), task given.",
         "",
         "| cases | task | n | " + " | ".join(f"side {s or 'full'}" for s in sides) + " |",
         "|---|---|---|" + "---|" * len(sides),
@@ -123,18 +139,23 @@ def main(argv: list[str]) -> None:
         for s in sides:
             gain = statistics.mean(r[f"psnr_{s}"] - r["input_psnr"] for r in group)
             secs = statistics.mean(r[f"seconds_{s}"] for r in group)
-            cells.append(f"{gain:+.2f} dB, {secs:.1f} s")
+            left = [r[f"left_{s}"] for r in group if r[f"left_{s}"] is not None]
+            left_cell = f"{statistics.mean(left):.0%} left, " if task != "haze" and left else ""
+            cells.append(f"{gain:+.2f} dB, {left_cell}{secs:.1f} s")
         lines.append(f"| {kind} | {task} | {len(group)} | " + " | ".join(cells) + " |")
-    lines += ["", "Per image:", "", "| name | size | input | " + " | ".join(map(str, sides)) + " |",
+    names = [str(s or "full") for s in sides]
+    lines += ["", "Per image, PSNR:", "", "| name | size | input | " + " | ".join(names) + " |",
               "|---|---|---|" + "---|" * len(sides)]  # fmt: skip
     for r in rows:
         cells = [f"{r[f'psnr_{s}']:.2f}" for s in sides]
+        if "auto" in sides and r["work_size_auto"]:
+            cells[sides.index("auto")] += f" (at {max(r['work_size_auto'])})"
         lines.append(f"| {r['name']} | {r['size'][1]}x{r['size'][0]} | {r['input_psnr']:.2f} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    tag = machine_tag(machine)
+    tag = machine_tag(machine) + (f"-{args.name}" if args.name else "")
     (RESULTS / f"working_scale-{tag}.md").write_text(text)
     settings = vars(args) | {"split": str(args.split), "data_root": str(args.data_root)}
     record = {"machine": machine, "args": settings, "rows": rows}

@@ -271,7 +271,9 @@ def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path, rai
 
     torch.manual_seed(0)
     weights = tmp_path / "t.safetensors"
-    save_checkpoint(weights, OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
+    model = OPIR(OPIRConfig.from_name("tiny"))
+    torch.nn.init.normal_(model.kpn.ending.weight, std=0.01)  # not the identity it starts as
+    save_checkpoint(weights, model, {"name": "t"})
     pairs = tmp_path / "rain"
     items = []
     for stem in ("1", "10"):
@@ -300,6 +302,19 @@ def test_eval_cli_with_weights_prints_and_writes_the_engines_table(tmp_path, rai
     per_set = json.loads(out.read_text())
     assert per_set["rain/rain"]["n"] == 2
     assert per_set["rain/rain"]["psnr"] == pytest.approx(card["rain"]["psnr"], abs=1e-9)
+    # --precision bf16 scores the engine as `opir restore --precision bf16` runs it: other
+    # figures than fp32's, the same as a bf16 engine's here
+    result = CliRunner().invoke(app, [*args, "--json", str(out), "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert "bfloat16" in result.output
+    bf16 = json.loads(out.read_text())
+    engine = OPIREngine.from_pretrained(weights, device="cpu", precision="bf16", compile=False)
+    (row,) = evaluate_engine(engine, items)
+    assert bf16["rain"]["psnr"] == pytest.approx(row.psnr, abs=1e-9)
+    assert bf16["rain"]["psnr"] != card["rain"]["psnr"]
+    result = CliRunner().invoke(app, [*args, "--precision", "fp64"])
+    assert result.exit_code == 2
+    assert "precision must be auto, fp32, fp16 or bf16, got 'fp64'" in result.output
 
 
 def test_eval_cli_split_needs_data_root(tmp_path):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from opir_engine.evaluation.weather_left import streak_energy, weather_left
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import read_image
+from opir_engine.inference.streaks import streak_energy
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer, random_transplant
 
 

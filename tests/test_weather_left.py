@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opir_engine.evaluation.weather_left import streak_energy, weather_left
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import read_image
+from opir_engine.inference.streaks import streak_energy
 
 
 @pytest.fixture(scope="module")

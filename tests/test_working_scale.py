@@ -10,14 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from opir_engine.evaluation.metrics import psnr
+from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import read_image
 from opir_engine.inference.engine import EngineError, OPIREngine
+from opir_engine.inference.streaks import streak_energy
 from opir_engine.inference.working_scale import (
+    auto_sides,
     enlarge_to,
     shrink_to_side,
     transfer_correction,
     working_size,
 )
+from tests.conftest import needs_shared_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
 
@@ -112,5 +117,77 @@ def test_engine_restores_long_photos_at_the_working_side(weights: Path, shared_d
 
 
 def test_engine_rejects_a_tiny_working_side(weights: Path) -> None:
-    with pytest.raises(EngineError, match="working side must be at least 64 pixels"):
-        OPIREngine.from_pretrained(weights, device="cpu", compile=False, work_side=16)
+    for side in (16, "large"):
+        with pytest.raises(EngineError, match="working side must be at least 64 pixels, 'auto'"):
+            OPIREngine.from_pretrained(weights, device="cpu", compile=False, work_side=side)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((768, 1024), (None,)),  # no longer than 1024: full size
+        ((683, 1025), (512, 768, 1024)),
+        ((1152, 1536), (512, 768, 1024)),  # a side equal to the photo's is full size
+        ((2048, 3072), (512, 768, 1024, 1536)),
+    ],
+)
+def test_auto_sides(size, expected) -> None:  # type: ignore[no-untyped-def]
+    assert auto_sides(*size) == expected
+
+
+def test_auto_keeps_the_side_that_leaves_the_fewest_lines(weights: Path) -> None:
+    """'auto' on a long rain photo restores it at each side below its long side and returns
+    the one whose output has the least line energy, bit for bit as the engine fixed at that side
+    restores it, with the pixels of every side counted; a shorter photo goes at full size."""
+    gen = torch.Generator().manual_seed(0)
+    photo = torch.rand(3, 80, 1100, generator=gen)
+
+    def engine(side: int | str | None) -> OPIREngine:
+        return OPIREngine.from_pretrained(weights, device="cpu", compile=False, work_side=side)
+
+    auto = engine("auto")
+    fixed = {side: engine(side) for side in (512, 768, 1024)}
+    at_side = {side: engine.restore(photo, task="rain") for side, engine in fixed.items()}
+    lines = {side: streak_energy(result.image) for side, result in at_side.items()}
+    assert len(set(lines.values())) == 3  # a real choice
+    best = min(lines, key=lines.__getitem__)
+    result = auto.restore(photo, task="rain")
+    assert torch.equal(result.image, at_side[best].image)
+    assert result.work_size == at_side[best].work_size
+    # every side's forward counted, the head's once
+    assert (
+        max(r.flops for r in at_side.values())
+        < result.flops
+        < sum(r.flops for r in at_side.values())
+    )
+    short = photo[:, :, :1000]
+    full = engine(None).restore(short, "rain").image
+    assert torch.equal(auto.restore(short, task="rain").image, full)
+
+
+@needs_shared_data
+@pytest.mark.slow
+def test_auto_side_removes_more_rain_from_a_large_photo_than_the_fixed_side(
+    shared_data: Path,
+) -> None:
+    """A held-out RainTrainH pair (split v2) enlarged 3x, as a large photo whose streaks are 3
+    times the size the model learned: the side "auto" chooses leaves less of the rain than the
+    fixed side 1024 did, and the output is closer to the target."""
+    name = "norain-12.png"
+    pair = shared_data / "rain" / "JORDER-E-RainTrainH-samples"
+    degraded, target = (
+        F.interpolate(read_image(pair / side / name).rgb[None], scale_factor=3.0,
+                      mode="bicubic")[0].clamp(0, 1)
+        for side in ("input", "target")
+    )  # fmt: skip
+    assert max(degraded.shape[-2:]) > 1024
+    outputs = {
+        side: OPIREngine.from_pretrained(work_side=side, device="cpu", compile=False)
+        .restore(degraded, task="rain")
+        .image
+        for side in ("auto", 1024)
+    }
+    left = {side: weather_left(degraded, out, target) for side, out in outputs.items()}
+    gain = {side: psnr(out, target) - psnr(degraded, target) for side, out in outputs.items()}
+    assert left["auto"] < 0.9 * left[1024], left
+    assert gain["auto"] > gain[1024] + 0.5, gain

@@ -92,6 +92,17 @@ def _main(
     """Restore photos degraded by rain, snow and haze with one all-in-one OPIR model."""
 
 
+def _work_side(value: str, error: type[Exception]) -> int | str | None:
+    """--work-side: "auto", a number of pixels, or 0 for full size (None)."""
+    if value == "auto":
+        return value
+    try:
+        side = int(value)
+    except ValueError:
+        raise error(f"--work-side must be auto or a number of pixels; got {value!r}") from None
+    return side or None
+
+
 def _parse_tagged(values: list[str], option: str) -> dict[str, list[str]]:
     from opir_engine.model import TASKS  # the library loads on use: `opir --help` stays quick
 
@@ -387,11 +398,13 @@ def restore(
         help="How tiles take the model's global statistics: shared (the whole photo's, so tiles "
         "agree with one piece), local (a window around each pixel) or global (each tile its own).",
     ),
-    work_side: int = typer.Option(
-        1024,  # engine.DEFAULT_WORK_SIDE
-        metavar="N",
-        help="Photos longer than this are restored at this size and the correction is carried "
-        "back to full size (the model knows weather at the scale it trained on); 0: full size.",
+    work_side: str = typer.Option(
+        "auto",  # engine.DEFAULT_WORK_SIDE
+        metavar="auto|N",
+        help="Photos longer than N are restored at N and the correction is carried back to full "
+        "size (the model knows weather at the scale it trained on); 0: full size; auto: 1024, "
+        "and for rain and snow photos over 1024 px the side of 512-1536 that leaves the fewest "
+        "streaks.",
     ),
     batch_size: int = typer.Option(1, min=1, metavar="N", help="Tiles per forward pass."),
     compile: bool | None = typer.Option(
@@ -446,12 +459,13 @@ def restore(
         jobs = plan_jobs(input, output, recursive=recursive, fmt=format, suffix=suffix)
         if backend not in ("local", "ray"):
             raise UsageError(f"--backend must be local or ray; got {backend!r}")
+        side = _work_side(work_side, UsageError)
     except UsageError as e:
         err.print(usage_error_line(e), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e
     engine_args = dict(name_or_path=weights, device=device, precision=precision, tile=tile,
                        tile_overlap=tile_overlap, pooling=pooling, compile=compile,
-                       work_side=work_side or None)  # fmt: skip
+                       work_side=side)  # fmt: skip
     ray_args = None
     if backend == "ray":
         ray_args = dict(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
@@ -516,6 +530,9 @@ def evaluate(
         [], "--data", metavar="TASK=DIR", help="Paired folder: rain=DIR (with --weights)."
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (with --weights)."),
+    precision: str = typer.Option(
+        "auto", help="auto, fp32, fp16 or bf16, as opir restore takes it (with --weights)."
+    ),
     json_path: Path | None = typer.Option(
         None, "--json", metavar="FILE", help="Write the table as JSON."
     ),
@@ -532,7 +549,9 @@ def evaluate(
             raise typer.Exit(2)
         raise typer.Exit(eval_folders(restored, target, input, y, csv_path))
     tagged = _parse_tagged(data, "--data")
-    raise typer.Exit(eval_engine(weights, split, data_root, tagged, y, device, json_path, per_set))
+    raise typer.Exit(
+        eval_engine(weights, split, data_root, tagged, y, device, json_path, per_set, precision)
+    )
 
 
 @app.command(cls=_Command)

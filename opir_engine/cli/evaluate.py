@@ -75,8 +75,9 @@ def eval_engine(
     device: str,
     json_path: Path | None,
     per_set: bool = False,
+    precision: str = "auto",
 ) -> int:
-    from opir_engine.inference.engine import OPIREngine
+    from opir_engine.inference.engine import EngineError, OPIREngine
 
     err = Console(stderr=True, highlight=False)
     if split is not None and data_root is None:
@@ -87,11 +88,18 @@ def eval_engine(
     if not items:
         err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
         return 2
-    engine = OPIREngine.from_pretrained(weights, device=device, compile=False)
+    try:
+        engine = OPIREngine.from_pretrained(
+            weights, device=device, precision=precision, compile=False
+        )
+    except EngineError as e:
+        err.print(f"error: {e}")
+        return 2
     rows = evaluate_engine(engine, items, y_channel=y, per_set=per_set)
     if split is not None:
         rows += evaluate_head(engine, photo_items(split, data_root))
-    table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto)")
+    dtype = str(engine.dtype).removeprefix("torch.")
+    table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto, {dtype})")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
                 "weather left", "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
         table.add_column(col, justify="right")

@@ -22,6 +22,7 @@ from opir_engine.devices import DeviceError, pick_device, pick_dtype
 from opir_engine.image_io import DEFAULT_MAX_PIXELS, DecodedImage
 from opir_engine.inference import photo
 from opir_engine.inference.photo import ImageInput
+from opir_engine.inference.streaks import streak_energy
 from opir_engine.inference.tile_budget import (
     HEADROOM,
     free_bytes,
@@ -29,17 +30,23 @@ from opir_engine.inference.tile_budget import (
     pick_tile,
 )
 from opir_engine.inference.tiling import process_tiled
-from opir_engine.inference.working_scale import enlarge_to, shrink_to_side, transfer_correction
+from opir_engine.inference.working_scale import (
+    AUTO,
+    auto_sides,
+    enlarge_to,
+    shrink_to_side,
+    transfer_correction,
+)
 from opir_engine.model import CLASSES, OPIR, TASKS, auto_decision
 from opir_engine.model.padding import crop_to, pad_reflect_to
 from opir_engine.weights import DEFAULT_WEIGHTS, load_checkpoint, resolve_weights
 
 CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
-# Photos longer than this are restored shrunk to it (working_scale.py). 1024 leaves photos of
-# the size the model was validated on (up to 800 px) as they were, and restores larger ones
-# better and several times faster than at full size (bench/results/working_scale-*.md).
+# Photos longer than the working side are restored shrunk to it (working_scale.py). "auto"
+# leaves photos of up to 1024 px (the validation photos are up to 800) as they were, and picks
+# the side per photo for longer ones (bench/results/working_scale-*.md).
 # MIN_WORK_SIDE keeps a shrunken copy worth restoring.
-DEFAULT_WORK_SIDE: int | None = 1024
+DEFAULT_WORK_SIDE: int | str | None = AUTO
 MIN_WORK_SIDE = 64
 TASK_CHOICES = ("auto", *TASKS)
 # How the KPN's channel attention pools when a photo is tiled (issue 21): "shared" hands every
@@ -193,7 +200,7 @@ class OPIREngine:
         tile_overlap: int | None = None,
         tiles_per_batch: int = 1,
         buckets: bool | None = None,
-        work_side: int | None = DEFAULT_WORK_SIDE,
+        work_side: int | str | None = DEFAULT_WORK_SIDE,
         pooling: str = "shared",
     ) -> None:
         m = model.multiple_of
@@ -213,10 +220,14 @@ class OPIREngine:
             )
         if tiles_per_batch < 1:
             raise EngineError(f"tiles per batch must be at least 1, got {tiles_per_batch}")
-        if work_side is not None and work_side < MIN_WORK_SIDE:
+        if (
+            work_side != AUTO
+            and work_side is not None
+            and (isinstance(work_side, str) or work_side < MIN_WORK_SIDE)
+        ):
             raise EngineError(
-                f"working side must be at least {MIN_WORK_SIDE} pixels (or None for full size), "
-                f"got {work_side}"
+                f"working side must be at least {MIN_WORK_SIDE} pixels, {AUTO!r} or None (full "
+                f"size), got {work_side!r}"
             )
         self.work_side = work_side
         self.pooling = pooling
@@ -249,7 +260,7 @@ class OPIREngine:
         tile_overlap: int | None = None,
         tiles_per_batch: int = 1,
         buckets: bool | None = None,
-        work_side: int | None = DEFAULT_WORK_SIDE,
+        work_side: int | str | None = DEFAULT_WORK_SIDE,
         pooling: str = "shared",
     ) -> OPIREngine:
         """Load shipped weights by name, or a .safetensors file with its JSON card beside it.
@@ -381,9 +392,28 @@ class OPIREngine:
         self, rgb: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
         """(restored (3, H, W), uncertainty (1, H, W), pixels processed, (h, w) the model ran
-        at). A photo longer than `work_side` is restored shrunk to it and the model's
-        correction is carried back to full size (`working_scale.py` says why)."""
-        small = shrink_to_side(rgb, self.work_side) if self.work_side else rgb
+        at). A photo longer than the working side is restored shrunk to it and the model's
+        correction is carried back to full size (`working_scale.py` says why); with "auto",
+        at each side `auto_sides` gives for it, keeping the one that leaves the least
+        line-like energy (all the sides' pixels are counted as processed)."""
+        if self.work_side != AUTO:
+            return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
+        sides = auto_sides(*rgb.shape[-2:])
+        best, best_lines, processed = None, float("inf"), 0
+        for side in sides:
+            candidate = self._restore_at_side(rgb, weights, side)
+            processed += candidate[2]
+            lines = streak_energy(candidate[0]) if len(sides) > 1 else 0.0
+            if lines < best_lines:
+                best, best_lines = candidate, lines
+        restored, uncertainty, _, work_size = best  # type: ignore[misc]
+        return restored, uncertainty, processed, work_size
+
+    def _restore_at_side(
+        self, rgb: torch.Tensor, weights: torch.Tensor, side: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+        """`_restore_at_working_scale` at one working side (None: full size)."""
+        small = shrink_to_side(rgb, side) if side else rgb
         restored, uncertainty, pixels = self._run_tiled(small, weights)
         if small is not rgb:
             size = tuple(rgb.shape[-2:])

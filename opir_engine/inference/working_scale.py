@@ -8,6 +8,13 @@ restored at that side, and only the correction the model made, restored minus in
 brought back up to full size and added to the full-size photo: weather is removed at the scale
 the model knows, while the photo's own fine detail, which the shrunken copy lost, is kept (it
 is in the full-size input, not in the correction).
+
+Which side is right depends on the photo: its streaks, flakes and haze gradients are as large
+as the scene was photographed and the photo enlarged, so one fixed side leaves them in some
+photos and blurs the correction of others. With the working side "auto", a photo longer than
+`AUTO_ABOVE` is restored at each side of `AUTO_SIDES` shorter than it, and the restoration that
+leaves the least line-like structure (`streaks.streak_energy`) is kept; docs/design.md has the
+figures per weather. Photos no longer than `AUTO_ABOVE` are restored at full size.
 """
 
 from __future__ import annotations
@@ -17,6 +24,19 @@ from torch import Tensor
 
 # Defined beside the reader, which shrinks training photos to the same size; named here too.
 from opir_engine.image_io.sizing import working_size
+
+AUTO = "auto"
+AUTO_ABOVE = 1024  # photos no longer than this are restored at full size under "auto"
+AUTO_SIDES = (512, 768, 1024, 1536)  # tried for a longer photo, those shorter than it
+
+
+def auto_sides(height: int, width: int) -> tuple[int | None, ...]:
+    """The working sides "auto" tries for a photo of this size (None: full size; a single
+    side: nothing to choose)."""
+    long_side = max(height, width)
+    if long_side <= AUTO_ABOVE:
+        return (None,)
+    return tuple(side for side in AUTO_SIDES if side < long_side)
 
 
 def shrink_to_side(image: Tensor, side: int) -> Tensor:
