@@ -402,9 +402,8 @@ def restore(
         "auto",  # engine.DEFAULT_WORK_SIDE
         metavar="auto|N",
         help="Photos longer than N are restored at N and the correction is carried back to full "
-        "size (the model knows weather at the scale it trained on); 0: full size; auto: 1024, "
-        "and for rain and snow photos over 1024 px the side of 512-1536 that leaves the fewest "
-        "streaks.",
+        "size (the model knows weather at the scale it trained on); 0: full size; auto: a photo "
+        "over 1024 px at the side of 512-1536 that leaves the fewest streak-like lines.",
     ),
     batch_size: int = typer.Option(1, min=1, metavar="N", help="Tiles per forward pass."),
     compile: bool | None = typer.Option(
