@@ -99,6 +99,7 @@ def main(argv: list[str]) -> None:
     for kind, task, name, degraded, target in _cases(args):
         row = {"kind": kind, "task": task, "name": name, "size": list(degraded.shape[-2:])}
         row["input_psnr"] = psnr(degraded, target)
+        input_lines = streak_energy(degraded)  # once per photo, for every side
         for side, engine in engines.items():
             t0 = time.perf_counter()
             result = engine.restore(degraded, task=task)
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> None:
             # what each candidate rule for choosing the side per photo would read: weather left
             # (needs the target), and three figures a user's photo has (no target)
             row[f"left_{side}"] = weather_left(degraded, output, target)
-            row[f"lines_{side}"] = streak_energy(output) / max(streak_energy(degraded), 1e-12)
+            row[f"lines_{side}"] = streak_energy(output) / max(input_lines, 1e-12)
             row[f"uncertainty_{side}"] = float(result.uncertainty.mean())
             row[f"change_{side}"] = float((output - degraded).abs().mean())
             row[f"work_size_{side}"] = result.work_size

@@ -92,14 +92,16 @@ def _main(
     """Restore photos degraded by rain, snow and haze with one all-in-one OPIR model."""
 
 
-def _work_side(value: str, error: type[Exception]) -> int | str | None:
+def _work_side(value: str) -> int | str | None:
     """--work-side: "auto", a number of pixels, or 0 for full size (None)."""
+    from opir_engine.batch.runner import UsageError
+
     if value == "auto":
         return value
     try:
         side = int(value)
     except ValueError:
-        raise error(f"--work-side must be auto or a number of pixels; got {value!r}") from None
+        raise UsageError(f"--work-side must be auto or a number of pixels; got {value!r}") from None
     return side or None
 
 
@@ -458,7 +460,7 @@ def restore(
         jobs = plan_jobs(input, output, recursive=recursive, fmt=format, suffix=suffix)
         if backend not in ("local", "ray"):
             raise UsageError(f"--backend must be local or ray; got {backend!r}")
-        side = _work_side(work_side, UsageError)
+        side = _work_side(work_side)
     except UsageError as e:
         err.print(usage_error_line(e), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from e

@@ -77,7 +77,7 @@ def eval_engine(
     per_set: bool = False,
     precision: str = "auto",
 ) -> int:
-    from opir_engine.inference.engine import EngineError, OPIREngine
+    from opir_engine.inference.engine import EngineError, OPIREngine, describe
 
     err = Console(stderr=True, highlight=False)
     if split is not None and data_root is None:
@@ -98,8 +98,8 @@ def eval_engine(
     rows = evaluate_engine(engine, items, y_channel=y, per_set=per_set)
     if split is not None:
         rows += evaluate_head(engine, photo_items(split, data_root))
-    dtype = str(engine.dtype).removeprefix("torch.")
-    table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto, {dtype})")
+    precision = describe(engine)["precision"]
+    table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto, {precision})")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
                 "weather left", "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
         table.add_column(col, justify="right")

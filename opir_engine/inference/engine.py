@@ -399,11 +399,13 @@ class OPIREngine:
         if self.work_side != AUTO:
             return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
         sides = auto_sides(*rgb.shape[-2:])
+        if len(sides) == 1:  # nothing to choose: no line energy to measure
+            return self._restore_at_side(rgb, weights, sides[0])
         best, best_lines, processed = None, float("inf"), 0
         for side in sides:
             candidate = self._restore_at_side(rgb, weights, side)
             processed += candidate[2]
-            lines = streak_energy(candidate[0]) if len(sides) > 1 else 0.0
+            lines = streak_energy(candidate[0])
             if lines < best_lines:
                 best, best_lines = candidate, lines
         restored, uncertainty, _, work_size = best  # type: ignore[misc]
