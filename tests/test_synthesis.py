@@ -152,6 +152,20 @@ def test_rain_only_adds_light(photos: torch.Tensor) -> None:
         assert (out > photos + 0.05).any()
 
 
+def test_rain_sampler_leans_both_ways_and_draws_downpours() -> None:
+    # What scripts/measure_rain.py reads on the paired sets: rain leaning 30-45 degrees
+    # (Outdoor-Rain) either way, near-vertical rain (RainTrainH), and RainTrainH's thick veil
+    draws = [syn.sample_rain_params(np.random.default_rng(seed)) for seed in range(400)]
+    winds = np.array([np.mean([x.angle_deg for x in p.layers]) for p in draws])
+    assert (winds > 30).mean() > 0.1 and (winds < -30).mean() > 0.1
+    assert (np.abs(winds) < 10).mean() > 0.25
+    for p in draws:  # one photo's rain falls one way
+        angles = [x.angle_deg for x in p.layers]
+        assert max(angles) - min(angles) < 20
+    veils = np.array([p.veil for p in draws])
+    assert 0.1 < (veils > 0.2).mean() < 0.3 and veils.max() < 0.35
+
+
 def test_rain_is_clean_plus_streak_layers(photos: torch.Tensor) -> None:
     params = _rain()
     streaks = render_rain_streaks(3, 96, 128, params, seed=5)
