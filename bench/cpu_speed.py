@@ -1,9 +1,10 @@
 """The CPU speed-ups against the code paths they replaced, side by side in one process: the TAM
 tabulated against the TAM evaluated directly (kernels/tam_modulation.py), and the KPN on
-channels-last maps against the plain layout (model/kpn.py), alone and together, and both with
-bfloat16 (the model in bf16 for a forward, as `opir restore --precision bf16` runs it; bf16
-autocast for a training step); per module, per image through the shipped model, and per training
-step.
+channels-last maps against the plain layout (model/kpn.py), alone and together; then with the
+NAFBlock's residual and LayerNorm in native kernels (kernels/layer_norm.py) against PyTorch's,
+and that with bfloat16 (the model in bf16 for a forward, as `opir restore --precision bf16` runs
+it; bf16 autocast for a training step); per module, per image through the shipped model, and per
+training step.
 
     python bench/cpu_speed.py                        # sizes 256,512,1024; 5 rounds
     python bench/cpu_speed.py --train-steps 200      # also compare 200 training steps' losses
@@ -32,31 +33,35 @@ from machine import describe_machine, machine_tag  # bench/machine.py (the scrip
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.model.flops import count_opir_flops
 from opir_engine.weights import load_checkpoint
+from opir_kernels.layer_norm import native_layer_norm
 from opir_kernels.tam_modulation import tam_form
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("direct", "tabulated")
-# name: (TAM form, KPN on channels-last maps, bf16); "before" is the code as it was. "bf16" is
-# both with the model in bfloat16 (`--precision bf16`) for a forward, under bf16 autocast (weights,
-# gradients and Adam in fp32) for a training step
+# name: (TAM form, KPN on channels-last maps, bf16, the norm's native kernels); "before" is the
+# code as it was. "now, bf16" is now with the model in bfloat16 (`--precision bf16`) for a
+# forward, under bf16 autocast (weights, gradients and Adam in fp32) for a training step; the
+# native norm takes fp32 only, so it runs PyTorch's there
 VARIANTS = {
-    "before": ("direct", False, False),
-    "tabulated TAM": ("tabulated", False, False),
-    "channels-last KPN": ("direct", True, False),
-    "both (now)": ("tabulated", True, False),
-    "both, bf16": ("tabulated", True, True),
+    "before": ("direct", False, False, False),
+    "tabulated TAM": ("tabulated", False, False, False),
+    "channels-last KPN": ("direct", True, False, False),
+    "both": ("tabulated", True, False, False),
+    "now (both, native LayerNorm)": ("tabulated", True, False, True),
+    "now, bf16": ("tabulated", True, True, True),
 }
+NOW, BF16 = "now (both, native LayerNorm)", "now, bf16"
 
 
 @contextlib.contextmanager
 def _variant(name: str, models: list[OPIR]) -> Iterator[None]:
     """Inside the block, `models` run as `name` says (a TAM form alone where `name` is one)."""
-    form, channels_last, _ = VARIANTS.get(name, (name, True, False))
+    form, channels_last, _, native_norm = VARIANTS.get(name, (name, True, False, True))
     for model in models:
         model.kpn.channels_last = channels_last
     try:
-        with tam_form(form):
+        with tam_form(form), native_layer_norm(native_norm):
             yield
     finally:
         for model in models:
@@ -127,7 +132,7 @@ def whole_model(model: OPIR, size: int, rounds: int) -> tuple[dict[str, float], 
     with torch.no_grad():
         runs = {name: forward(name) for name in VARIANTS}
         times = _interleaved(runs, rounds, [model, half])
-        error = (runs["both, bf16"]().float() - runs["both (now)"]()).square().mean()
+        error = (runs[BF16]().float() - runs[NOW]()).square().mean()
     return times, float(-10 * torch.log10(error))
 
 
@@ -174,14 +179,14 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
     result: dict = {"median_step_ms": _interleaved(runs, rounds, models)}
     if steps:
         losses = {}
-        for name in ("before", "both (now)", "both, bf16"):
+        for name in ("before", NOW, BF16):
             model, optimizer = trainer()
             with _variant(name, [model]):
                 losses[name] = [step(model, optimizer, i, VARIANTS[name][2]) for i in range(steps)]
         result["loss_curves"] = losses
         result["max_loss_difference"] = {
             name: max(abs(a - b) for a, b in zip(losses["before"], losses[name], strict=True))
-            for name in ("both (now)", "both, bf16")
+            for name in (NOW, BF16)
         }
         result["final_losses"] = {name: curve[-1] for name, curve in losses.items()}
     return result
@@ -244,9 +249,9 @@ def main() -> None:
         final = train["final_losses"]
         diff = train["max_loss_difference"]
         lines += ["", f"Loss over {args.train_steps} training steps from one init and the same "
-                  f"batches, largest difference from before: now {diff['both (now)']:.2e}, bf16 "
-                  f"autocast {diff['both, bf16']:.2e}; final loss {final['before']:.5f} before, "
-                  f"{final['both (now)']:.5f} now, {final['both, bf16']:.5f} bf16."]  # fmt: skip
+                  f"batches, largest difference from before: now {diff[NOW]:.2e}, bf16 "
+                  f"autocast {diff[BF16]:.2e}; final loss {final['before']:.5f} before, "
+                  f"{final[NOW]:.5f} now, {final[BF16]:.5f} bf16."]  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"cpu_speed-{machine_tag(result['machine'])}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

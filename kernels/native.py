@@ -1,11 +1,14 @@
-"""The op's native CPU kernels (`inverse_operator_cpu.c`): built at first use, called by ctypes.
+"""The native CPU kernels, built at first use and called by ctypes: the op's
+(`inverse_operator_cpu.c`, wrapped here) and the NAFBlock's LayerNorm (`layer_norm_cpu.c`,
+wrapped in `layer_norm.py`).
 
-The C source is compiled once per machine with the system C compiler (the same requirement as
-`torch.compile` on CPU and Triton) into a per-user cache, keyed by a hash of the source, the
-flags, the compiler and the CPU, so a shared home directory on a cluster never hands one machine
-a library built for another CPU's instruction set. Where no compiler is found or the build
-fails, `available()` is False, `unavailable_reason()` says why, and the op runs the PyTorch
-reference instead (saying so once, `op._say_native_fallback_once`).
+The C sources are compiled together once per machine with the system C compiler (the same
+requirement as `torch.compile` on CPU and Triton) into one library in a per-user cache, keyed
+by a hash of the sources, the flags and the CPU, so a shared home directory on a cluster never
+hands one machine a library built for another CPU's instruction set. Where no compiler is found
+or the build fails, `available()` is False, `unavailable_reason()` says why, and the op and the
+LayerNorm run their PyTorch references instead (the op says so once,
+`op._say_native_fallback_once`).
 
 Rows are split across `torch.get_num_threads()` Python threads, one ctypes call each (ctypes
 releases the GIL), rather than with OpenMP: a second OpenMP runtime's spinning threads would
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("inverse_operator_cpu.c")
+SOURCES = (SOURCE, Path(__file__).with_name("layer_norm_cpu.c"))
 # gnu11, not c11: ISO mode turns off fused multiply-add contraction. The first set that builds
 # is used: -march=native for this CPU's vector unit; on x86 512-bit vectors preferred, since gcc
 # otherwise splits the source's 64-byte vectors into two 32-byte halves and spills registers.
@@ -89,10 +93,9 @@ def _cache_dir() -> Path:
 def _build() -> ctypes.CDLL:
     # The key is what the machine code depends on (not the compiler: a cached library loads
     # on a machine that has none).
-    key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), repr(FLAG_SETS), _cpu_signature())).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"inverse_operator_cpu-{key}.so"
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join((*texts, repr(FLAG_SETS), _cpu_signature())).encode())
+    target = _cache_dir() / f"opir_native-{key.hexdigest()[:16]}.so"
     if not target.exists():
         compiler = _compiler()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +106,15 @@ def _build() -> ctypes.CDLL:
         try:
             for flags in FLAG_SETS:
                 done = subprocess.run(
-                    [compiler, *flags, str(SOURCE), "-o", tmp],
+                    [compiler, *flags, *map(str, SOURCES), "-o", tmp],
                     capture_output=True, text=True, check=False,
                 )  # fmt: skip
                 if done.returncode == 0:
                     break
             else:
                 last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                raise RuntimeError(f"{Path(compiler).name} failed on {SOURCE.name}: {last}")
+                names = ", ".join(source.name for source in SOURCES)
+                raise RuntimeError(f"{Path(compiler).name} failed on {names}: {last}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -121,7 +125,17 @@ def _build() -> ctypes.CDLL:
     library.opir_inverse_operator_backward.argtypes = [p] * 7 + [i64] * 4 + [p] * 5 + [i64] * 2
     library.opir_inverse_operator_forward.restype = None
     library.opir_inverse_operator_backward.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64] * 2
+    library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64] * 2
+    library.opir_layer_norm_forward.restype = None
+    library.opir_layer_norm_backward.restype = None
     return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (built on the first call), or None where it cannot be built."""
+    return _load()
 
 
 def _load() -> ctypes.CDLL | None:
@@ -170,21 +184,33 @@ def supports(image: Tensor, dilations: Sequence[int]) -> bool:
     )
 
 
-def _over_rows(fn: Callable[..., int | None], args: list, rows: int) -> None:
-    """Call `fn(*args, begin, end)` over [0, rows), split across torch's thread count."""
+def over_rows(
+    fn: Callable[..., int | None],
+    args: list,
+    rows: int,
+    per_part: Callable[[int, int], list] | None = None,
+    min_rows: int = _MIN_ROWS_PER_THREAD,
+) -> None:
+    """Call `fn(*args, *per_part(part, parts), begin, end)` over [0, rows), split into parts
+    across torch's thread count, each part at least `min_rows` rows."""
     global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD))
+    threads = max(1, min(torch.get_num_threads(), rows // min_rows))
     bounds = [rows * t // threads for t in range(threads + 1)]
+
+    def call(t: int) -> int | None:
+        extra = [] if per_part is None else per_part(t, threads)
+        return fn(*args, *extra, bounds[t], bounds[t + 1])
+
     if threads == 1:
-        results = [fn(*args, 0, rows)]
+        results = [call(0)]
     else:
         with _lock:
             if _pool is None or _pool_size < threads:
                 _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="opir-native")
                 _pool_size = threads
             pool = _pool
-        futures = [pool.submit(fn, *args, bounds[t], bounds[t + 1]) for t in range(1, threads)]
-        results = [fn(*args, bounds[0], bounds[1])] + [f.result() for f in futures]
+        futures = [pool.submit(call, t) for t in range(1, threads)]
+        results = [call(0)] + [f.result() for f in futures]
     if any(r not in (None, 0) for r in results):
         raise MemoryError("opir native kernel: could not allocate its row buffer")
 
@@ -208,7 +234,7 @@ def _madvise() -> Callable[[int, int, int], int] | None:
 _madvise_fn = _madvise()
 
 
-def _empty(shape: Sequence[int]) -> Tensor:
+def empty(shape: Sequence[int]) -> Tensor:
     """A new fp32 output, asked to be backed by 2 MiB pages where it is large.
 
     The kernels write every element once. With glibc's defaults each big output is a fresh mmap
@@ -259,14 +285,14 @@ def forward(
     )
     dil = torch.tensor(list(dilations), dtype=torch.int64)
     zeros, zero = _zero_row(w, dilations)
-    restored = _empty((b, c, h, w))
-    uncertainty = _empty((b, 1, h, w))
+    restored = empty((b, c, h, w))
+    uncertainty = empty((b, 1, h, w))
     args = [
         _ptr(image), _ptr(kernel), _ptr(modulation), _ptr(fusion_logits), _ptr(bias),
         dil.data_ptr(), len(dilations), c, h, w, zero, restored.data_ptr(),
         uncertainty.data_ptr(),
     ]  # fmt: skip
-    _over_rows(library.opir_inverse_operator_forward, args, b * h)
+    over_rows(library.opir_inverse_operator_forward, args, b * h)
     del zeros
     return restored.to(out_dtype), uncertainty.to(out_dtype)
 
@@ -292,16 +318,16 @@ def backward(
     )
     dil = torch.tensor(list(dilations), dtype=torch.int64)
     zeros, zero = _zero_row(w, dilations)
-    g_image = _empty(image.shape)
-    g_kernel = _empty(kernel.shape)
-    g_mod = None if modulation is None else _empty(modulation.shape)
-    g_logits = _empty(fusion_logits.shape)
+    g_image = empty(image.shape)
+    g_kernel = empty(kernel.shape)
+    g_mod = None if modulation is None else empty(modulation.shape)
+    g_logits = empty(fusion_logits.shape)
     args = [
         _ptr(g), _ptr(gu), _ptr(image), _ptr(kernel), _ptr(modulation), _ptr(fusion_logits),
         dil.data_ptr(), s, c, h, w, zero, _ptr(g_image), _ptr(g_kernel), _ptr(g_mod),
         _ptr(g_logits),
     ]  # fmt: skip
-    _over_rows(library.opir_inverse_operator_backward, args, b * h)
+    over_rows(library.opir_inverse_operator_backward, args, b * h)
     del zeros
     return (
         g_image.to(dtypes[0]),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from opir_kernels.layer_norm import layer_norm_channels
 
 
 class LayerNorm2d(nn.Module):
@@ -19,9 +20,12 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # On a channels-last map (how the KPN runs) the permute is a view, not a copy
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return layer_norm_channels(x, self.weight, self.bias, self.eps)[1]
+
+    def after_residual(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + y scale, its LayerNorm): a block's residual and the norm that follows it, in
+        one pass over the map where the native kernels run (kernels/layer_norm.py)."""
+        return layer_norm_channels(x, self.weight, self.bias, self.eps, y, scale)
 
 
 class SimpleGate(nn.Module):
@@ -165,6 +169,6 @@ class NAFBlock(nn.Module):
 
     def _finish(self, x: Tensor, y: Tensor) -> Tensor:
         """The block after its channel attention: projection, residual, gated feed-forward."""
-        x = torch.addcmul(x, self.conv3(y), self.beta)  # x + conv3(y) beta in one pass
-        y = self.sg(self.conv4(self.norm2(x)))
+        x, normed = self.norm2.after_residual(x, self.conv3(y), self.beta)  # x + conv3(y) beta
+        y = self.sg(self.conv4(normed))
         return torch.addcmul(x, self.conv5(y), self.gamma)

@@ -1,0 +1,204 @@
+"""The NAFBlock's LayerNorm over the channels of each pixel, optionally with the residual before
+it: `v = x + y * scale`, `n = LayerNorm_C(v) * weight + bias` (NAFNet, Chen et al. 2022; the
+residual is the block's `x + beta * conv3(y)`, its norm the feed-forward's input).
+
+- `layer_norm_reference`: the PyTorch form, `addcmul` then `F.layer_norm` on the channels-last
+  view; what runs on GPUs, in other dtypes and layouts, and under torch.compile;
+- `layer_norm_channels`: the entry point. On CPU fp32 channels-last maps (how the KPN runs on
+  the CPU) it calls the native kernels of `layer_norm_cpu.c`, one pass per pixel forward and
+  backward, through the custom op `opir::layer_norm_native`; elsewhere the reference.
+
+The op's backend choice (`kernel_backend`) applies: "reference" runs the reference here too;
+`native_layer_norm(False)` runs it for the norm alone (what the benchmarks compare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import native
+from .op import current_backend
+
+_native_on: ContextVar[bool] = ContextVar("opir_native_layer_norm", default=True)
+
+
+@contextlib.contextmanager
+def native_layer_norm(enabled: bool) -> Iterator[None]:
+    """Let the norm use its native kernels (the default) or not, in this thread, while the block
+    runs; the op's backend is left as it is."""
+    token = _native_on.set(enabled)
+    try:
+        yield
+    finally:
+        _native_on.reset(token)
+
+
+def layer_norm_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    y: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(v, n) for x (B, C, H, W): v = x + y * scale (x itself without y; scale (1, C, 1, 1)),
+    n = LayerNorm of v over C, times weight (C,), plus bias (C,)."""
+    v = x if y is None else torch.addcmul(x, y, scale)
+    # On a channels-last map the permute is a view, not a copy
+    n = F.layer_norm(v.permute(0, 2, 3, 1), v.shape[1:2], weight, bias, eps)
+    return v, n.permute(0, 3, 1, 2)
+
+
+def native_supports(x: Tensor, y: Tensor | None) -> bool:
+    """Whether the native kernels take these maps: CPU fp32, dense channels-last."""
+    maps = (x,) if y is None else (x, y)
+    return (
+        all(
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.dim() == 4
+            and t.is_contiguous(memory_format=torch.channels_last)
+            for t in maps
+        )
+        and (y is None or y.shape == x.shape)
+        and native.available()
+    )
+
+
+def layer_norm_channels(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    y: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`layer_norm_reference`'s (v, n), by the native kernels where they take the maps (and
+    the backend is not "reference"), else by the reference."""
+    params_fp32 = all(
+        t.dtype == torch.float32 for t in (weight, bias, *(() if scale is None else (scale,)))
+    )
+    if (
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace the ContextVar read
+        and current_backend() in ("auto", "native")
+        and _native_on.get()
+        and params_fp32
+        and native_supports(x, y)
+    ):
+        v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps)
+        return (x if y is None else v), n
+    return layer_norm_reference(x, weight, bias, eps, y, scale)
+
+
+def _channels(t: Tensor, c: int) -> Tensor:
+    return t.reshape(c).contiguous()
+
+
+@torch.library.custom_op("opir::layer_norm_native", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    y: Tensor | None,
+    scale: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(v, n, mean, rstd); v is empty without y (it is x). mean, rstd: (B, H, W)."""
+    library = native.library()
+    assert library is not None, "check native_supports() first"
+    b, c, h, w = x.shape
+    out_n = torch.empty_like(x)
+    out_v = torch.empty_like(x) if y is not None else x.new_empty((0,))
+    mean = x.new_empty((b, h, w))
+    rstd = x.new_empty((b, h, w))
+    s = None if scale is None else _channels(scale, c)
+    w_, b_ = _channels(weight, c), _channels(bias, c)
+    args = [
+        x.data_ptr(), None if y is None else y.data_ptr(), None if s is None else s.data_ptr(),
+        w_.data_ptr(), b_.data_ptr(), eps, c, None if y is None else out_v.data_ptr(),
+        out_n.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+    ]  # fmt: skip
+    native.over_rows(library.opir_layer_norm_forward, args, b * h * w, min_rows=4096)
+    return out_v, out_n, mean, rstd
+
+
+@_forward_op.register_fake
+def _(x, y, scale, weight, bias, eps):  # type: ignore[no-untyped-def]
+    b, _, h, w = x.shape
+    out_v = torch.empty_like(x) if y is not None else x.new_empty((0,))
+    return out_v, torch.empty_like(x), x.new_empty((b, h, w)), x.new_empty((b, h, w))
+
+
+@torch.library.custom_op("opir::layer_norm_native_backward", mutates_args=())
+def _backward_op(
+    grad_n: Tensor,
+    grad_v: Tensor | None,
+    v: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    y: Tensor | None,
+    scale: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Grads for (x, y, weight, bias, scale); y's and scale's are empty without y."""
+    library = native.library()
+    assert library is not None, "check native_supports() first"
+    b, c, h, w = v.shape
+    # The gradients reaching the op may be in any layout: the kernels read channels-last rows
+    grad_n = grad_n.contiguous(memory_format=torch.channels_last)
+    if grad_v is not None:
+        grad_v = grad_v.contiguous(memory_format=torch.channels_last)
+    g_x = torch.empty_like(v)
+    g_y = torch.empty_like(v) if y is not None else v.new_empty((0,))
+    parts = torch.get_num_threads()
+    partials = v.new_zeros((3, parts, c))
+    s = None if scale is None else _channels(scale, c)
+    w_ = _channels(weight, c)
+
+    def per_part(part: int, count: int) -> list:
+        return [int(partials[k, part].data_ptr()) for k in range(3)]
+
+    args = [
+        grad_n.data_ptr(), None if grad_v is None else grad_v.data_ptr(), v.data_ptr(),
+        mean.data_ptr(), rstd.data_ptr(), w_.data_ptr(), None if y is None else y.data_ptr(),
+        None if s is None else s.data_ptr(), c, g_x.data_ptr(),
+        None if y is None else g_y.data_ptr(),
+    ]  # fmt: skip
+    native.over_rows(library.opir_layer_norm_backward, args, b * h * w, per_part, min_rows=4096)
+    g_w, g_b, g_s = (partials[k].sum(dim=0) for k in range(3))  # three tensors, not views
+    g_scale = v.new_empty((0,)) if scale is None else g_s.reshape(scale.shape).to(scale.dtype)
+    return g_x, g_y, g_w.to(weight.dtype), g_b.to(weight.dtype), g_scale
+
+
+@_backward_op.register_fake
+def _(grad_n, grad_v, v, mean, rstd, weight, y, scale):  # type: ignore[no-untyped-def]
+    g_y = torch.empty_like(v) if y is not None else v.new_empty((0,))
+    g_scale = v.new_empty((0,)) if scale is None else torch.empty_like(scale)
+    return torch.empty_like(v), g_y, torch.empty_like(weight), torch.empty_like(weight), g_scale
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, y, scale, weight, _, _ = inputs
+    out_v, _, mean, rstd = output
+    ctx.save_for_backward(x if y is None else out_v, mean, rstd, weight, y, scale)
+
+
+def _backward(ctx, grad_v, grad_n, _grad_mean, _grad_rstd):  # type: ignore[no-untyped-def]
+    v, mean, rstd, weight, y, scale = ctx.saved_tensors
+    if y is None:
+        grad_v = None  # v is not an output without y (the caller returns x itself)
+    if grad_n is None:
+        grad_n = torch.zeros_like(v)
+    g_x, g_y, g_w, g_b, g_scale = _backward_op(grad_n, grad_v, v, mean, rstd, weight, y, scale)
+    if y is None:
+        return g_x, None, None, g_w, g_b, None
+    return g_x, g_y, g_scale, g_w, g_b, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

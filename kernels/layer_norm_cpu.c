@@ -1,0 +1,174 @@
+/* The NAFBlock's LayerNorm over channels, with the residual before it, on the CPU: forward and
+ * backward in fp32 (layer_norm.py has the maths and the PyTorch reference these are tested
+ * against).
+ *
+ * Why native code: on a channels-last map each pixel's C channels (16 to 256 in the KPN) are one
+ * short contiguous row, and PyTorch's LayerNorm pays a row's overhead for every pixel (about a
+ * sixth of copy bandwidth at C = 16), then `addcmul` reads the map again for the residual. Here
+ * one pass per pixel forms the residual v = x + y * scale, its mean and variance, and the
+ * normalised output, with the channels in SIMD vectors; the backward is one pass as well, with
+ * the weight, bias and scale gradients summed per call into the caller's partial rows.
+ *
+ * Layout: (P, C) fp32 rows, P = B*H*W pixels, C contiguous (a channels-last map). Functions work
+ * on pixels [begin, end), so the caller splits them across threads (native.py does, one ctypes
+ * call per thread, each with its own partial rows for the parameter gradients).
+ *
+ * SIMD through GCC/Clang vector extensions, so the same source builds for AVX-512, AVX2 or NEON;
+ * C a multiple of the vector length takes the vector code, any other C a scalar loop. Sums over
+ * channels add lane by lane, then the lanes in a fixed order: results do not depend on threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define LN_VL 16
+#else
+#define LN_VL 8
+#endif
+
+typedef float lnv __attribute__((vector_size(LN_VL * sizeof(float))));
+
+static inline lnv ln_ld(const float *p) {
+    lnv v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void ln_st(float *p, lnv v) { memcpy(p, &v, sizeof v); }
+
+static inline lnv ln_splat(float x) { return (lnv){0} + x; }
+
+static inline float ln_hsum(lnv v) {
+    float s = 0.0f;
+    for (int l = 0; l < LN_VL; ++l) s += v[l];
+    return s;
+}
+
+/* v = x + y * scale (y NULL: v = x), n = (v - mean) rstd weight + bias; out_v written only when
+ * y is given (v is x otherwise); mean and rstd per pixel, for the backward. */
+void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
+                             const float *weight, const float *bias, float eps, int64_t C,
+                             float *out_v, float *out_n, float *mean, float *rstd,
+                             int64_t begin, int64_t end) {
+    const float inv_c = 1.0f / (float)C;
+    if (C % LN_VL == 0 && C <= 512) {
+        const int64_t nv = C / LN_VL;
+        lnv v[512 / LN_VL];
+        for (int64_t p = begin; p < end; ++p) {
+            const int64_t o = p * C;
+            lnv acc = {0};
+            for (int64_t k = 0; k < nv; ++k) {
+                lnv t = ln_ld(x + o + k * LN_VL);
+                if (y) t += ln_ld(y + o + k * LN_VL) * ln_ld(scale + k * LN_VL);
+                v[k] = t;
+                acc += t;
+            }
+            const float m = ln_hsum(acc) * inv_c;
+            const lnv mv = ln_splat(m);
+            lnv sq = {0};
+            for (int64_t k = 0; k < nv; ++k) {
+                const lnv d = v[k] - mv;
+                sq += d * d;
+            }
+            const float r = 1.0f / sqrtf(ln_hsum(sq) * inv_c + eps);
+            const lnv rv = ln_splat(r);
+            for (int64_t k = 0; k < nv; ++k) {
+                if (y) ln_st(out_v + o + k * LN_VL, v[k]);
+                ln_st(out_n + o + k * LN_VL, (v[k] - mv) * rv * ln_ld(weight + k * LN_VL) +
+                                                 ln_ld(bias + k * LN_VL));
+            }
+            mean[p] = m;
+            rstd[p] = r;
+        }
+        return;
+    }
+    for (int64_t p = begin; p < end; ++p) {
+        const int64_t o = p * C;
+        float s = 0.0f;
+        for (int64_t k = 0; k < C; ++k) {
+            const float t = y ? x[o + k] + y[o + k] * scale[k] : x[o + k];
+            if (y) out_v[o + k] = t;
+            s += t;
+        }
+        const float *v = y ? out_v + o : x + o;
+        const float m = s * inv_c;
+        float q = 0.0f;
+        for (int64_t k = 0; k < C; ++k) q += (v[k] - m) * (v[k] - m);
+        const float r = 1.0f / sqrtf(q * inv_c + eps);
+        for (int64_t k = 0; k < C; ++k) out_n[o + k] = (v[k] - m) * r * weight[k] + bias[k];
+        mean[p] = m;
+        rstd[p] = r;
+    }
+}
+
+/* Gradients of the forward: g_n (and g_v, the gradient reaching v directly, or NULL) in;
+ * g_x = dL/dv; g_y = dL/dv scale when y is given; the weight, bias and scale gradients of
+ * pixels [begin, end) added into part_w, part_b, part_scale (C each). v is out_v (or x). */
+void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v,
+                              const float *mean, const float *rstd, const float *weight,
+                              const float *y, const float *scale, int64_t C, float *g_x,
+                              float *g_y, float *part_w, float *part_b, float *part_scale,
+                              int64_t begin, int64_t end) {
+    const float inv_c = 1.0f / (float)C;
+    if (C % LN_VL == 0 && C <= 512) {
+        const int64_t nv = C / LN_VL;
+        lnv acc_w[512 / LN_VL], acc_b[512 / LN_VL], acc_s[512 / LN_VL];
+        lnv xh[512 / LN_VL], gh[512 / LN_VL];
+        for (int64_t k = 0; k < nv; ++k) acc_w[k] = acc_b[k] = acc_s[k] = (lnv){0};
+        for (int64_t p = begin; p < end; ++p) {
+            const int64_t o = p * C;
+            const lnv mv = ln_splat(mean[p]), rv = ln_splat(rstd[p]);
+            lnv sa = {0}, sb = {0};
+            for (int64_t k = 0; k < nv; ++k) {
+                const lnv gn = ln_ld(g_n + o + k * LN_VL);
+                xh[k] = (ln_ld(v + o + k * LN_VL) - mv) * rv;
+                gh[k] = gn * ln_ld(weight + k * LN_VL);
+                sa += gh[k];
+                sb += gh[k] * xh[k];
+                acc_w[k] += gn * xh[k];
+                acc_b[k] += gn;
+            }
+            const lnv a = ln_splat(ln_hsum(sa) * inv_c), b = ln_splat(ln_hsum(sb) * inv_c);
+            for (int64_t k = 0; k < nv; ++k) {
+                lnv d = rv * (gh[k] - a - xh[k] * b);
+                if (g_v) d += ln_ld(g_v + o + k * LN_VL);
+                ln_st(g_x + o + k * LN_VL, d);
+                if (y) {
+                    ln_st(g_y + o + k * LN_VL, d * ln_ld(scale + k * LN_VL));
+                    acc_s[k] += d * ln_ld(y + o + k * LN_VL);
+                }
+            }
+        }
+        for (int64_t k = 0; k < nv; ++k) {
+            ln_st(part_w + k * LN_VL, ln_ld(part_w + k * LN_VL) + acc_w[k]);
+            ln_st(part_b + k * LN_VL, ln_ld(part_b + k * LN_VL) + acc_b[k]);
+            if (y) ln_st(part_scale + k * LN_VL, ln_ld(part_scale + k * LN_VL) + acc_s[k]);
+        }
+        return;
+    }
+    for (int64_t p = begin; p < end; ++p) {
+        const int64_t o = p * C;
+        const float m = mean[p], r = rstd[p];
+        float sa = 0.0f, sb = 0.0f;
+        for (int64_t k = 0; k < C; ++k) {
+            const float xh = (v[o + k] - m) * r, gh = g_n[o + k] * weight[k];
+            sa += gh;
+            sb += gh * xh;
+            part_w[k] += g_n[o + k] * xh;
+            part_b[k] += g_n[o + k];
+        }
+        sa *= inv_c;
+        sb *= inv_c;
+        for (int64_t k = 0; k < C; ++k) {
+            const float xh = (v[o + k] - m) * r;
+            float d = r * (g_n[o + k] * weight[k] - sa - xh * sb);
+            if (g_v) d += g_v[o + k];
+            g_x[o + k] = d;
+            if (y) {
+                g_y[o + k] = d * scale[k];
+                part_scale[k] += d * y[o + k];
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+"""The NAFBlock's LayerNorm (kernels/layer_norm.py): the native kernels against the PyTorch
+reference, forward and gradients, on the shapes and layouts the KPN gives them, and which
+implementation runs where."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opir_engine.model.nafnet import NAFBlock
+from opir_kernels import native
+from opir_kernels.inverse_operator import kernel_backend
+from opir_kernels.layer_norm import layer_norm_channels, layer_norm_reference, native_supports
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+EPS = 1e-6
+
+
+def _maps(b: int, c: int, h: int, w: int, residual: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def cl(*shape: int) -> torch.Tensor:
+        t = torch.randn(*shape, generator=g).to(memory_format=torch.channels_last)
+        return t.requires_grad_()
+
+    # An offset and spread per channel, as the KPN's maps have: the mean matters
+    x = (cl(b, c, h, w) * 3 + 1.5).detach().requires_grad_()
+    return {
+        "x": x,
+        "weight": torch.randn(c, generator=g).requires_grad_(),
+        "bias": torch.randn(c, generator=g).requires_grad_(),
+        "y": cl(b, c, h, w) if residual else None,
+        "scale": torch.randn(1, c, 1, 1, generator=g).requires_grad_() if residual else None,
+    }
+
+
+def _run(fn, maps: dict, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, list]:
+    v, n = fn(maps["x"], maps["weight"], maps["bias"], EPS, maps["y"], maps["scale"])
+    g = torch.Generator().manual_seed(seed)
+    # Gradients reach both outputs (the residual stream goes on past the norm), in plain layout
+    loss = (n * torch.randn(n.shape, generator=g)).sum() + (
+        v * torch.randn(v.shape, generator=g)
+    ).sum()
+    inputs = [t for t in maps.values() if t is not None]
+    return v, n, list(torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "residual+norm"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 16, 9, 13), (1, 32, 7, 5), (3, 64, 4, 4), (1, 256, 2, 3), (2, 24, 5, 6), (1, 16, 1, 1)],
+    ids=["C16", "C32", "C64", "C256", "C24-scalar", "one-pixel"],
+)
+def test_native_matches_reference_forward_and_gradients(shape: tuple, residual: bool) -> None:
+    maps = _maps(*shape, residual=residual)
+    v, n, grads = _run(layer_norm_channels, maps)
+    with kernel_backend("reference"):
+        v_ref, n_ref, grads_ref = _run(layer_norm_channels, maps)
+    torch.testing.assert_close(v, v_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(n, n_ref, atol=1e-5, rtol=1e-5)
+    # The parameter gradients sum over every pixel, in another order
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert n.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_native_runs_on_channels_last_fp32_only() -> None:
+    x = torch.randn(1, 16, 4, 4)
+    assert native_supports(x.to(memory_format=torch.channels_last), None)
+    assert not native_supports(x, None)  # plain layout: the reference
+    assert not native_supports(x.to(torch.bfloat16, memory_format=torch.channels_last), None)
+    y = torch.randn(1, 16, 4, 4)
+    assert not native_supports(x.to(memory_format=torch.channels_last), y)  # y in plain layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_where_the_kernels_do_not_run_the_reference_does_bit_for_bit(dtype: torch.dtype) -> None:
+    x = torch.randn(2, 16, 5, 7, dtype=dtype)  # plain layout
+    y, scale = torch.randn_like(x), torch.randn(1, 16, 1, 1, dtype=dtype)
+    w, b = torch.randn(16, dtype=dtype), torch.randn(16, dtype=dtype)
+    got = layer_norm_channels(x, w, b, EPS, y, scale)
+    want = layer_norm_reference(x, w, b, EPS, y, scale)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_without_residual_v_is_the_input_itself() -> None:
+    x = torch.randn(1, 16, 3, 3).to(memory_format=torch.channels_last)
+    v, _ = layer_norm_channels(x, torch.ones(16), torch.zeros(16), EPS)
+    assert v is x
+
+
+def test_parameter_gradients_do_not_depend_on_the_thread_count() -> None:
+    maps = _maps(2, 32, 40, 60, residual=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(layer_norm_channels, maps)
+        torch.set_num_threads(2)
+        two = _run(layer_norm_channels, maps)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[1], two[1])  # per pixel: exactly the same
+    for a, b in zip(one[2], two[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_custom_op_registration_passes_opcheck() -> None:
+    maps = _maps(1, 16, 3, 5, residual=True)
+    args = (maps["x"], maps["y"], maps["scale"], maps["weight"], maps["bias"], EPS)
+    torch.library.opcheck(torch.ops.opir.layer_norm_native.default, args)
+    torch.library.opcheck(
+        torch.ops.opir.layer_norm_native.default,
+        (maps["x"], None, None, maps["weight"], maps["bias"], EPS),
+    )
+
+
+def _block(channels: int) -> NAFBlock:
+    torch.manual_seed(0)
+    block = NAFBlock(channels)
+    with torch.no_grad():  # as trained: beta and gamma no longer zero
+        block.beta.normal_()
+        block.gamma.normal_()
+    return block.to(memory_format=torch.channels_last)
+
+
+def test_nafblock_with_the_kernels_matches_the_reference_block() -> None:
+    block = _block(16)
+    x = torch.randn(2, 16, 24, 20).to(memory_format=torch.channels_last).requires_grad_()
+    out = block(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    with kernel_backend("reference"):
+        out_ref = block(x)
+        grads_ref = torch.autograd.grad(out_ref.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_nafblock_compiles_with_the_reference_inside() -> None:
+    # Under torch.compile the reference runs, for inductor to fuse: no graph break at the norm
+    block = _block(16)
+    x = torch.randn(1, 16, 16, 16).to(memory_format=torch.channels_last)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), atol=2e-5, rtol=1e-5)
