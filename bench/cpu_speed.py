@@ -12,7 +12,9 @@ training step.
 Each measurement alternates the variants round by round, so a load change on a shared machine
 hits all of them; medians are reported. The whole-model figure is issue 20's yardstick: the
 model's analytic FLOPs per second as a share of this machine's fp32 matmul rate, measured in
-the same run. Results go to bench/results/cpu_speed-<machine>.{json,md}.
+the same run. All of it runs with freed memory kept for reuse, as the engine and the trainer
+run (`keep_freed_memory`; bench/allocator.py measures that setting itself). Results go to
+bench/results/cpu_speed-<machine>.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
+from opir_engine.devices import keep_freed_memory
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.model.flops import count_opir_flops
 from opir_engine.weights import load_checkpoint
@@ -201,6 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     sizes = [int(s) for s in args.sizes.split(",")]
     model, _ = load_checkpoint(ROOT / "weights" / "opir-small-allinone.safetensors")
     model.eval()

@@ -124,7 +124,7 @@ def _forward_op(
         w_.data_ptr(), b_.data_ptr(), eps, c, None if y is None else out_v.data_ptr(),
         out_n.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
     ]  # fmt: skip
-    native.over_rows(library.opir_layer_norm_forward, args, b * h * w, min_rows=4096)
+    library.opir_layer_norm_forward(*args, b * h * w, torch.get_num_threads())
     return out_v, out_n, mean, rstd
 
 
@@ -157,20 +157,18 @@ def _backward_op(
     g_x = torch.empty_like(v)
     g_y = torch.empty_like(v) if y is not None else v.new_empty((0,))
     parts = torch.get_num_threads()
-    partials = v.new_zeros((3, parts, c))
+    partials = v.new_zeros((3, parts, c))  # per thread, summed below in thread order
     s = None if scale is None else _channels(scale, c)
     w_ = _channels(weight, c)
-
-    def per_part(part: int, count: int) -> list:
-        return [int(partials[k, part].data_ptr()) for k in range(3)]
 
     args = [
         grad_n.data_ptr(), None if grad_v is None else grad_v.data_ptr(), v.data_ptr(),
         mean.data_ptr(), rstd.data_ptr(), w_.data_ptr(), None if y is None else y.data_ptr(),
         None if s is None else s.data_ptr(), c, g_x.data_ptr(),
-        None if y is None else g_y.data_ptr(),
+        None if y is None else g_y.data_ptr(), partials[0].data_ptr(), partials[1].data_ptr(),
+        None if y is None else partials[2].data_ptr(),
     ]  # fmt: skip
-    native.over_rows(library.opir_layer_norm_backward, args, b * h * w, per_part, min_rows=4096)
+    library.opir_layer_norm_backward(*args, b * h * w, parts)
     g_w, g_b, g_s = (partials[k].sum(dim=0) for k in range(3))  # three tensors, not views
     g_scale = v.new_empty((0,)) if scale is None else g_s.reshape(scale.shape).to(scale.dtype)
     return g_x, g_y, g_w.to(weight.dtype), g_b.to(weight.dtype), g_scale

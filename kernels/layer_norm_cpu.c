@@ -9,9 +9,15 @@
  * normalised output, with the channels in SIMD vectors; the backward is one pass as well, with
  * the weight, bias and scale gradients summed per call into the caller's partial rows.
  *
- * Layout: (P, C) fp32 rows, P = B*H*W pixels, C contiguous (a channels-last map). Functions work
- * on pixels [begin, end), so the caller splits them across threads (native.py does, one ctypes
- * call per thread, each with its own partial rows for the parameter gradients).
+ * Layout: (P, C) fp32 rows, P = B*H*W pixels, C contiguous (a channels-last map). The pixels are
+ * split across threads with OpenMP. native.py builds with -fopenmp where the compiler has it,
+ * and the library then shares the OpenMP runtime PyTorch has loaded (same soname): its threads
+ * are the ones PyTorch's operators use, already awake between them. Python threads here (as the
+ * op's kernels use) measured slower than PyTorch's own LayerNorm inside the model, because each
+ * call's second half ran on a core where PyTorch's OpenMP thread was still spinning after the
+ * convolution before it. Without OpenMP the pragmas are ignored and one thread does it all.
+ * The parameter gradients are summed per thread into the caller's rows (parts x C), then by
+ * the caller in a fixed order, so they do not depend on scheduling.
  *
  * SIMD through GCC/Clang vector extensions, so the same source builds for AVX-512, AVX2 or NEON;
  * C a multiple of the vector length takes the vector code, any other C a scalar loop. Sums over
@@ -20,6 +26,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LN_MIN_PIXELS 4096 /* per thread: below this a second thread costs more than it saves */
 
 #if defined(__AVX512F__)
 #define LN_VL 16
@@ -47,10 +58,10 @@ static inline float ln_hsum(lnv v) {
 
 /* v = x + y * scale (y NULL: v = x), n = (v - mean) rstd weight + bias; out_v written only when
  * y is given (v is x otherwise); mean and rstd per pixel, for the backward. */
-void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
-                             const float *weight, const float *bias, float eps, int64_t C,
-                             float *out_v, float *out_n, float *mean, float *rstd,
-                             int64_t begin, int64_t end) {
+static void forward_range(const float *x, const float *y, const float *scale,
+                          const float *weight, const float *bias, float eps, int64_t C,
+                          float *out_v, float *out_n, float *mean, float *rstd, int64_t begin,
+                          int64_t end) {
     const float inv_c = 1.0f / (float)C;
     if (C % LN_VL == 0 && C <= 512) {
         const int64_t nv = C / LN_VL;
@@ -105,11 +116,11 @@ void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
 /* Gradients of the forward: g_n (and g_v, the gradient reaching v directly, or NULL) in;
  * g_x = dL/dv; g_y = dL/dv scale when y is given; the weight, bias and scale gradients of
  * pixels [begin, end) added into part_w, part_b, part_scale (C each). v is out_v (or x). */
-void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v,
-                              const float *mean, const float *rstd, const float *weight,
-                              const float *y, const float *scale, int64_t C, float *g_x,
-                              float *g_y, float *part_w, float *part_b, float *part_scale,
-                              int64_t begin, int64_t end) {
+static void backward_range(const float *g_n, const float *g_v, const float *v,
+                           const float *mean, const float *rstd, const float *weight,
+                           const float *y, const float *scale, int64_t C, float *g_x, float *g_y,
+                           float *part_w, float *part_b, float *part_scale, int64_t begin,
+                           int64_t end) {
     const float inv_c = 1.0f / (float)C;
     if (C % LN_VL == 0 && C <= 512) {
         const int64_t nv = C / LN_VL;
@@ -170,5 +181,50 @@ void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v
                 part_scale[k] += d * y[o + k];
             }
         }
+    }
+}
+
+static int threads_for(int64_t pixels, int parts) {
+    int64_t n = pixels / LN_MIN_PIXELS;
+    if (n > parts) n = parts;
+    return n < 1 ? 1 : (int)n;
+}
+
+/* Pixels [0, P) over at most `parts` threads. */
+void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
+                             const float *weight, const float *bias, float eps, int64_t C,
+                             float *out_v, float *out_n, float *mean, float *rstd, int64_t P,
+                             int parts) {
+    const int nt = threads_for(P, parts);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        forward_range(x, y, scale, weight, bias, eps, C, out_v, out_n, mean, rstd, P * t / n,
+                      P * (t + 1) / n);
+    }
+}
+
+/* Pixels [0, P) over at most `parts` threads; thread t adds its parameter gradients into row t
+ * of part_w, part_b, part_scale ((parts, C) each, zeroed by the caller). */
+void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v,
+                              const float *mean, const float *rstd, const float *weight,
+                              const float *y, const float *scale, int64_t C, float *g_x,
+                              float *g_y, float *part_w, float *part_b, float *part_scale,
+                              int64_t P, int parts) {
+    const int nt = threads_for(P, parts);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y, part_w + t * C,
+                       part_b + t * C, part_scale ? part_scale + t * C : NULL, P * t / n,
+                       P * (t + 1) / n);
     }
 }

@@ -44,7 +44,10 @@ _BASE_FLAGS = (
     "-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno",
     "-Werror=implicit-function-declaration",
 )  # fmt: skip
+# -fopenmp: layer_norm_cpu.c splits its pixels with OpenMP, sharing the runtime PyTorch loaded
+# (its header says why); a compiler without OpenMP builds the next set, one thread per call.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    (*_BASE_FLAGS, "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
     (*_BASE_FLAGS, "-march=native", "-mprefer-vector-width=512"),
     (*_BASE_FLAGS, "-march=native"),
     _BASE_FLAGS,
@@ -126,8 +129,9 @@ def _build() -> ctypes.CDLL:
     library.opir_inverse_operator_forward.restype = None
     library.opir_inverse_operator_backward.restype = ctypes.c_int
     f32 = ctypes.c_float
-    library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64] * 2
-    library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64] * 2
+    i32 = ctypes.c_int
+    library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64, i32]
+    library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64, i32]
     library.opir_layer_norm_forward.restype = None
     library.opir_layer_norm_backward.restype = None
     return library
@@ -184,33 +188,21 @@ def supports(image: Tensor, dilations: Sequence[int]) -> bool:
     )
 
 
-def over_rows(
-    fn: Callable[..., int | None],
-    args: list,
-    rows: int,
-    per_part: Callable[[int, int], list] | None = None,
-    min_rows: int = _MIN_ROWS_PER_THREAD,
-) -> None:
-    """Call `fn(*args, *per_part(part, parts), begin, end)` over [0, rows), split into parts
-    across torch's thread count, each part at least `min_rows` rows."""
+def _over_rows(fn: Callable[..., int | None], args: list, rows: int) -> None:
+    """Call `fn(*args, begin, end)` over [0, rows), split across torch's thread count."""
     global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), rows // min_rows))
+    threads = max(1, min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD))
     bounds = [rows * t // threads for t in range(threads + 1)]
-
-    def call(t: int) -> int | None:
-        extra = [] if per_part is None else per_part(t, threads)
-        return fn(*args, *extra, bounds[t], bounds[t + 1])
-
     if threads == 1:
-        results = [call(0)]
+        results = [fn(*args, 0, rows)]
     else:
         with _lock:
             if _pool is None or _pool_size < threads:
                 _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="opir-native")
                 _pool_size = threads
             pool = _pool
-        futures = [pool.submit(call, t) for t in range(1, threads)]
-        results = [call(0)] + [f.result() for f in futures]
+        futures = [pool.submit(fn, *args, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+        results = [fn(*args, bounds[0], bounds[1])] + [f.result() for f in futures]
     if any(r not in (None, 0) for r in results):
         raise MemoryError("opir native kernel: could not allocate its row buffer")
 
@@ -234,7 +226,7 @@ def _madvise() -> Callable[[int, int, int], int] | None:
 _madvise_fn = _madvise()
 
 
-def empty(shape: Sequence[int]) -> Tensor:
+def _empty(shape: Sequence[int]) -> Tensor:
     """A new fp32 output, asked to be backed by 2 MiB pages where it is large.
 
     The kernels write every element once. With glibc's defaults each big output is a fresh mmap
@@ -285,14 +277,14 @@ def forward(
     )
     dil = torch.tensor(list(dilations), dtype=torch.int64)
     zeros, zero = _zero_row(w, dilations)
-    restored = empty((b, c, h, w))
-    uncertainty = empty((b, 1, h, w))
+    restored = _empty((b, c, h, w))
+    uncertainty = _empty((b, 1, h, w))
     args = [
         _ptr(image), _ptr(kernel), _ptr(modulation), _ptr(fusion_logits), _ptr(bias),
         dil.data_ptr(), len(dilations), c, h, w, zero, restored.data_ptr(),
         uncertainty.data_ptr(),
     ]  # fmt: skip
-    over_rows(library.opir_inverse_operator_forward, args, b * h)
+    _over_rows(library.opir_inverse_operator_forward, args, b * h)
     del zeros
     return restored.to(out_dtype), uncertainty.to(out_dtype)
 
@@ -318,16 +310,16 @@ def backward(
     )
     dil = torch.tensor(list(dilations), dtype=torch.int64)
     zeros, zero = _zero_row(w, dilations)
-    g_image = empty(image.shape)
-    g_kernel = empty(kernel.shape)
-    g_mod = None if modulation is None else empty(modulation.shape)
-    g_logits = empty(fusion_logits.shape)
+    g_image = _empty(image.shape)
+    g_kernel = _empty(kernel.shape)
+    g_mod = None if modulation is None else _empty(modulation.shape)
+    g_logits = _empty(fusion_logits.shape)
     args = [
         _ptr(g), _ptr(gu), _ptr(image), _ptr(kernel), _ptr(modulation), _ptr(fusion_logits),
         dil.data_ptr(), s, c, h, w, zero, _ptr(g_image), _ptr(g_kernel), _ptr(g_mod),
         _ptr(g_logits),
     ]  # fmt: skip
-    over_rows(library.opir_inverse_operator_backward, args, b * h)
+    _over_rows(library.opir_inverse_operator_backward, args, b * h)
     del zeros
     return (
         g_image.to(dtypes[0]),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opir_engine.devices import DeviceError, pick_device, pick_dtype
+from opir_engine.devices import DeviceError, keep_freed_memory, pick_device, pick_dtype
 from opir_engine.image_io import DEFAULT_MAX_PIXELS, DecodedImage
 from opir_engine.inference import photo
 from opir_engine.inference.photo import ImageInput
@@ -229,6 +229,8 @@ class OPIREngine:
                 f"working side must be at least {MIN_WORK_SIDE} pixels, {AUTO!r} or None (full "
                 f"size), got {work_side!r}"
             )
+        if device.type == "cpu":
+            keep_freed_memory()  # maps reused instead of faulted in anew (devices.py says why)
         self.work_side = work_side
         self.pooling = pooling
         # "local" is a mode of the blocks, not other weights: the window comes from the config

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from opir_engine.devices import kept_free_bytes
+
 # Share of the free memory a forward may take: the rest is left to the blending buffers, the
 # allocator's fragmentation and whatever else runs on the machine.
 HEADROOM = 0.5
@@ -52,14 +54,15 @@ def pick_tile(
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory the device has free now: CUDA's free memory, or the CPU's MemAvailable."""
+    """Memory the device has free now: CUDA's free memory, or the CPU's MemAvailable plus what
+    this process's allocator holds free for reuse (`kept_free_bytes`)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024 + kept_free_bytes()
     # Not Linux: the physical memory, so no photo is tiled for want of knowing
     import os
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from opir_engine.devices import DeviceError, pick_device
+from opir_engine.devices import DeviceError, keep_freed_memory, pick_device
 from opir_engine.evaluation.contact_sheet import write_contact_sheet
 from opir_engine.model import CLASSES, OPIR, GrowthError, OPIRConfig, OPIRLoss, grow
 from opir_engine.training.recipe import LINEAGE_KEYS, DataSpec, Recipe, TrainingError
@@ -93,6 +93,8 @@ class Trainer:
     def __init__(self, run_dir: Path, recipe: Recipe, data: DataSpec, init: Path | None = None,
                  device: str = "cpu") -> None:  # fmt: skip
         self.device = training_device(device)  # first: a bad device fails before any work
+        if self.device.type == "cpu":
+            keep_freed_memory()  # maps reused instead of faulted in anew (devices.py says why)
         self.device_name = device
         self.run_dir = Path(run_dir)
         self.recipe = recipe
