@@ -55,10 +55,10 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory PyTorch frees for the next tensor, instead of handing
     it back to the system; True where that is now in force (idempotent; once per process).
 
-    A forward of the shipped model at 512x512 allocates and frees about 300 MB of maps. By
+    A forward of the shipped model at 512x512 allocates and frees hundreds of MB of maps. By
     default glibc serves each map of 32 MB or more with a fresh mmap and trims the heap top when
     freed, so every forward faults all that memory in again, 4 KiB at a time, each page zeroed
-    by the kernel: about 78,000 page faults per forward. With no mmap (the heap serves
+    by the kernel: 78,000-143,000 page faults per forward here. With no mmap (the heap serves
     everything, falling back to mmap only when it cannot grow) and no trimming, a freed map is
     reused as is (bench/allocator.py measures it). What jemalloc or tcmalloc would do, without
     LD_PRELOAD. The cost: the process keeps its peak heap until it exits, which is the shape of
