@@ -190,6 +190,17 @@ static int threads_for(int64_t pixels, int parts) {
     return n < 1 ? 1 : (int)n;
 }
 
+/* This thread's share [*begin, *end) of pixels [0, P), inside a parallel region. */
+static void thread_share(int64_t P, int64_t *begin, int64_t *end) {
+    int t = 0, n = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    n = omp_get_num_threads();
+#endif
+    *begin = P * t / n;
+    *end = P * (t + 1) / n;
+}
+
 /* Pixels [0, P) over at most `parts` threads. */
 void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
                              const float *weight, const float *bias, float eps, int64_t C,
@@ -198,13 +209,9 @@ void opir_layer_norm_forward(const float *x, const float *y, const float *scale,
     const int nt = threads_for(P, parts);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        forward_range(x, y, scale, weight, bias, eps, C, out_v, out_n, mean, rstd, P * t / n,
-                      P * (t + 1) / n);
+        int64_t begin, end;
+        thread_share(P, &begin, &end);
+        forward_range(x, y, scale, weight, bias, eps, C, out_v, out_n, mean, rstd, begin, end);
     }
 }
 
@@ -218,13 +225,12 @@ void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v
     const int nt = threads_for(P, parts);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0, n = 1;
+        int64_t begin, end, t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
-        n = omp_get_num_threads();
 #endif
+        thread_share(P, &begin, &end);
         backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y, part_w + t * C,
-                       part_b + t * C, part_scale ? part_scale + t * C : NULL, P * t / n,
-                       P * (t + 1) / n);
+                       part_b + t * C, part_scale ? part_scale + t * C : NULL, begin, end);
     }
 }
