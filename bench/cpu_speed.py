@@ -1,10 +1,10 @@
 """The CPU speed-ups against the code paths they replaced, side by side in one process: the TAM
 tabulated against the TAM evaluated directly (kernels/tam_modulation.py), and the KPN on
 channels-last maps against the plain layout (model/kpn.py), alone and together; then with the
-NAFBlock's residual and LayerNorm in native kernels (kernels/layer_norm.py) against PyTorch's,
-and that with bfloat16 (the model in bf16 for a forward, as `opir restore --precision bf16` runs
-it; bf16 autocast for a training step); per module, per image through the shipped model, and per
-training step.
+NAFBlock's residual, LayerNorm and gate in native kernels (kernels/layer_norm.py, gate.py)
+against PyTorch's, and that with bfloat16 (the model in bf16 for a forward, as `opir restore
+--precision bf16` runs it; bf16 autocast for a training step); per module, per image through
+the shipped model, and per training step.
 
     python bench/cpu_speed.py                        # sizes 256,512,1024; 5 rounds
     python bench/cpu_speed.py --train-steps 200      # also compare 200 training steps' losses
@@ -36,25 +36,26 @@ from opir_engine.devices import keep_freed_memory
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 from opir_engine.model.flops import count_opir_flops
 from opir_engine.weights import load_checkpoint
-from opir_kernels.layer_norm import native_layer_norm
+from opir_kernels.nafblock_native import native_nafblock
 from opir_kernels.tam_modulation import tam_form
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("direct", "tabulated")
-# name: (TAM form, KPN on channels-last maps, bf16, the norm's native kernels); "before" is the
+# name: (TAM form, KPN on channels-last maps, bf16, the NAFBlock's native norm and gate
+# (kernels/layer_norm.py, kernels/gate.py)); "before" is the
 # code as it was. "now, bf16" is now with the model in bfloat16 (`--precision bf16`) for a
 # forward, under bf16 autocast (weights, gradients and Adam in fp32) for a training step; the
-# native norm takes fp32 only, so it runs PyTorch's there
+# native kernels take fp32 only, so PyTorch's run there
 VARIANTS = {
     "before": ("direct", False, False, False),
     "tabulated TAM": ("tabulated", False, False, False),
     "channels-last KPN": ("direct", True, False, False),
     "both": ("tabulated", True, False, False),
-    "now (both, native LayerNorm)": ("tabulated", True, False, True),
+    "now (both, native NAFBlock)": ("tabulated", True, False, True),
     "now, bf16": ("tabulated", True, True, True),
 }
-NOW, BF16 = "now (both, native LayerNorm)", "now, bf16"
+NOW, BF16 = "now (both, native NAFBlock)", "now, bf16"
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def _variant(name: str, models: list[OPIR]) -> Iterator[None]:
     for model in models:
         model.kpn.channels_last = channels_last
     try:
-        with tam_form(form), native_layer_norm(native_norm):
+        with tam_form(form), native_nafblock(native_norm):
             yield
     finally:
         for model in models:

@@ -5,38 +5,20 @@ residual is the block's `x + beta * conv3(y)`, its norm the feed-forward's input
 - `layer_norm_reference`: the PyTorch form, `addcmul` then `F.layer_norm` on the channels-last
   view; what runs on GPUs, in other dtypes and layouts, and under torch.compile;
 - `layer_norm_channels`: the entry point. On CPU fp32 channels-last maps (how the KPN runs on
-  the CPU) it calls the native kernels of `layer_norm_cpu.c`, one pass per pixel forward and
+  the CPU) it calls the native kernels of `nafblock_cpu.c`, one pass per pixel forward and
   backward, through the custom op `opir::layer_norm_native`; elsewhere the reference.
 
-The op's backend choice (`kernel_backend`) applies: "reference" runs the reference here too;
-`native_layer_norm(False)` runs it for the norm alone (what the benchmarks compare).
+Which one runs: `nafblock_native.use_native`.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .op import current_backend
-
-_native_on: ContextVar[bool] = ContextVar("opir_native_layer_norm", default=True)
-
-
-@contextlib.contextmanager
-def native_layer_norm(enabled: bool) -> Iterator[None]:
-    """Let the norm use its native kernels (the default) or not, in this thread, while the block
-    runs; the op's backend is left as it is."""
-    token = _native_on.set(enabled)
-    try:
-        yield
-    finally:
-        _native_on.reset(token)
+from .nafblock_native import use_native
 
 
 def layer_norm_reference(
@@ -55,22 +37,6 @@ def layer_norm_reference(
     return v, n.permute(0, 3, 1, 2)
 
 
-def native_supports(x: Tensor, y: Tensor | None) -> bool:
-    """Whether the native kernels take these maps: CPU fp32, dense channels-last."""
-    maps = (x,) if y is None else (x, y)
-    return (
-        all(
-            t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.dim() == 4
-            and t.is_contiguous(memory_format=torch.channels_last)
-            for t in maps
-        )
-        and (y is None or y.shape == x.shape)
-        and native.available()
-    )
-
-
 def layer_norm_channels(
     x: Tensor,
     weight: Tensor,
@@ -81,16 +47,9 @@ def layer_norm_channels(
 ) -> tuple[Tensor, Tensor]:
     """`layer_norm_reference`'s (v, n), by the native kernels where they take the maps (and
     the backend is not "reference"), else by the reference."""
-    params_fp32 = all(
-        t.dtype == torch.float32 for t in (weight, bias, *(() if scale is None else (scale,)))
-    )
-    if (
-        not torch.compiler.is_compiling()  # first: dynamo cannot trace the ContextVar read
-        and current_backend() in ("auto", "native")
-        and _native_on.get()
-        and params_fp32
-        and native_supports(x, y)
-    ):
+    maps = (x,) if y is None else (x, y)
+    params = (weight, bias) if scale is None else (weight, bias, scale)
+    if (y is None or y.shape == x.shape) and use_native(*maps, params=params):
         v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps)
         return (x if y is None else v), n
     return layer_norm_reference(x, weight, bias, eps, y, scale)

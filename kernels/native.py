@@ -1,6 +1,6 @@
 """The native CPU kernels, built at first use and called by ctypes: the op's
-(`inverse_operator_cpu.c`, wrapped here) and the NAFBlock's LayerNorm (`layer_norm_cpu.c`,
-wrapped in `layer_norm.py`).
+(`inverse_operator_cpu.c`, wrapped here) and the NAFBlock's LayerNorm and gate
+(`nafblock_cpu.c`, wrapped in `layer_norm.py` and `gate.py`).
 
 The C sources are compiled together once per machine with the system C compiler (the same
 requirement as `torch.compile` on CPU and Triton) into one library in a per-user cache, keyed
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("inverse_operator_cpu.c")
-SOURCES = (SOURCE, Path(__file__).with_name("layer_norm_cpu.c"))
+SOURCES = (SOURCE, Path(__file__).with_name("nafblock_cpu.c"))
 # gnu11, not c11: ISO mode turns off fused multiply-add contraction. The first set that builds
 # is used: -march=native for this CPU's vector unit; on x86 512-bit vectors preferred, since gcc
 # otherwise splits the source's 64-byte vectors into two 32-byte halves and spills registers.
@@ -44,7 +44,7 @@ _BASE_FLAGS = (
     "-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno",
     "-Werror=implicit-function-declaration",
 )  # fmt: skip
-# -fopenmp: layer_norm_cpu.c splits its pixels with OpenMP, sharing the runtime PyTorch loaded
+# -fopenmp: nafblock_cpu.c splits its pixels with OpenMP, sharing the runtime PyTorch loaded
 # (its header says why); a compiler without OpenMP builds the next set, one thread per call.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     (*_BASE_FLAGS, "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
@@ -132,8 +132,10 @@ def _build() -> ctypes.CDLL:
     i32 = ctypes.c_int
     library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64, i32]
     library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64, i32]
-    library.opir_layer_norm_forward.restype = None
-    library.opir_layer_norm_backward.restype = None
+    library.opir_gate_forward.argtypes = [p, i64, i64, p, p, i64, i32]
+    library.opir_gate_backward.argtypes = [p, p, p, i64, i64, p, i64, i32]
+    for name in ("layer_norm_forward", "layer_norm_backward", "gate_forward", "gate_backward"):
+        getattr(library, f"opir_{name}").restype = None
     return library
 
 

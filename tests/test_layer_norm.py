@@ -10,7 +10,8 @@ import torch
 from opir_engine.model.nafnet import NAFBlock
 from opir_kernels import native
 from opir_kernels.inverse_operator import kernel_backend
-from opir_kernels.layer_norm import layer_norm_channels, layer_norm_reference, native_supports
+from opir_kernels.layer_norm import layer_norm_channels, layer_norm_reference
+from opir_kernels.nafblock_native import native_supports
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
@@ -67,9 +68,9 @@ def test_native_matches_reference_forward_and_gradients(shape: tuple, residual: 
 
 def test_native_runs_on_channels_last_fp32_only() -> None:
     x = torch.randn(1, 16, 4, 4)
-    assert native_supports(x.to(memory_format=torch.channels_last), None)
-    assert not native_supports(x, None)  # plain layout: the reference
-    assert not native_supports(x.to(torch.bfloat16, memory_format=torch.channels_last), None)
+    assert native_supports(x.to(memory_format=torch.channels_last))
+    assert not native_supports(x)  # plain layout: the reference
+    assert not native_supports(x.to(torch.bfloat16, memory_format=torch.channels_last))
     y = torch.randn(1, 16, 4, 4)
     assert not native_supports(x.to(memory_format=torch.channels_last), y)  # y in plain layout
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from opir_kernels.gate import simple_gate
 from opir_kernels.layer_norm import layer_norm_channels
 
 
@@ -32,8 +33,13 @@ class SimpleGate(nn.Module):
     """Split the channels in two halves and multiply them: a nonlinearity without activation."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=1)
-        return x1 * x2
+        return simple_gate(x)[0]
+
+    def with_mean(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the gate's output, its mean over H and W (B, C', 1, 1)), in one pass over the map
+        where the native kernels run (kernels/gate.py)."""
+        y, mean = simple_gate(x, with_mean=True)
+        return y, mean  # type: ignore[return-value]
 
 
 def masked_mean(y: Tensor, valid: Tensor | None) -> Tensor:
@@ -153,16 +159,20 @@ class NAFBlock(nn.Module):
         (as in training), or over a box of side `window` around each pixel (`local_mean`), or
         `shared` (B or 1, C', 1, 1) as given: the whole photo's mean handed to each of its
         tiles. `record` collects the mean the block used."""
-        y = self.conv1(self.norm1(x))
-        y = self.sg(self.conv2(y))
-        if shared is not None:
-            mean = shared
-        elif window is not None:
-            mean = local_mean(y, valid, window)
-        elif valid is None and record is None:
-            return self._finish(x, y * self.sca(y))  # the trained path, bit for bit
+        u = self.conv2(self.conv1(self.norm1(x)))
+        fits = window is None or (u.shape[-2] <= window and u.shape[-1] <= window)
+        if shared is None and valid is None and fits:
+            # The whole map's mean, as trained, from the gate's own pass: the same numbers
+            # whether recorded, handed back as `shared`, or read by a window the map fits in
+            y, mean = self.sg.with_mean(u)
         else:
-            mean = masked_mean(y, valid)
+            y = self.sg(u)
+            if shared is not None:
+                mean = shared
+            elif window is not None:
+                mean = local_mean(y, valid, window)
+            else:
+                mean = masked_mean(y, valid)
         if record is not None:
             record.append(mean)
         return self._finish(x, y * self.sca[1](mean))

@@ -1,13 +1,20 @@
-/* The NAFBlock's LayerNorm over channels, with the residual before it, on the CPU: forward and
- * backward in fp32 (layer_norm.py has the maths and the PyTorch reference these are tested
- * against).
+/* The NAFBlock's element-wise work on the CPU, forward and backward in fp32: its LayerNorm over
+ * channels with the residual before it (layer_norm.py has the maths and the PyTorch reference
+ * these are tested against), and its SimpleGate with the channel attention's mean
+ * (gate.py likewise).
  *
- * Why native code: on a channels-last map each pixel's C channels (16 to 256 in the KPN) are one
+ * Why native code for the norm: on a channels-last map each pixel's C channels (16 to 256 in the KPN) are one
  * short contiguous row, and PyTorch's LayerNorm pays a row's overhead for every pixel (about a
  * sixth of copy bandwidth at C = 16), then `addcmul` reads the map again for the residual. Here
  * one pass per pixel forms the residual v = x + y * scale, its mean and variance, and the
  * normalised output, with the channels in SIMD vectors; the backward is one pass as well, with
  * the weight, bias and scale gradients summed per call into the caller's partial rows.
+ *
+ * The gate y = a * b (a, b the two channel halves of the 2C-channel map u) reads u's halves
+ * strided and writes y in one pass, adding y's channel sums per image on the way (the channel
+ * attention's mean, which PyTorch reads in a second pass). Its backward writes both halves of
+ * du in one pass, the mean's gradient folded in, where PyTorch multiplies twice, adds the
+ * mean's broadcast gradient, then concatenates the halves.
  *
  * Layout: (P, C) fp32 rows, P = B*H*W pixels, C contiguous (a channels-last map). The pixels are
  * split across threads with OpenMP. native.py builds with -fopenmp where the compiler has it,
@@ -232,5 +239,65 @@ void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v
         thread_share(P, &begin, &end);
         backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y, part_w + t * C,
                        part_b + t * C, part_scale ? part_scale + t * C : NULL, begin, end);
+    }
+}
+
+/* ---- the gate ---------------------------------------------------------------------------- */
+
+static void gate_forward_range(const float *u, int64_t C, int64_t HW, float *y, float *sums,
+                               int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+        const float *a = u + p * 2 * C, *b = a + C;
+        float *o = y + p * C;
+        for (int64_t k = 0; k < C; ++k) o[k] = a[k] * b[k];
+        if (sums) {
+            float *s = sums + (p / HW) * C;
+            for (int64_t k = 0; k < C; ++k) s[k] += o[k];
+        }
+    }
+}
+
+static void gate_backward_range(const float *g_y, const float *g_mean, const float *u,
+                                int64_t C, int64_t HW, float *g_u, int64_t begin, int64_t end) {
+    const float inv_hw = 1.0f / (float)HW;
+    for (int64_t p = begin; p < end; ++p) {
+        const float *a = u + p * 2 * C, *b = a + C, *g = g_y + p * C;
+        const float *gm = g_mean ? g_mean + (p / HW) * C : NULL;
+        float *ga = g_u + p * 2 * C, *gb = ga + C;
+        for (int64_t k = 0; k < C; ++k) {
+            const float d = gm ? g[k] + gm[k] * inv_hw : g[k];
+            ga[k] = d * b[k];
+            gb[k] = d * a[k];
+        }
+    }
+}
+
+/* y (P, C) = a * b of u (P, 2C); with `sums` ((parts, P / HW, C), zeroed by the caller), thread
+ * t adds the channel sums of each image's y into its block t. */
+void opir_gate_forward(const float *u, int64_t C, int64_t HW, float *y, float *sums, int64_t P,
+                       int parts) {
+    const int nt = threads_for(P, parts);
+    const int64_t B = P / HW;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t begin, end, t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        thread_share(P, &begin, &end);
+        gate_forward_range(u, C, HW, y, sums ? sums + t * B * C : NULL, begin, end);
+    }
+}
+
+/* du (P, 2C) from dy (P, C) and, when given, the gradient of the per-image channel means
+ * (P / HW, C). */
+void opir_gate_backward(const float *g_y, const float *g_mean, const float *u, int64_t C,
+                        int64_t HW, float *g_u, int64_t P, int parts) {
+    const int nt = threads_for(P, parts);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t begin, end;
+        thread_share(P, &begin, &end);
+        gate_backward_range(g_y, g_mean, u, C, HW, g_u, begin, end);
     }
 }
