@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from opir_engine.devices import pick_device, pick_dtype
+from opir_engine.devices import keep_freed_memory, pick_device, pick_dtype
 from opir_engine.model import OPIR, OPIRConfig, OPIROutput
 from opir_engine.model.flops import count_opir_flops
 from opir_engine.model.padding import crop_to, pad_to_multiple
@@ -209,6 +209,8 @@ def _run_profile(
 ) -> ProfileReport:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the engine and the trainer run: the figures are theirs
     say = progress or (lambda _line: None)
     opir, opir_name = build_opir(settings.config, settings.weights, device, dtype)
     models: list[tuple[str, nn.Module]] = [(opir_name, opir)]
