@@ -197,8 +197,9 @@ static int threads_for(int64_t pixels, int parts) {
     return n < 1 ? 1 : (int)n;
 }
 
-/* This thread's share [*begin, *end) of pixels [0, P), inside a parallel region. */
-static void thread_share(int64_t P, int64_t *begin, int64_t *end) {
+/* This thread's share [*begin, *end) of pixels [0, P), inside a parallel region; returns the
+ * thread's number. */
+static int thread_share(int64_t P, int64_t *begin, int64_t *end) {
     int t = 0, n = 1;
 #ifdef _OPENMP
     t = omp_get_thread_num();
@@ -206,6 +207,7 @@ static void thread_share(int64_t P, int64_t *begin, int64_t *end) {
 #endif
     *begin = P * t / n;
     *end = P * (t + 1) / n;
+    return t;
 }
 
 /* Pixels [0, P) over at most `parts` threads. */
@@ -232,11 +234,8 @@ void opir_layer_norm_backward(const float *g_n, const float *g_v, const float *v
     const int nt = threads_for(P, parts);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int64_t begin, end, t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        thread_share(P, &begin, &end);
+        int64_t begin, end;
+        const int64_t t = thread_share(P, &begin, &end);
         backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y, part_w + t * C,
                        part_b + t * C, part_scale ? part_scale + t * C : NULL, begin, end);
     }
@@ -280,11 +279,8 @@ void opir_gate_forward(const float *u, int64_t C, int64_t HW, float *y, float *s
     const int64_t B = P / HW;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int64_t begin, end, t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        thread_share(P, &begin, &end);
+        int64_t begin, end;
+        const int64_t t = thread_share(P, &begin, &end);
         gate_forward_range(u, C, HW, y, sums ? sums + t * B * C : NULL, begin, end);
     }
 }
