@@ -70,7 +70,7 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(v, n, mean, rstd); v is empty without y (it is x). mean, rstd: (B, H, W)."""
     library = native.library()
-    assert library is not None, "check native_supports() first"
+    assert library is not None, "check use_native() first"
     b, c, h, w = x.shape
     out_n = torch.empty_like(x)
     out_v = torch.empty_like(x) if y is not None else x.new_empty((0,))
@@ -107,7 +107,7 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Grads for (x, y, weight, bias, scale); y's and scale's are empty without y."""
     library = native.library()
-    assert library is not None, "check native_supports() first"
+    assert library is not None, "check use_native() first"
     b, c, h, w = v.shape
     # The gradients reaching the op may be in any layout: the kernels read channels-last rows
     grad_n = grad_n.contiguous(memory_format=torch.channels_last)

@@ -3,12 +3,13 @@
  * these are tested against), and its SimpleGate with the channel attention's mean
  * (gate.py likewise).
  *
- * Why native code for the norm: on a channels-last map each pixel's C channels (16 to 256 in the KPN) are one
- * short contiguous row, and PyTorch's LayerNorm pays a row's overhead for every pixel (about a
- * sixth of copy bandwidth at C = 16), then `addcmul` reads the map again for the residual. Here
- * one pass per pixel forms the residual v = x + y * scale, its mean and variance, and the
- * normalised output, with the channels in SIMD vectors; the backward is one pass as well, with
- * the weight, bias and scale gradients summed per call into the caller's partial rows.
+ * Why native code for the norm: on a channels-last map each pixel's C channels (16 to 256 in
+ * the KPN) are one short contiguous row, and PyTorch's LayerNorm pays a row's overhead for every
+ * pixel (about a sixth of copy bandwidth at C = 16), then `addcmul` reads the map again for the
+ * residual. Here one pass per pixel forms the residual v = x + y * scale, its mean and variance,
+ * and the normalised output, with the channels in SIMD vectors; the backward is one pass as
+ * well, with the weight, bias and scale gradients summed per call into the caller's partial
+ * rows.
  *
  * The gate y = a * b (a, b the two channel halves of the 2C-channel map u) reads u's halves
  * strided and writes y in one pass, adding y's channel sums per image on the way (the channel
