@@ -171,6 +171,20 @@ def test_resume_of_a_run_made_before_task_weights(tmp_path: Path, data_root: Pat
     assert resumed.recipe == recipe and resumed.step == 1
 
 
+def test_a_resume_changes_what_is_drawn_only(tmp_path: Path, data_root: Path) -> None:
+    spec = _spec(data_root)
+    Trainer(tmp_path / "run", _recipe(), spec).train(TrainingSet(spec, _recipe()), None,
+                                                     stop_step=2)  # fmt: skip
+    with pytest.raises(TrainingError, match=r"can change only .*; not lr, steps"):
+        Trainer.resume(tmp_path / "run", changes={"lr": 1.0, "steps": 9})
+    with pytest.raises(TrainingError, match=r"clean ratio must be in \[0, 1\]; got 2"):
+        Trainer.resume(tmp_path / "run", changes={"clean_ratio": 2})
+    resumed = Trainer.resume(tmp_path / "run", changes={"task_weights": [1, 0, 0]})
+    assert resumed.recipe == _recipe(task_weights=(1, 0, 0)) and resumed.step == 2
+    assert resumed.recipe_changes == [{"step": 2, "task_weights": (1, 0, 0)}]
+    assert resumed.card(None)["recipe_changes"] == resumed.recipe_changes
+
+
 def test_resume_of_a_non_run_directory(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="not a resumable run directory"):
         Trainer.resume(tmp_path)
@@ -332,12 +346,36 @@ def test_transplanted_rain_is_drawn_only_when_asked(data_root: Path) -> None:
                      transplant_ratio=1.0)  # fmt: skip
     training_set = TrainingSet(with_layers, recipe)
     assert training_set.counts()["rain_layers"] == 2
-    degraded, target, labels = training_set.batch(0)
-    assert set(labels.tolist()) == {CLASSES.index("rain")}
+    degraded, target, labels, tasks = training_set.batch(0)
+    assert set(labels.tolist()) == {CLASSES.index("rain")} and torch.equal(tasks, labels)
     assert (degraded >= target - 1e-6).all()  # rain only brightens
     assert float((degraded - target).mean()) > 0.01
     again = TrainingSet(with_layers, recipe).batch(0)
     assert torch.equal(again[0], degraded)
+
+
+def test_clean_crops_under_a_weather_task_are_drawn_only_when_asked(data_root: Path) -> None:
+    spec = _spec(data_root)
+    # share 0: the batches of a run made before the option, draw for draw
+    a = TrainingSet(spec, _recipe(batch=6)).batch(4)
+    b = TrainingSet(spec, _recipe(batch=6, clean_under_weather=0.0)).batch(4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(a[3], a[2])  # every crop is shown under its own class
+    # clean crops only, all under a weather: labelled clean (the head's target), shown as rain
+    # or haze (the weights), and their target is the crop itself
+    recipe = _recipe(batch=16, clean_ratio=1.0, clean_under_weather=1.0,
+                     task_weights=(1.0, 0.0, 1.0))  # fmt: skip
+    degraded, target, labels, tasks = TrainingSet(spec, recipe).batch(0)
+    assert set(labels.tolist()) == {CLASSES.index("clean")}
+    assert set(tasks.tolist()) == {CLASSES.index("rain"), CLASSES.index("haze")}
+    assert torch.equal(degraded, target)
+    # half of them: some crops keep the clean task, some take a weather's
+    _, _, labels, tasks = TrainingSet(spec, _recipe(batch=32, clean_ratio=1.0,
+                                                    clean_under_weather=0.5)).batch(1)  # fmt: skip
+    shown = tasks.tolist()
+    assert set(labels.tolist()) == {0} and 0 in shown and set(shown) - {0}
+    with pytest.raises(TrainingError, match=r"clean under weather must be in \[0, 1\]; got -0.1"):
+        _recipe(clean_under_weather=-0.1)
 
 
 def test_transplant_without_layers_is_refused(data_root: Path) -> None:
@@ -462,13 +500,25 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
     assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 2
     assert "stopped at step 2" in _flat(started.stderr)
 
-    resumed = opir("train", "--out", str(run), "--resume")
+    resumed = opir("train", "--out", str(run), "--resume", "--stop-at", "3")
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 4
-    assert json.loads((run / "last.json").read_text())["steps"] == 4
-    assert load_checkpoint(run / "last.safetensors")[1]["steps"] == 4
+    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 3
     assert json.loads((run / "run.json").read_text())["recipe"]["config"] == "tiny"
     assert Trainer.resume(run).recipe.task_weights == (2.0, 0.5, 1.0)
+    assert json.loads((run / "run.json").read_text())["recipe_changes"] == []
+
+    # the sampling options given on a resume change the draw from that step on, on record
+    changed = opir("train", "--out", str(run), "--resume", "--clean-under-weather", "0.25",
+                   "--task-weight", "haze=3")  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["recipe"]["clean_under_weather"] == 0.25
+    assert info["recipe"]["task_weights"] == [1.0, 1.0, 3.0]
+    record = [{"step": 3, "clean_under_weather": 0.25, "task_weights": [1.0, 1.0, 3.0]}]
+    assert info["recipe_changes"] == record
+    card = load_checkpoint(run / "last.safetensors")[1]
+    assert card["steps"] == 4 and card["recipe_changes"] == record
+    assert json.loads((run / "last.json").read_text())["steps"] == 4
 
 
 def _last_logged_step(run: Path) -> int:

@@ -153,20 +153,30 @@ def train(
     data_root: Path | None = typer.Option(
         None, metavar="DIR", help="Root the split's paths are relative to."
     ),
-    synth_ratio: float = typer.Option(
-        0.6, metavar="X", help="Share of weather samples synthesized from clean photos."
+    synth_ratio: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of weather samples synthesized from clean photos. \\[default: 0.6]",
     ),
-    clean_ratio: float = typer.Option(0.1, metavar="X", help="Share of clean -> clean samples."),
+    clean_ratio: float | None = typer.Option(
+        None, metavar="X", help="Share of clean -> clean samples. \\[default: 0.1]"
+    ),
+    clean_under_weather: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of the clean samples shown under a weather's task, to be returned "
+        "unchanged. \\[default: 0]",
+    ),
     rain_layers: list[Path] = typer.Option(
         [],
         "--rain-layers",
         metavar="DIR",
         help="Paired rain folder lending its rain layers to clean photos (see --transplant-ratio).",
     ),
-    transplant_ratio: float = typer.Option(
-        0.0,
+    transplant_ratio: float | None = typer.Option(
+        None,
         metavar="X",
-        help="Share of synthesized rain that is a transplanted --rain-layers layer.",
+        help="Share of synthesized rain transplanted from --rain-layers. \\[default: 0]",
     ),
     task_weight: list[str] = typer.Option(
         [],
@@ -192,7 +202,12 @@ def train(
         0, metavar="N", help="Seeds the initial weights and every draw of data."
     ),
     val_every: int = typer.Option(1000, metavar="N", help="Validate every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out exactly; the sampling options given (ratios, "
+        "--task-weight) change its draw from here on, on record.",
+    ),
     init: Path | None = typer.Option(
         None,
         metavar="PATH",
@@ -226,16 +241,20 @@ def train(
 
     if split and not data_root:
         raise typer.BadParameter("a validation split needs --data-root", param_hint="--split")
+    # what the batches draw: given on a resume, these change the run from its current step
+    mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
+           "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
+           "task_weights": _parse_task_weights(task_weight) if task_weight else None}  # fmt: skip
+    mix = {name: value for name, value in mix.items() if value is not None}
     try:
         if resume:
-            trainer = Trainer.resume(out, device)
+            trainer = Trainer.resume(out, device, changes=mix)
         else:
             if (out / "state").exists():
                 raise TrainingError(f"{out}: already holds a run; pass --resume to continue it")
             recipe = Recipe(config=config, steps=steps, batch=batch, patch=patch, lr=lr,
-                            synth_ratio=synth_ratio, clean_ratio=clean_ratio, seed=seed,
-                            task_weights=_parse_task_weights(task_weight), max_side=max_side,
-                            val_every=val_every, transplant_ratio=transplant_ratio)  # fmt: skip
+                            seed=seed, max_side=max_side, val_every=val_every,
+                            **mix)  # fmt: skip
             spec = DataSpec(paired=_parse_tagged(data, "--data"), clean=[str(c) for c in clean],
                             rain_layers=[str(d) for d in rain_layers],
                             split=str(split) if split else None,

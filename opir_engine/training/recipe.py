@@ -9,7 +9,12 @@ from typing import Any
 
 # The parts of an init checkpoint's card a run keeps, so a fine-tune's card still tells the
 # whole recipe, steps and hours behind it.
-LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "data", "init")
+LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", "init")
+
+# What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw, never the
+# model, the schedule or the seed, so the run stays one run with its changes on record.
+MIX_FIELDS = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
+              "clean_under_weather")  # fmt: skip
 
 
 class TrainingError(Exception):
@@ -35,6 +40,10 @@ class Recipe:
     # Share of synthesized rain drawn as another renderer's rain layer transplanted onto a clean
     # photo (synthesis/transplant.py) instead of our own streaks; needs DataSpec.rain_layers.
     transplant_ratio: float = 0.0
+    # Share of the clean -> clean crops shown under a weather's embedding (drawn by task_weights)
+    # instead of clean's: where there is no weather to remove, the operator must return the
+    # photo, so a clean photo the classifier calls weather comes back nearly unchanged.
+    clean_under_weather: float = 0.0
     max_side: int = 512
     seed: int = 0
     val_every: int = 1000
@@ -42,8 +51,10 @@ class Recipe:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.transplant_ratio <= 1.0:
-            raise TrainingError(f"transplant ratio must be in [0, 1]; got {self.transplant_ratio}")
+        for name in ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise TrainingError(f"{name.replace('_', ' ')} must be in [0, 1]; got {value}")
         w = self.task_weights
         if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
             raise TrainingError(

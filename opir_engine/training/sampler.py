@@ -27,7 +27,7 @@ from opir_engine.datasets import (
     kept_pairs,
     load_rgb,
 )
-from opir_engine.model import TASKS
+from opir_engine.model import CLASSES, TASKS
 from opir_engine.synthesis import scale_for_size, synthesize
 from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
@@ -36,6 +36,9 @@ from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
 # what we estimate a CUDA step of the small config to take (not measured yet), so a CUDA run draws
 # them ahead in worker processes; the CPU trains on every core itself and draws in turn.
 _CUDA_WORKERS = 4
+
+# (degraded, target, labels, tasks): see `TrainingSet.batch`
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def default_workers(device: torch.device) -> int:
@@ -87,31 +90,38 @@ class TrainingSet:
         counts = {**{t: len(p) for t, p in self.pairs.items()}, "clean": len(self.clean)}
         return counts | ({"rain_layers": len(self.rain_layers)} if self.rain_layers else {})
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(degraded, target) (B, 3, P, P) float in [0, 1] and class indices (B,) for a step."""
+    def batch(self, step: int) -> Batch:
+        """The batch of a step: (degraded, target) (B, 3, P, P) float in [0, 1], the class of
+        each crop (B,) and the task whose embedding it is shown under (B,)."""
         rng = np.random.default_rng([self.recipe.seed, step])
         samples = [self._sample(rng) for _ in range(self.recipe.batch)]
-        degraded, target, labels = zip(*samples, strict=True)
-        return torch.stack(degraded), torch.stack(target), torch.tensor(labels)
+        degraded, target, labels, tasks = zip(*samples, strict=True)
+        return torch.stack(degraded), torch.stack(target), torch.tensor(labels), torch.tensor(tasks)
 
-    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         r = self.recipe
         if rng.random() < r.clean_ratio:  # clean -> clean teaches the head and pass-through
             image = self._crop([self.clean[rng.integers(len(self.clean))]], rng)[0]
-            return image, image, class_index("clean")
-        task = TASKS[self._draw_weather(rng)]
-        real = self.pairs.get(task, [])
+            clean = class_index("clean")
+            # drawn only when the option is on, so runs without it draw the batches they did
+            if r.clean_under_weather > 0 and rng.random() < r.clean_under_weather:
+                return image, image, clean, class_index(TASKS[self._draw_weather(rng)])
+            return image, image, clean, clean
+        task = class_index(TASKS[self._draw_weather(rng)])
+        real = self.pairs.get(CLASSES[task], [])
         if real and rng.random() >= r.synth_ratio:
             degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
-            return degraded, target, class_index(task)
+            return degraded, target, task, task
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
         # drawn only when transplant is on, so runs without it draw the batches they always did
-        if task == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
-            return random_transplant(target, self.rain_layers, rng), target, class_index(task)
+        if CLASSES[task] == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
+            return random_transplant(target, self.rain_layers, rng), target, task, task
         seed = int(rng.integers(0, 2**62))
-        degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
-        return degraded.clamp(0, 1), target, class_index(task)
+        degraded, _ = synthesize(
+            target, CLASSES[task], seed, scale=scale_for_size(*source.shape[-2:])
+        )
+        return degraded.clamp(0, 1), target, task, task
 
     def _draw_weather(self, rng: np.random.Generator) -> int:
         weights = np.asarray(self.recipe.task_weights, dtype=np.float64)
@@ -154,7 +164,7 @@ class _Steps(Dataset):
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         return self.training_set.batch(self.start + index)
 
 
@@ -167,7 +177,7 @@ def _leave_signals_to_the_trainer(_worker_id: int) -> None:
 
 def step_batches(
     training_set: TrainingSet, start: int, stop: int, device: torch.device, workers: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Iterator[Batch]:
     """The batches of steps start .. stop - 1 in order, on `device`: drawn on the CPU (in the
     main process, or ahead in `workers` processes), pinned and copied without waiting on CUDA."""
     cuda = device.type == "cuda"
@@ -185,5 +195,4 @@ def step_batches(
         generator=torch.Generator(),  # its workers' seeds: not drawn from torch's global stream
     )
     for batch in loader:
-        degraded, target, labels = (t.to(device, non_blocking=cuda) for t in batch)
-        yield degraded, target, labels
+        yield tuple(t.to(device, non_blocking=cuda) for t in batch)  # type: ignore[misc]

@@ -31,7 +31,13 @@ from safetensors.torch import load_file
 from opir_engine.devices import DeviceError, keep_freed_memory, pick_device
 from opir_engine.evaluation.contact_sheet import write_contact_sheet
 from opir_engine.model import CLASSES, OPIR, GrowthError, OPIRConfig, OPIRLoss, grow
-from opir_engine.training.recipe import LINEAGE_KEYS, DataSpec, Recipe, TrainingError
+from opir_engine.training.recipe import (
+    LINEAGE_KEYS,
+    MIX_FIELDS,
+    DataSpec,
+    Recipe,
+    TrainingError,
+)
 from opir_engine.training.run_folder import (
     load_optimizer_state,
     machine_description,
@@ -122,12 +128,20 @@ class Trainer:
         self.step = 0
         self.wall_seconds = 0.0
         self.best: float | None = None
+        # recipe fields changed by a resume, each with the step it took effect at
+        self.recipe_changes: list[dict[str, Any]] = []
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir: Path, device: str | None = None) -> Trainer:
+    def resume(
+        cls, run_dir: Path, device: str | None = None, changes: dict[str, Any] | None = None
+    ) -> Trainer:
         """The run in `run_dir` at its last saved step, on `device` (default: the device its
-        run.json records; runs made before the option trained on the CPU)."""
+        run.json records; runs made before the option trained on the CPU).
+
+        `changes` sets recipe fields from this step on, only those of `MIX_FIELDS` (what the
+        batches draw); run.json keeps every change with its step (`recipe_changes`), and so do
+        the checkpoints' cards."""
         run_dir = Path(run_dir)
         try:
             info = json.loads((run_dir / "run.json").read_text())
@@ -135,8 +149,20 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise TrainingError(f"{run_dir}: not a resumable run directory ({e})") from e
         recipe = Recipe.from_dict(info["recipe"])
+        history = list(info.get("recipe_changes", []))
+        if changes:
+            fixed = sorted(set(changes) - set(MIX_FIELDS))
+            if fixed:
+                raise TrainingError(
+                    f"a resumed run can change only {', '.join(MIX_FIELDS)}; not {', '.join(fixed)}"
+                )
+            if "task_weights" in changes:
+                changes = {**changes, "task_weights": tuple(changes["task_weights"])}
+            recipe = dataclasses.replace(recipe, **changes)  # validated by Recipe itself
+            history.append({"step": trainer_state["step"], **changes})
         device = device or info.get("device", "cpu")
         trainer = cls(run_dir, recipe, DataSpec(**info["data"]), device=device)
+        trainer.recipe_changes = history
         trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
         load_optimizer_state(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",
                              trainer_state["optimizer"])  # fmt: skip
@@ -162,6 +188,7 @@ class Trainer:
             "config": self.model.config.to_dict(),
             "classes": list(CLASSES),
             "recipe": dataclasses.asdict(self.recipe),
+            "recipe_changes": self.recipe_changes,
             "data": dataclasses.asdict(self.data),
             "steps": self.step,
             "wall_time_hours": round(self.wall_seconds / 3600, 3),
@@ -187,9 +214,10 @@ class Trainer:
         the run, are the same for any number."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "run.json", {
-            "recipe": dataclasses.asdict(self.recipe), "data": dataclasses.asdict(self.data),
-            "counts": training_set.counts(), "machine": machine_description(self.device),
-            "init": self.init, "device": self.device_name,
+            "recipe": dataclasses.asdict(self.recipe), "recipe_changes": self.recipe_changes,
+            "data": dataclasses.asdict(self.data), "counts": training_set.counts(),
+            "machine": machine_description(self.device), "init": self.init,
+            "device": self.device_name,
         })  # fmt: skip
         stop_step = min(stop_step or self.recipe.steps, self.recipe.steps)
         forward = torch.compile(self.model) if compile_step else self.model
@@ -207,11 +235,11 @@ class Trainer:
                     if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
                         break
                     t0 = time.monotonic()
-                    degraded, target, labels = next(batches)
+                    degraded, target, labels, tasks = next(batches)
                     t1 = time.monotonic()
                     for group in self.optimizer.param_groups:
                         group["lr"] = self.recipe.lr_at(self.step)
-                    weights = F.one_hot(labels, len(CLASSES)).float()
+                    weights = F.one_hot(tasks, len(CLASSES)).float()
                     total, parts = self.loss(forward(degraded, weights), target, labels)
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
