@@ -154,6 +154,7 @@ def main() -> None:
                 DataSpec(**stage["data"]),
                 stage["init_weights"],
                 out,
+                changes=stage["recipe_changes"],
             )
             for stage, out in zip(stages, _run_dirs(stages), strict=True)
         ]

@@ -157,6 +157,51 @@ def test_resume_is_bit_exact(tmp_path: Path, data_root: Path) -> None:
     assert losses == [entry["loss"] for entry in _log(tmp_path / "split")]
 
 
+def test_the_weight_average_is_checkpointed_and_training_unchanged(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """With `ema`, the checkpoints hold a_1 = w_1, a_k = d a_(k-1) + (1 - d) w_k of the trained
+    weights w_k, which follow the run without it step for step; a resume continues both."""
+    spec, decay = _spec(data_root), 0.75
+    training_set = TrainingSet(spec, _recipe())
+    plain = Trainer(tmp_path / "plain", _recipe(), spec)
+    expected: dict[str, torch.Tensor] = {}
+    for step in range(1, 5):  # the trained weights after each step, averaged by hand
+        plain.train(training_set, None, stop_step=step)
+        w = {k: v.clone() for k, v in plain.model.state_dict().items()}
+        expected = w if step == 1 else {k: decay * expected[k] + (1 - decay) * w[k] for k in w}
+
+    averaged = Trainer(tmp_path / "ema", _recipe(ema=decay), spec)
+    averaged.train(training_set, None, stop_step=2)
+    averaged = Trainer.resume(tmp_path / "ema")
+    averaged.train(training_set, None, stop_step=4)
+    trained = averaged.model.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in plain.model.state_dict().items())
+    written, card = load_checkpoint(tmp_path / "ema" / "last.safetensors")
+    assert card["recipe"]["ema"] == decay and card["steps"] == 4
+    for k, v in written.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(trained[k], expected[k]) for k in expected)
+    with pytest.raises(TrainingError, match=r"ema decay must be in \[0, 1\); got 1.0"):
+        _recipe(ema=1.0)
+
+
+def test_a_weight_average_started_on_resume_starts_from_the_weights(
+    tmp_path: Path, data_root: Path
+) -> None:
+    spec = _spec(data_root)
+    run = Trainer(tmp_path / "run", _recipe(), spec)
+    run.train(TrainingSet(spec, _recipe()), None, stop_step=2)
+    resumed = Trainer.resume(tmp_path / "run", changes={"ema": 0.5})
+    assert resumed.recipe_changes == [{"step": 2, "ema": 0.5, "was": {"ema": 0.0}}]
+    at_resume = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    assert all(torch.equal(resumed.checkpointed.state_dict()[k], v) for k, v in at_resume.items())
+    resumed.train(TrainingSet(spec, resumed.recipe), None, stop_step=3)
+    # the first update takes the weights of step 3 as they are
+    written = load_checkpoint(tmp_path / "run" / "last.safetensors")[0].state_dict()
+    assert all(torch.equal(written[k], v) for k, v in resumed.model.state_dict().items())
+
+
 def test_resume_of_a_run_made_before_task_weights(tmp_path: Path, data_root: Path) -> None:
     """runs/small-allinone's run.json has no task_weights: it resumes with equal weights."""
     recipe = _recipe()
@@ -181,7 +226,8 @@ def test_a_resume_changes_what_is_drawn_only(tmp_path: Path, data_root: Path) ->
         Trainer.resume(tmp_path / "run", changes={"clean_ratio": 2})
     resumed = Trainer.resume(tmp_path / "run", changes={"task_weights": [1, 0, 0]})
     assert resumed.recipe == _recipe(task_weights=(1, 0, 0)) and resumed.step == 2
-    assert resumed.recipe_changes == [{"step": 2, "task_weights": (1, 0, 0)}]
+    was = {"task_weights": (1.0, 1.0, 1.0)}
+    assert resumed.recipe_changes == [{"step": 2, "task_weights": (1, 0, 0), "was": was}]
     assert resumed.card(None)["recipe_changes"] == resumed.recipe_changes
 
 
@@ -514,7 +560,8 @@ def test_cli_train_then_resume(tmp_path: Path, data_root: Path) -> None:
     info = json.loads((run / "run.json").read_text())
     assert info["recipe"]["clean_under_weather"] == 0.25
     assert info["recipe"]["task_weights"] == [1.0, 1.0, 3.0]
-    record = [{"step": 3, "clean_under_weather": 0.25, "task_weights": [1.0, 1.0, 3.0]}]
+    record = [{"step": 3, "clean_under_weather": 0.25, "task_weights": [1.0, 1.0, 3.0],
+               "was": {"clean_under_weather": 0.0, "task_weights": [2.0, 0.5, 1.0]}}]  # fmt: skip
     assert info["recipe_changes"] == record
     card = load_checkpoint(run / "last.safetensors")[1]
     assert card["steps"] == 4 and card["recipe_changes"] == record
@@ -748,3 +795,38 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     assert Recipe.from_dict(info["recipe"]) == recipe
     assert DataSpec(**info["data"]) == spec
     assert info["init"]["weights"] == init and info["init"]["steps"] == 1
+
+
+def test_train_command_replays_the_changes_made_on_resume(tmp_path: Path, data_root: Path) -> None:
+    """A run changed on resume is reproduced as its start, stopped at each change and resumed
+    with it: the commands, run through the CLI, end with the same recipe and record."""
+    spec = dataclasses.replace(_spec(data_root), rain_layers=[str(data_root / "rain")])
+    recipe = _recipe(steps=3, task_weights=(2.0, 1.0, 1.0), transplant_ratio=0.5)
+    Trainer(tmp_path / "run", recipe, spec).train(TrainingSet(spec, recipe), None, stop_step=1)
+    changes = {"clean_under_weather": 0.5, "task_weights": [1.0, 1.0, 1.0], "ema": 0.9}
+    resumed = Trainer.resume(tmp_path / "run", changes=changes)
+    resumed.train(TrainingSet(spec, resumed.recipe), None, stop_step=2)
+    resumed = Trainer.resume(tmp_path / "run", changes={"clean_ratio": 0.3})
+    resumed.train(TrainingSet(spec, resumed.recipe), None)
+    card = load_checkpoint(tmp_path / "run" / "last.safetensors")[1]
+    command = train_command(Recipe.from_dict(card["recipe"]), DataSpec(**card["data"]),
+                            out="RUN", changes=card["recipe_changes"])  # fmt: skip
+    parts = command.split(" && ")
+    assert len(parts) == 3 and "--stop-at 1" in parts[0] and "--stop-at 2" in parts[1]
+    assert "--transplant-ratio 0.5" in parts[0] and "--clean-under-weather" not in parts[0]
+    assert "--task-weight rain=1.0 --task-weight snow=1.0 --task-weight haze=1.0" in parts[1]
+    assert parts[2] == "opir train --out RUN --resume --clean-ratio 0.3"
+    for part in parts:
+        args = [a.replace("DATA", str(data_root)) for a in shlex.split(part)]
+        args = [str(tmp_path / "again") if a == "RUN" else a for a in args]
+        result = CliRunner().invoke(app, args[1:])
+        assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    first = json.loads((tmp_path / "run" / "run.json").read_text())
+    logging = ("ckpt_every", "log_every")  # not options of `opir train`
+    assert {k: v for k, v in again["recipe"].items() if k not in logging} == {
+        k: v for k, v in first["recipe"].items() if k not in logging
+    }
+    assert again["data"] == first["data"]
+    assert again["recipe_changes"] == first["recipe_changes"]
+    assert json.loads((tmp_path / "again" / "state" / "trainer.json").read_text())["step"] == 3

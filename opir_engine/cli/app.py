@@ -184,6 +184,12 @@ def train(
         metavar="TASK=W",
         help="How often a weather is drawn, relative: rain=2. \\[default: 1 each]",
     ),
+    ema: float | None = typer.Option(
+        None,
+        metavar="DECAY",
+        help="Validate and save a moving average of the weights (0.999: about the last 1000 "
+        "steps). \\[default: 0, none]",
+    ),
     max_side: int = typer.Option(
         512,
         metavar="N",
@@ -206,7 +212,7 @@ def train(
         False,
         "--resume",
         help="Continue the run in --out exactly; the sampling options given (ratios, "
-        "--task-weight) change its draw from here on, on record.",
+        "--task-weight) and --ema change it from here on, on record.",
     ),
     init: Path | None = typer.Option(
         None,
@@ -244,7 +250,8 @@ def train(
     # what the batches draw: given on a resume, these change the run from its current step
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
-           "task_weights": _parse_task_weights(task_weight) if task_weight else None}  # fmt: skip
+           "task_weights": _parse_task_weights(task_weight) if task_weight else None,
+           "ema": ema}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}
     try:
         if resume:

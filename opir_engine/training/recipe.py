@@ -11,10 +11,11 @@ from typing import Any
 # whole recipe, steps and hours behind it.
 LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", "init")
 
-# What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw, never the
-# model, the schedule or the seed, so the run stays one run with its changes on record.
-MIX_FIELDS = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
-              "clean_under_weather")  # fmt: skip
+# What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw and the
+# weight average it validates, never the model, the schedule or the seed, so the run stays one
+# run with its changes on record.
+RESUME_CHANGES = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
+                  "clean_under_weather", "ema")  # fmt: skip
 
 
 class TrainingError(Exception):
@@ -44,6 +45,10 @@ class Recipe:
     # instead of clean's: where there is no weather to remove, the operator must return the
     # photo, so a clean photo the classifier calls weather comes back nearly unchanged.
     clean_under_weather: float = 0.0
+    # Decay of an exponential moving average of the weights (0: none). With it, validation and
+    # the best and last checkpoints use the average: at batch 8 the weights one validation
+    # apart differ by 1-3 dB on the rows of one or two photos. Training itself is unchanged.
+    ema: float = 0.0
     max_side: int = 512
     seed: int = 0
     val_every: int = 1000
@@ -55,6 +60,8 @@ class Recipe:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise TrainingError(f"{name.replace('_', ' ')} must be in [0, 1]; got {value}")
+        if not 0.0 <= self.ema < 1.0:
+            raise TrainingError(f"ema decay must be in [0, 1); got {self.ema}")
         w = self.task_weights
         if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
             raise TrainingError(
@@ -92,12 +99,14 @@ class DataSpec:
 
 def lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
     """The trainings behind a checkpoint's card, first to last: each stage's recipe, data, steps,
-    wall time and the weights it started from (`init_weights`, None for a fresh start)."""
+    wall time, the changes made on resume (`recipe_changes`, [] for cards before them) and the
+    weights it started from (`init_weights`, None for a fresh start)."""
     stages = []
     node: dict[str, Any] | None = card
     while node is not None:
         parent = node.get("init")
         stages.append({k: node.get(k) for k in ("steps", "wall_time_hours", "recipe", "data")}
-                      | {"init_weights": parent["weights"] if parent else None})  # fmt: skip
+                      | {"recipe_changes": node.get("recipe_changes") or [],
+                         "init_weights": parent["weights"] if parent else None})  # fmt: skip
         node = parent
     return stages[::-1]

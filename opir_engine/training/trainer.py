@@ -27,13 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from opir_engine.devices import DeviceError, keep_freed_memory, pick_device
 from opir_engine.evaluation.contact_sheet import write_contact_sheet
 from opir_engine.model import CLASSES, OPIR, GrowthError, OPIRConfig, OPIRLoss, grow
 from opir_engine.training.recipe import (
     LINEAGE_KEYS,
-    MIX_FIELDS,
+    RESUME_CHANGES,
     DataSpec,
     Recipe,
     TrainingError,
@@ -88,6 +89,14 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+def weight_average(model: OPIR, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights with `decay` (None for 0), starting
+    from its weights as they are (Polyak & Juditsky; `torch.optim.swa_utils`)."""
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 class Trainer:
     """Owns one run directory: `run.json` (recipe, data, device), `state/` (resume), `log.jsonl`,
     `best.safetensors` + `best.json` (the best validation so far), `last.*`.
@@ -123,6 +132,7 @@ class Trainer:
             if added:
                 self.init["grown_from"] = initial.config.to_dict()
         self.model.to(self.device)
+        self.average = weight_average(self.model, recipe.ema)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
         self.loss = OPIRLoss().to(self.device)
         self.step = 0
@@ -139,9 +149,9 @@ class Trainer:
         """The run in `run_dir` at its last saved step, on `device` (default: the device its
         run.json records; runs made before the option trained on the CPU).
 
-        `changes` sets recipe fields from this step on, only those of `MIX_FIELDS` (what the
-        batches draw); run.json keeps every change with its step (`recipe_changes`), and so do
-        the checkpoints' cards."""
+        `changes` sets recipe fields from this step on, only those of `RESUME_CHANGES` (what the
+        batches draw, the weight average); run.json keeps every change with its step
+        (`recipe_changes`), and so do the checkpoints' cards."""
         run_dir = Path(run_dir)
         try:
             info = json.loads((run_dir / "run.json").read_text())
@@ -151,19 +161,25 @@ class Trainer:
         recipe = Recipe.from_dict(info["recipe"])
         history = list(info.get("recipe_changes", []))
         if changes:
-            fixed = sorted(set(changes) - set(MIX_FIELDS))
+            fixed = sorted(set(changes) - set(RESUME_CHANGES))
             if fixed:
+                allowed = ", ".join(RESUME_CHANGES)
                 raise TrainingError(
-                    f"a resumed run can change only {', '.join(MIX_FIELDS)}; not {', '.join(fixed)}"
+                    f"a resumed run can change only {allowed}; not {', '.join(fixed)}"
                 )
             if "task_weights" in changes:
                 changes = {**changes, "task_weights": tuple(changes["task_weights"])}
+            was = {name: getattr(recipe, name) for name in changes}
             recipe = dataclasses.replace(recipe, **changes)  # validated by Recipe itself
-            history.append({"step": trainer_state["step"], **changes})
+            history.append({"step": trainer_state["step"], **changes, "was": was})
         device = device or info.get("device", "cpu")
         trainer = cls(run_dir, recipe, DataSpec(**info["data"]), device=device)
         trainer.recipe_changes = history
         trainer.model.load_state_dict(load_file(str(run_dir / "state" / "model.safetensors")))
+        trainer.average = weight_average(trainer.model, recipe.ema)  # from the loaded weights
+        if trainer.average is not None and (run_dir / "state" / "average.safetensors").exists():
+            saved = load_file(str(run_dir / "state" / "average.safetensors"))
+            trainer.average.load_state_dict(saved)
         load_optimizer_state(trainer.optimizer, run_dir / "state" / "optimizer.safetensors",
                              trainer_state["optimizer"])  # fmt: skip
         trainer.step = trainer_state["step"]
@@ -172,10 +188,18 @@ class Trainer:
         trainer.init = info.get("init")
         return trainer
 
+    @property
+    def checkpointed(self) -> OPIR:
+        """The weights validated and written to the checkpoints: the average when the recipe
+        keeps one, else the trained weights."""
+        return self.model if self.average is None else self.average.module  # type: ignore[return-value]
+
     def save_state(self) -> None:
         state_dir = self.run_dir / "state"
         state_dir.mkdir(parents=True, exist_ok=True)
         save_model_state(self.model, state_dir / "model.safetensors")
+        if self.average is not None:
+            save_model_state(self.average, state_dir / "average.safetensors")
         opt_meta = save_optimizer_state(self.optimizer, state_dir / "optimizer.safetensors")
         write_json(state_dir / "trainer.json", {
             "step": self.step, "wall_seconds": self.wall_seconds, "best": self.best,
@@ -245,6 +269,8 @@ class Trainer:
                     total.backward()
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                     self.optimizer.step()
+                    if self.average is not None:
+                        self.average.update_parameters(self.model)
                     self.step += 1
                     # detach: float() of a tensor that requires grad warns on every run; float()
                     # waits for a CUDA step to finish, so step_ms is the step's, not its launch's
@@ -269,12 +295,14 @@ class Trainer:
                 batches.close()  # ends the workers before saving
                 log.close()
                 self.save_state()
-                save_checkpoint(self.run_dir / "last.safetensors", self.model, self.card(None))
+                save_checkpoint(
+                    self.run_dir / "last.safetensors", self.checkpointed, self.card(None)
+                )
 
     def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
         t = time.monotonic()
         rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        metrics = evaluate(self.model, validation, contact=rows)
+        metrics = evaluate(self.checkpointed, validation, contact=rows)
         metrics["seconds"] = round(time.monotonic() - t, 1)
         if rows:  # looked at before a checkpoint is called better: numbers hide dimmed streaks
             write_contact_sheet(self.run_dir / "contact" / f"step-{self.step:06d}.jpg", rows)
@@ -283,5 +311,7 @@ class Trainer:
         score = metrics["mean_gain"]
         if self.best is None or score > self.best:
             self.best = score
-            save_checkpoint(self.run_dir / "best.safetensors", self.model, self.card(metrics))
+            save_checkpoint(
+                self.run_dir / "best.safetensors", self.checkpointed, self.card(metrics)
+            )
         return metrics
