@@ -43,29 +43,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("direct", "tabulated")
 # name: (TAM form, KPN on channels-last maps, bf16, the NAFBlock's native norm and gate
-# (kernels/layer_norm.py, kernels/gate.py)); "before" is the
-# code as it was. "now, bf16" is now with the model in bfloat16 (`--precision bf16`) for a
-# forward, under bf16 autocast (weights, gradients and Adam in fp32) for a training step; the
-# native kernels take fp32 only, so PyTorch's run there
+# (kernels/layer_norm.py, kernels/gate.py), the TAM table's points (None: sized by the image,
+# `table_points`)); "before" is the code as it was. "now, bf16" is now with the model in
+# bfloat16 (`--precision bf16`) for a forward, under bf16 autocast (weights, gradients and Adam
+# in fp32) for a training step; the native kernels take fp32 only, so PyTorch's run there
+FULL = 4097  # the one table size before tables were sized by the image
 VARIANTS = {
-    "before": ("direct", False, False, False),
-    "tabulated TAM": ("tabulated", False, False, False),
-    "channels-last KPN": ("direct", True, False, False),
-    "both": ("tabulated", True, False, False),
-    "now (both, native NAFBlock)": ("tabulated", True, False, True),
-    "now, bf16": ("tabulated", True, True, True),
+    "before": ("direct", False, False, False, None),
+    "tabulated TAM": ("tabulated", False, False, False, FULL),
+    "channels-last KPN": ("direct", True, False, False, None),
+    "both": ("tabulated", True, False, False, FULL),
+    "both, native NAFBlock": ("tabulated", True, False, True, FULL),
+    "now (+ TAM table sized by the image)": ("tabulated", True, False, True, None),
+    "now, bf16": ("tabulated", True, True, True, None),
 }
-NOW, BF16 = "now (both, native NAFBlock)", "now, bf16"
+NOW, BF16 = "now (+ TAM table sized by the image)", "now, bf16"
 
 
 @contextlib.contextmanager
 def _variant(name: str, models: list[OPIR]) -> Iterator[None]:
     """Inside the block, `models` run as `name` says (a TAM form alone where `name` is one)."""
-    form, channels_last, _, native_norm = VARIANTS.get(name, (name, True, False, True))
+    form, channels_last, _, native_norm, points = VARIANTS.get(
+        name, (name, True, False, True, None)
+    )
     for model in models:
         model.kpn.channels_last = channels_last
     try:
-        with tam_form(form), native_nafblock(native_norm):
+        with tam_form(form, points), native_nafblock(native_norm):
             yield
     finally:
         for model in models:

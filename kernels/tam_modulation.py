@@ -16,6 +16,12 @@ small tables per image instead of 9 H W `hidden`-wide MLPs. The interpolation er
 with P = 4097 that is far below float32 rounding for any kernel range a model produces
 (tests/test_tam_modulation.py measures it). Gradients flow through the table to the MLP's
 parameters; the kernel's gradient reads a second table, of the exact derivative m'.
+
+The table's size follows the image (`table_points`): a sixteenth of its pixels, 1025 to 4097
+points. On a training crop of 128x128 a 4097-point table with its derivative cost about as much
+as the direct form (a step 1.01x faster); 1025 points make the step about 1.1x faster, and on the
+trained models' kernels every size from 257 points up agrees with the direct form to float32
+rounding (m is nearly linear over a kernel's range). Photos of 256x256 and larger keep 4097.
 """
 
 from __future__ import annotations
@@ -28,21 +34,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TABLE_POINTS = 4097
+TABLE_POINTS = 4097  # the largest table (photos of 256x256 and up)
+MIN_TABLE_POINTS = 1025  # the smallest: training crops of 128x128
 FORMS = ("auto", "direct", "tabulated")
 # Per thread and task, like the op's backend (inverse_operator.kernel_backend); a graph traced
-# by torch.compile always takes "auto".
-_form: contextvars.ContextVar[str] = contextvars.ContextVar("opir_tam_form", default="auto")
+# by torch.compile always takes "auto" and tables sized by the image.
+_form: contextvars.ContextVar[tuple[str, int | None]] = contextvars.ContextVar(
+    "opir_tam_form", default=("auto", None)
+)
+
+
+def table_points(pixels: int) -> int:
+    """The points of the table for a kernel plane of `pixels`: a sixteenth of them, within
+    MIN_TABLE_POINTS .. TABLE_POINTS (module docstring: why, and what it costs in accuracy)."""
+    return min(TABLE_POINTS, max(MIN_TABLE_POINTS, pixels // 16 + 1))
 
 
 @contextlib.contextmanager
-def tam_form(name: str) -> Iterator[None]:
+def tam_form(name: str, points: int | None = None) -> Iterator[None]:
     """Evaluate the TAM "direct" (the MLP at every tap, today's oracle and the benchmarks'
-    baseline), "tabulated", or "auto" (tabulated where the image has more pixels than the
-    table has points) inside the block."""
+    baseline), "tabulated", or "auto" (tabulated where the image has more pixels than its
+    table has points) inside the block; `points` fixes the table's size (default: sized by
+    the image, `table_points`)."""
     if name not in FORMS:
         raise ValueError(f"TAM form must be one of {', '.join(FORMS)}, got {name!r}")
-    token = _form.set(name)
+    if points is not None and points < 2:
+        raise ValueError(f"a table needs at least 2 points, got {points}")
+    token = _form.set((name, points))
     try:
         yield
     finally:
@@ -128,9 +146,13 @@ def tam_modulation(
     table points), else direct, unless `tam_form` says which. Arguments as
     `tam_modulation_reference`."""
     # Dynamo cannot read a ContextVar: a compiled graph takes the automatic choice
-    form = "auto" if torch.compiler.is_compiling() else _form.get()
+    form, points = ("auto", None) if torch.compiler.is_compiling() else _form.get()
+    pixels = kernel.shape[-2] * kernel.shape[-1]
+    points = points or table_points(pixels)
     if form == "auto":
-        form = "tabulated" if kernel.shape[-2] * kernel.shape[-1] > TABLE_POINTS else "direct"
+        form = "tabulated" if pixels > points else "direct"
     if form == "tabulated":
-        return tam_modulation_tabulated(kernel, weight_k, task, tap_offset, out_weight, out_bias)
+        return tam_modulation_tabulated(
+            kernel, weight_k, task, tap_offset, out_weight, out_bias, points
+        )
     return tam_modulation_reference(kernel, weight_k, task, tap_offset, out_weight, out_bias)

@@ -13,7 +13,9 @@ from opir_engine.image_io import read_image
 from opir_engine.model import TAM
 from opir_engine.weights import load_checkpoint
 from opir_kernels.tam_modulation import (
+    MIN_TABLE_POINTS,
     TABLE_POINTS,
+    table_points,
     tam_form,
     tam_modulation,
     tam_modulation_reference,
@@ -109,17 +111,40 @@ def test_a_constant_plane_reads_its_one_value() -> None:
 
 
 def test_small_images_take_the_direct_form() -> None:
-    """Below TABLE_POINTS pixels a table costs more than it saves: the result is the direct
-    form's, bit for bit; above, the table's."""
+    """At most MIN_TABLE_POINTS pixels a table costs more than it saves: the result is the
+    direct form's, bit for bit; above, a table of a sixteenth of the pixels, 1025 to 4097."""
     tam = _perturbed(4)
     task_weights = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     with torch.no_grad():
-        small = _arguments(tam, torch.randn(1, 9, 40, 50), task_weights)
-        assert TABLE_POINTS >= 40 * 50
+        small = _arguments(tam, torch.randn(1, 9, 25, 41), task_weights)
+        assert MIN_TABLE_POINTS >= 25 * 41
         assert torch.equal(tam_modulation(*small), tam_modulation_reference(*small))
-        large = _arguments(tam, torch.randn(1, 9, 80, 80), task_weights)
-        assert torch.equal(tam_modulation(*large), tam_modulation_tabulated(*large))
+        for side, points in [(40, 1025), (128, 1025), (200, 2501), (256, 4097), (300, 4097)]:
+            assert table_points(side * side) == points
+        large = _arguments(tam, torch.randn(1, 9, 200, 200), task_weights)
+        assert torch.equal(tam_modulation(*large), tam_modulation_tabulated(*large, points=2501))
         assert torch.equal(tam(large[0], task_weights), tam_modulation(*large))  # the module
+        crop = _arguments(tam, torch.randn(2, 9, 128, 128), task_weights.repeat(2, 1))
+        assert torch.equal(tam_modulation(*crop), tam_modulation_tabulated(*crop, points=1025))
+
+
+def test_the_smallest_table_matches_direct_where_m_bends_strongly() -> None:
+    """The training crops' 1025 points, on the strongly bending perturbed TAM: values within
+    1e-5 of the direct form, and every gradient as close as the full table's."""
+    tam = _perturbed(7)
+    kernel = torch.linspace(-3, 3, 128 * 128)[torch.randperm(128 * 128)].reshape(128, 128)
+    kernel = kernel.repeat(2, 9, 1, 1).requires_grad_()
+    args = _arguments(tam, kernel, torch.softmax(torch.randn(2, 4), dim=1))
+    direct = tam_modulation_reference(*args)
+    tabulated = tam_modulation_tabulated(*args, points=MIN_TABLE_POINTS)
+    assert direct.abs().max() > 1
+    torch.testing.assert_close(tabulated, direct, atol=1e-5, rtol=1e-6)
+    grad_out = torch.randn(direct.shape, generator=torch.Generator().manual_seed(3))
+    inputs = [kernel, *tam.parameters()]
+    g_direct = torch.autograd.grad((direct * grad_out).sum(), inputs, retain_graph=True)
+    g_table = torch.autograd.grad((tabulated * grad_out).sum(), inputs)
+    for a, b in zip(g_table, g_direct, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -148,10 +173,18 @@ def test_the_form_can_be_chosen_per_block() -> None:
             assert torch.equal(tam_modulation(*args), tam_modulation_reference(*args))
         with tam_form("tabulated"):
             small = (args[0][..., :8, :8], *args[1:])
-            assert torch.equal(tam_modulation(*small), tam_modulation_tabulated(*small))
-        assert torch.equal(tam_modulation(*args), tam_modulation_tabulated(*args))  # auto again
+            assert torch.equal(
+                tam_modulation(*small), tam_modulation_tabulated(*small, points=MIN_TABLE_POINTS)
+            )
+        with tam_form("tabulated", points=TABLE_POINTS):  # the full table at any size
+            assert torch.equal(tam_modulation(*args), tam_modulation_tabulated(*args))
+        assert torch.equal(  # auto again: 6400 pixels, a table of 1025 points
+            tam_modulation(*args), tam_modulation_tabulated(*args, points=MIN_TABLE_POINTS)
+        )
     with (
         pytest.raises(ValueError, match="TAM form must be one of auto, direct, tabulated"),
         tam_form("fast"),
     ):
+        pass
+    with pytest.raises(ValueError, match="at least 2 points, got 1"), tam_form("tabulated", 1):
         pass
