@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,11 +31,13 @@ from opir_engine.cli.app import app
 from opir_engine.cli.reproduce import train_command
 from opir_engine.devices import DeviceError
 from opir_engine.evaluation.contact_sheet import CROP, LABEL
-from opir_engine.model import CLASSES
+from opir_engine.evaluation.metrics import psnr
+from opir_engine.model import CLASSES, OPIR, OPIRConfig
+from opir_engine.model.padding import crop_to, pad_to_multiple
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError, lineage
 from opir_engine.training.sampler import TrainingSet, step_batches
 from opir_engine.training.trainer import Trainer
-from opir_engine.training.validation import ValidationSet
+from opir_engine.training.validation import ValidationSet, evaluate
 from opir_engine.weights import load_checkpoint
 
 SPLIT = Path(__file__).resolve().parents[1] / "splits" / "validation.json"
@@ -506,6 +509,28 @@ def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
     assert best["validation"]["mean_gain"] == best_val["mean_gain"]
     assert best_val["mean_gain"] == max(e["validation"]["mean_gain"] for e in validations)
     load_checkpoint(run / "best.safetensors")
+
+
+def test_validation_restores_clean_photos_under_a_weather_task(data_root: Path) -> None:
+    """`clean_under_weather`: the split's one clean photo, under rain's task (the first of the
+    turn), scored as the 8-bit file against the photo itself."""
+    validation = ValidationSet.from_split(data_root / "split.json", data_root)
+    torch.manual_seed(0)
+    model = OPIR(OPIRConfig.from_name("tiny"))
+    with torch.no_grad():  # far from the init, which returns any photo as it is
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    under = evaluate(model, validation)["clean_under_weather"]
+    ((_, _, photo, target),) = [item for item in validation.items if item[0] == "clean"]
+    padded, size = pad_to_multiple(photo[None].float(), model.multiple_of)
+    rain = F.one_hot(torch.tensor([CLASSES.index("rain")]), len(CLASSES)).float()
+    with torch.no_grad():
+        out = crop_to(model(padded, rain).restored, size)[0].clamp(0, 1)
+    expected = psnr((out * 255).round() / 255, target.float())
+    assert math.isfinite(expected)
+    assert under["n"] == 1 and under["unchanged"] == 0.0
+    assert under["per_task"] == {"rain": pytest.approx(expected)}
+    assert under["psnr"] == pytest.approx(expected) == under["min_psnr"]
 
 
 # ---------------------------------------------------------------------------------------------
