@@ -90,19 +90,25 @@ def _validation(validation: dict[str, Any]) -> list[str]:
         ]
         lines += _table(header, rows)
     if "clean" in validation:
-        c = validation["clean"]
-        lines += ["", "Clean photos: those `--task auto` calls clean come back unchanged."]
-        header = ("set", "n", "returned unchanged", "PSNR / SSIM of the rest", "set PSNR",
-                  "class right")  # fmt: skip
-        row = (
-            "clean",
-            str(c["n"]),
-            _pct(c.get("identical")),
-            f"{_num(c['psnr'])} / {_num(c['ssim'], 4)}",
-            _num(c.get("set_psnr")),
-            _pct(c.get("head_accuracy")),
-        )
-        lines += ["", *_table(header, [row])]
+        lines += ["", "Clean photos: those `--task auto` calls clean come back unchanged; "
+                  "`clean_under_weather` restores each under a weather's task instead, what a "
+                  "wrong call costs."]  # fmt: skip
+        header = ("set", "n", "returned unchanged", "PSNR / SSIM of the rest", "lowest PSNR",
+                  "set PSNR", "class right")  # fmt: skip
+        rows = [
+            (
+                name,
+                str(r["n"]),
+                _pct(r.get("identical")),
+                f"{_num(r['psnr'])} / {_num(r['ssim'], 4)}",
+                _num(r.get("min_psnr")),
+                _num(r.get("set_psnr")),
+                _pct(r.get("head_accuracy")),
+            )
+            for name, r in validation.items()
+            if name in ("clean", "clean_under_weather")
+        ]
+        lines += ["", *_table(header, rows)]
     photo_sets = [k for k, v in validation.items() if isinstance(v, dict) and k.endswith("_photos")]
     if photo_sets:
         lines += ["", "Real degraded photos without ground truth: the classifier's accuracy only."]

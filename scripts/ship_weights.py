@@ -23,6 +23,7 @@ from pathlib import Path
 
 from opir_engine.cli.reproduce import train_command
 from opir_engine.evaluation.scoring import (
+    evaluate_clean_under_weather,
     evaluate_engine,
     evaluate_head,
     photo_items,
@@ -128,7 +129,9 @@ def main() -> None:
     card["init"] = card.get("init") or run_info.get("init")
     stages = lineage(card)
     engine = OPIREngine.from_pretrained(source, device="cpu", compile=False)
-    rows = evaluate_engine(engine, validation_items(args.split, args.data_root))
+    items = validation_items(args.split, args.data_root)
+    rows = evaluate_engine(engine, items)
+    rows += evaluate_clean_under_weather(engine, items)
     rows += evaluate_head(engine, photo_items(args.split, args.data_root))
     card = {
         **card,

@@ -18,6 +18,7 @@ from opir_engine.cli.app import app
 from opir_engine.evaluation.baselines import dehaze_dark_channel, median_filter
 from opir_engine.evaluation.scoring import (
     EvaluationError,
+    evaluate_clean_under_weather,
     evaluate_engine,
     evaluate_folders,
     rows_to_card,
@@ -159,10 +160,47 @@ def test_evaluate_engine_rows_and_card(tmp_path, rain):
         assert row.psnr == _expected_psnr(tgt, out)
     assert rows[0].baseline == "median 5x5" and rows[1].baseline == "dark channel prior"
     assert rows[0].set_psnr == pytest.approx(rows[0].psnr)  # one image: its own PSNR
+    assert rows[0].min_psnr == rows[0].psnr  # and its own worst
     card = rows_to_card(rows, y_channel=False)
     assert card["rain"]["gain"] == pytest.approx(rows[0].psnr - rows[0].input_psnr)
     assert card["clean"]["set_psnr"] == rows[2].set_psnr
     json.dumps(card)  # the card entry is plain JSON
+
+
+def test_clean_photos_under_each_weather_task(tmp_path, rain):
+    """`clean_under_weather`: every clean photo restored under rain, snow, haze in turn, scored
+    against itself as the 8-bit file; its lowest PSNR is the worst of them. Weather items are
+    not read; none clean, no row."""
+    from opir_engine.inference.engine import OPIREngine
+    from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = OPIR(OPIRConfig.from_name("tiny"))
+    torch.nn.init.normal_(model.kpn.ending.weight, std=0.01)  # not the identity it starts as
+    save_checkpoint(tmp_path / "t.safetensors", model, {"name": "t"})
+    engine = OPIREngine.from_pretrained(tmp_path / "t.safetensors", device="cpu", compile=False)
+    photos = [
+        torch.from_numpy(_load(rain / "target" / f"{stem}.jpg")[:48, :64]).permute(2, 0, 1) / 255
+        for stem in ("1", "10", "1", "10")
+    ]
+    items = [("clean", f"c{i}", p, p) for i, p in enumerate(photos)]
+    items.insert(1, ("rain", "r", photos[0], photos[1]))  # not a clean photo: not scored
+    (row,) = evaluate_clean_under_weather(engine, items)
+    expected = []
+    for photo, task in zip(photos, ("rain", "snow", "haze", "rain"), strict=True):
+        out = (engine.restore(photo, task=task).image * 255).round().byte().permute(1, 2, 0)
+        target = (photo * 255).round().byte().permute(1, 2, 0).numpy()
+        expected.append(peak_signal_noise_ratio(target, out.numpy(), data_range=255))
+    assert all(math.isfinite(p) for p in expected)
+    assert row.task == "clean_under_weather" and row.n == 4 and row.identical == 0.0
+    assert row.psnr == pytest.approx(np.mean(expected))
+    assert row.min_psnr == pytest.approx(min(expected))
+    assert row.head_accuracy is None
+    assert evaluate_clean_under_weather(engine, items[1:2]) == []
+    card = rows_to_card([row], y_channel=False)
+    assert card["clean_under_weather"]["min_psnr"] == row.min_psnr
+    assert card["head_accuracy"] == 0.0  # a given task counts for no class's accuracy
 
 
 def test_source_set_names_the_folder_of_each_item():

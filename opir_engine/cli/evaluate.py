@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from opir_engine.evaluation.scoring import (
     EvaluationError,
+    evaluate_clean_under_weather,
     evaluate_engine,
     evaluate_folders,
     evaluate_head,
@@ -26,8 +28,8 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}%"
 
 
 def eval_folders(
@@ -96,19 +98,21 @@ def eval_engine(
         err.print(f"error: {e}")
         return 2
     rows = evaluate_engine(engine, items, y_channel=y, per_set=per_set)
+    rows += evaluate_clean_under_weather(engine, items)
     if split is not None:
         rows += evaluate_head(engine, photo_items(split, data_root))
     precision = describe(engine)["precision"]
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto, {precision})")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
-                "weather left", "baseline", "baseline PSNR/SSIM", "head acc."):  # fmt: skip
+                "lowest PSNR", "weather left", "baseline", "baseline PSNR/SSIM",
+                "head acc."):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.task, str(r.n), f"{_f(r.input_psnr)} / {_f(r.input_ssim, 4)}",
                       f"{_f(r.psnr)} / {_f(r.ssim, 4)}", _f(r.gain), _f(r.set_psnr),
-                      _pct(r.weather_left), r.baseline,
+                      _f(r.min_psnr), _pct(r.weather_left), r.baseline,
                       f"{_f(r.baseline_psnr)} / {_f(r.baseline_ssim, 4)}",
-                      f"{100 * r.head_accuracy:.1f}%")  # fmt: skip
+                      _pct(r.head_accuracy, 1))  # fmt: skip
     Console().print(table)
     if json_path:
         json_path.write_text(json.dumps(rows_to_card(rows, y), indent=1) + "\n")
