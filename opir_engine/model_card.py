@@ -106,7 +106,7 @@ def _validation(validation: dict[str, Any]) -> list[str]:
                 _pct(r.get("head_accuracy")),
             )
             for name, r in validation.items()
-            if name in ("clean", "clean_under_weather")
+            if name == "clean" or name.startswith("clean_under_weather")
         ]
         lines += ["", *_table(header, rows)]
     photo_sets = [k for k, v in validation.items() if isinstance(v, dict) and k.endswith("_photos")]

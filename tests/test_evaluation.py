@@ -186,7 +186,7 @@ def test_clean_photos_under_each_weather_task(tmp_path, rain):
     ]
     items = [("clean", f"c{i}", p, p) for i, p in enumerate(photos)]
     items.insert(1, ("rain", "r", photos[0], photos[1]))  # not a clean photo: not scored
-    (row,) = evaluate_clean_under_weather(engine, items)
+    row, *per_task = evaluate_clean_under_weather(engine, items)
     expected = []
     for photo, task in zip(photos, ("rain", "snow", "haze", "rain"), strict=True):
         out = (engine.restore(photo, task=task).image * 255).round().byte().permute(1, 2, 0)
@@ -197,8 +197,15 @@ def test_clean_photos_under_each_weather_task(tmp_path, rain):
     assert row.psnr == pytest.approx(np.mean(expected))
     assert row.min_psnr == pytest.approx(min(expected))
     assert row.head_accuracy is None
+    # and a row per task: rain's two photos, snow's and haze's one each
+    assert [(r.task, r.n) for r in per_task] == [
+        ("clean_under_weather/rain", 2), ("clean_under_weather/snow", 1),
+        ("clean_under_weather/haze", 1),
+    ]  # fmt: skip
+    assert per_task[0].psnr == pytest.approx((expected[0] + expected[3]) / 2)
+    assert per_task[2].min_psnr == pytest.approx(expected[2])
     assert evaluate_clean_under_weather(engine, items[1:2]) == []
-    card = rows_to_card([row], y_channel=False)
+    card = rows_to_card([row, *per_task], y_channel=False)
     assert card["clean_under_weather"]["min_psnr"] == row.min_psnr
     assert card["head_accuracy"] == 0.0  # a given task counts for no class's accuracy
 
