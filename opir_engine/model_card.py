@@ -90,9 +90,11 @@ def _validation(validation: dict[str, Any]) -> list[str]:
         ]
         lines += _table(header, rows)
     if "clean" in validation:
-        lines += ["", "Clean photos: those `--task auto` calls clean come back unchanged; "
-                  "`clean_under_weather` restores each under a weather's task instead, what a "
-                  "wrong call costs."]  # fmt: skip
+        note = "Clean photos: those `--task auto` calls clean come back unchanged"
+        if "clean_under_weather" in validation:
+            note += ("; `clean_under_weather` restores each under a weather's task instead, "
+                     "what a wrong call costs")  # fmt: skip
+        lines += ["", note + "."]
         header = ("set", "n", "returned unchanged", "PSNR / SSIM of the rest", "lowest PSNR",
                   "set PSNR", "class right")  # fmt: skip
         rows = [
