@@ -27,7 +27,7 @@ from opir_engine.datasets import (
     kept_pairs,
     load_rgb,
 )
-from opir_engine.model import CLASSES, TASKS
+from opir_engine.model import TASKS
 from opir_engine.synthesis import scale_for_size, synthesize
 from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
@@ -107,21 +107,20 @@ class TrainingSet:
             if r.clean_under_weather > 0 and rng.random() < r.clean_under_weather:
                 return image, image, clean, class_index(TASKS[self._draw_weather(rng)])
             return image, image, clean, clean
-        task = class_index(TASKS[self._draw_weather(rng)])
-        real = self.pairs.get(CLASSES[task], [])
+        task = TASKS[self._draw_weather(rng)]
+        label = class_index(task)  # weather crops are shown under their own task
+        real = self.pairs.get(task, [])
         if real and rng.random() >= r.synth_ratio:
             degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
-            return degraded, target, task, task
+            return degraded, target, label, label
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
         # drawn only when transplant is on, so runs without it draw the batches they always did
-        if CLASSES[task] == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
-            return random_transplant(target, self.rain_layers, rng), target, task, task
+        if task == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
+            return random_transplant(target, self.rain_layers, rng), target, label, label
         seed = int(rng.integers(0, 2**62))
-        degraded, _ = synthesize(
-            target, CLASSES[task], seed, scale=scale_for_size(*source.shape[-2:])
-        )
-        return degraded.clamp(0, 1), target, task, task
+        degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
+        return degraded.clamp(0, 1), target, label, label
 
     def _draw_weather(self, rng: np.random.Generator) -> int:
         weights = np.asarray(self.recipe.task_weights, dtype=np.float64)
