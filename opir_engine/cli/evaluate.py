@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from rich.console import Console
@@ -29,7 +28,7 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def _pct(x: float | None, digits: int = 0) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}%"
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def eval_folders(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from opir_engine.datasets import class_index
 from opir_engine.evaluation.metrics import psnr, ssim
-from opir_engine.evaluation.scoring import finite_mean, source_set, validation_items
+from opir_engine.evaluation.scoring import finite_mean, finite_min, source_set, validation_items
 from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.model import CLASSES, OPIR, TASKS
 from opir_engine.model.padding import crop_to, pad_to_multiple
@@ -58,13 +59,15 @@ def evaluate(
     per_source: dict[str, dict[str, list[float]]] = {}
     keys = ("in_psnr", "in_ssim", "psnr", "ssim", "acc", "identical", "left")
     under_weather: dict[str, list[float]] = {t: [] for t in TASKS}
+    clean_photos = 0
     for task, name, degraded, target in val.items:
         x, y = degraded[None].float(), target.float()
         padded, size = pad_to_multiple(x.to(device), model.multiple_of)
         logits = model.classify(padded)
         if task == "clean":
             out = model(padded).restored
-            forced = TASKS[sum(len(v) for v in under_weather.values()) % len(TASKS)]
+            forced = TASKS[clean_photos % len(TASKS)]  # rain, snow, haze in turn
+            clean_photos += 1
             weights = F.one_hot(torch.tensor([class_index(forced)], device=device), len(CLASSES))
             changed = crop_to(model(padded, weights.float()).restored, size)[0].clamp(0, 1).cpu()
             under_weather[forced].append(psnr((changed * 255).round() / 255, y))
@@ -100,11 +103,10 @@ def evaluate(
     summary["sources"] = {source: means(m) for source, m in sorted(per_source.items())}
     scores = [p for v in under_weather.values() for p in v]
     if scores:
-        finite = [p for p in scores if np.isfinite(p)]
         summary["clean_under_weather"] = {
             "psnr": finite_mean(scores),
-            "min_psnr": min(finite) if finite else None,
-            "unchanged": 1 - len(finite) / len(scores),  # returned bit for bit
+            "min_psnr": finite_min(scores),
+            "unchanged": float(np.mean([p == math.inf for p in scores])),  # bit for bit
             "n": len(scores),
             "per_task": {t: finite_mean(v) for t, v in under_weather.items() if v},
         }
