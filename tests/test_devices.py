@@ -50,8 +50,9 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     if default["faults"] < 1000:
         pytest.skip("this kernel backs large mappings with huge pages: few faults to save")
     # By default glibc maps each map of 32 MB or more afresh and every page faults in again;
-    # kept, the freed heap is reused
-    assert kept["faults"] < default["faults"] / 20
+    # kept, the freed heap is reused. Not every time all of it: a block that fits no freed hole
+    # grows the heap by some MB (0, 2048 and 8192 faults measured against 126k-199k)
+    assert kept["faults"] < default["faults"] / 10
 
 
 def test_devices_and_precisions() -> None:
