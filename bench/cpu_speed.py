@@ -45,8 +45,9 @@ FORMS = ("direct", "tabulated")
 # name: (TAM form, KPN on channels-last maps, bf16, the NAFBlock's native norm and gate
 # (kernels/layer_norm.py, kernels/gate.py), the TAM table's points (None: sized by the image,
 # `table_points`)); "before" is the code as it was. "now, bf16" is now with the model in
-# bfloat16 (`--precision bf16`) for a forward, under bf16 autocast (weights, gradients and Adam
-# in fp32) for a training step; the native kernels take fp32 only, so PyTorch's run there
+# bfloat16 (`opir restore --precision bf16`: bf16 parameters, so PyTorch's norm and gate run)
+# for a forward; for a training step, under bf16 autocast as `opir train --precision bf16` runs
+# it (weights, gradients and Adam in fp32; the native norm and gate on bf16 maps)
 FULL = 4097  # the one table size before tables were sized by the image
 VARIANTS = {
     "before": ("direct", False, False, False, None),
@@ -165,7 +166,7 @@ def training(steps: int, batch: int, patch: int, rounds: int) -> dict:
         degraded, target, labels = batches[i % len(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             output = model(degraded, F.one_hot(labels, len(CLASSES)).float())
-        total, _ = loss_fn(output, target, labels)
+        total, _ = loss_fn(output.in_fp32(), target, labels)  # as the trainer does
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .nafblock_native import use_native
+from .nafblock_native import half_bits, use_native
 
 
 def gate_reference(u: Tensor, with_mean: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -46,13 +46,14 @@ def _forward_op(u: Tensor, with_mean: bool) -> tuple[Tensor, Tensor]:
     y = torch.empty((b, c, h, w), dtype=u.dtype, device=u.device, memory_format=torch.channels_last)
     parts = torch.get_num_threads()
     # per thread and image, summed below in thread order: the same mean whatever the schedule
-    sums = u.new_zeros((parts, b, c)) if with_mean else None
+    sums = u.new_zeros((parts, b, c), dtype=torch.float32) if with_mean else None
     library.opir_gate_forward(
         u.data_ptr(), c, h * w, y.data_ptr(), None if sums is None else sums.data_ptr(),
-        b * h * w, parts,
+        b * h * w, parts, half_bits(u, y),
     )  # fmt: skip
     if sums is None:
         return y, u.new_empty((0,))
+    # the mean in fp32 (as summed), whatever the maps' dtype
     return y, (sums.sum(dim=0) / (h * w)).view(b, c, 1, 1)
 
 
@@ -62,7 +63,8 @@ def _(u, with_mean):  # type: ignore[no-untyped-def]
     y = torch.empty(
         (b, c2 // 2, h, w), dtype=u.dtype, device=u.device, memory_format=torch.channels_last
     )
-    return y, (u.new_empty((b, c2 // 2, 1, 1)) if with_mean else u.new_empty((0,)))
+    mean = u.new_empty((b, c2 // 2, 1, 1), dtype=torch.float32)
+    return y, (mean if with_mean else u.new_empty((0,)))
 
 
 @torch.library.custom_op("opir::gate_native_backward", mutates_args=())
@@ -73,11 +75,11 @@ def _backward_op(grad_y: Tensor, grad_mean: Tensor | None, u: Tensor) -> Tensor:
     b, c2, h, w = u.shape
     # The gradient reaching the op may be in any layout: the kernels read channels-last rows
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-    g_mean = None if grad_mean is None else grad_mean.reshape(b, c2 // 2).contiguous()
+    g_mean = None if grad_mean is None else grad_mean.reshape(b, c2 // 2).float().contiguous()
     g_u = torch.empty_like(u)
     library.opir_gate_backward(
         grad_y.data_ptr(), None if g_mean is None else g_mean.data_ptr(), u.data_ptr(), c2 // 2,
-        h * w, g_u.data_ptr(), b * h * w, torch.get_num_threads(),
+        h * w, g_u.data_ptr(), b * h * w, torch.get_num_threads(), half_bits(grad_y, u, g_u),
     )  # fmt: skip
     return g_u
 

@@ -4,9 +4,14 @@ residual is the block's `x + beta * conv3(y)`, its norm the feed-forward's input
 
 - `layer_norm_reference`: the PyTorch form, `addcmul` then `F.layer_norm` on the channels-last
   view; what runs on GPUs, in other dtypes and layouts, and under torch.compile;
-- `layer_norm_channels`: the entry point. On CPU fp32 channels-last maps (how the KPN runs on
-  the CPU) it calls the native kernels of `nafblock_cpu.c`, one pass per pixel forward and
-  backward, through the custom op `opir::layer_norm_native`; elsewhere the reference.
+- `layer_norm_channels`: the entry point. On CPU channels-last maps, fp32 or bf16 (how the KPN
+  runs on the CPU, and under bf16 autocast), it calls the native kernels of `nafblock_cpu.c`,
+  one pass per pixel forward and backward, through the custom op `opir::layer_norm_native`;
+  elsewhere the reference.
+
+Dtypes under the native kernels: v takes x's and y's promoted dtype, as `addcmul` would; n is
+bf16 under CPU bf16 autocast (the convolution it feeds would cast it there anyway) and v's dtype
+otherwise; statistics, arithmetic and the parameters' gradients stay fp32.
 
 Which one runs: `nafblock_native.use_native`.
 """
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .nafblock_native import use_native
+from .nafblock_native import autocast_bf16, half_bits, use_native
 
 
 def layer_norm_reference(
@@ -50,7 +55,9 @@ def layer_norm_channels(
     maps = (x,) if y is None else (x, y)
     params = (weight, bias) if scale is None else (weight, bias, scale)
     if (y is None or y.shape == x.shape) and use_native(*maps, params=params):
-        v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps)
+        v_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+        half_n = v_dtype == torch.bfloat16 or autocast_bf16(x.device)
+        v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps, half_n)
         return (x if y is None else v), n
     return layer_norm_reference(x, weight, bias, eps, y, scale)
 
@@ -67,15 +74,14 @@ def _forward_op(
     weight: Tensor,
     bias: Tensor,
     eps: float,
+    half_n: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(v, n, mean, rstd); v is empty without y (it is x). mean, rstd: (B, H, W)."""
+    """(v, n, mean, rstd); v is empty without y (it is x); n bf16 where `half_n`, else v's
+    dtype. mean, rstd: (B, H, W), fp32."""
     library = native.library()
     assert library is not None, "check use_native() first"
     b, c, h, w = x.shape
-    out_n = torch.empty_like(x)
-    out_v = torch.empty_like(x) if y is not None else x.new_empty((0,))
-    mean = x.new_empty((b, h, w))
-    rstd = x.new_empty((b, h, w))
+    out_v, out_n, mean, rstd = _forward_outputs(x, y, half_n)
     s = None if scale is None else _channels(scale, c)
     w_, b_ = _channels(weight, c), _channels(bias, c)
     args = [
@@ -83,15 +89,26 @@ def _forward_op(
         w_.data_ptr(), b_.data_ptr(), eps, c, None if y is None else out_v.data_ptr(),
         out_n.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
     ]  # fmt: skip
-    library.opir_layer_norm_forward(*args, b * h * w, torch.get_num_threads())
+    half = half_bits(x, y, out_v if y is not None else None, out_n)
+    library.opir_layer_norm_forward(*args, b * h * w, torch.get_num_threads(), half)
     return out_v, out_n, mean, rstd
 
 
-@_forward_op.register_fake
-def _(x, y, scale, weight, bias, eps):  # type: ignore[no-untyped-def]
+def _forward_outputs(
+    x: Tensor, y: Tensor | None, half_n: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty (v, n, mean, rstd) of the forward's shapes and dtypes."""
     b, _, h, w = x.shape
-    out_v = torch.empty_like(x) if y is not None else x.new_empty((0,))
-    return out_v, torch.empty_like(x), x.new_empty((b, h, w)), x.new_empty((b, h, w))
+    v_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+    out_v = torch.empty_like(x, dtype=v_dtype) if y is not None else x.new_empty((0,))
+    out_n = torch.empty_like(x, dtype=torch.bfloat16 if half_n else v_dtype)
+    mean = x.new_empty((b, h, w), dtype=torch.float32)
+    return out_v, out_n, mean, torch.empty_like(mean)
+
+
+@_forward_op.register_fake
+def _(x, y, scale, weight, bias, eps, half_n=False):  # type: ignore[no-untyped-def]
+    return _forward_outputs(x, y, half_n)
 
 
 @torch.library.custom_op("opir::layer_norm_native_backward", mutates_args=())
@@ -113,10 +130,10 @@ def _backward_op(
     grad_n = grad_n.contiguous(memory_format=torch.channels_last)
     if grad_v is not None:
         grad_v = grad_v.contiguous(memory_format=torch.channels_last)
-    g_x = torch.empty_like(v)
-    g_y = torch.empty_like(v) if y is not None else v.new_empty((0,))
+    g_x, g_y = _backward_maps(v, y)
     parts = torch.get_num_threads()
-    partials = v.new_zeros((3, parts, c))  # per thread, summed below in thread order
+    # per thread, summed below in thread order
+    partials = v.new_zeros((3, parts, c), dtype=torch.float32)
     s = None if scale is None else _channels(scale, c)
     w_ = _channels(weight, c)
 
@@ -127,21 +144,29 @@ def _backward_op(
         None if y is None else g_y.data_ptr(), partials[0].data_ptr(), partials[1].data_ptr(),
         None if y is None else partials[2].data_ptr(),
     ]  # fmt: skip
-    library.opir_layer_norm_backward(*args, b * h * w, parts)
+    half = half_bits(grad_n, grad_v, v, y, g_x, g_y if y is not None else None)
+    library.opir_layer_norm_backward(*args, b * h * w, parts, half)
     g_w, g_b, g_s = (partials[k].sum(dim=0) for k in range(3))  # three tensors, not views
     g_scale = v.new_empty((0,)) if scale is None else g_s.reshape(scale.shape).to(scale.dtype)
     return g_x, g_y, g_w.to(weight.dtype), g_b.to(weight.dtype), g_scale
 
 
+def _backward_maps(v: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Empty (g_x, g_y): g_x in v's dtype (x's where there is no y, v being x; the promoted
+    dtype otherwise, cast back to x's by autograd), g_y in y's."""
+    g_x = torch.empty_like(v)
+    return g_x, (torch.empty_like(y) if y is not None else v.new_empty((0,)))
+
+
 @_backward_op.register_fake
 def _(grad_n, grad_v, v, mean, rstd, weight, y, scale):  # type: ignore[no-untyped-def]
-    g_y = torch.empty_like(v) if y is not None else v.new_empty((0,))
     g_scale = v.new_empty((0,)) if scale is None else torch.empty_like(scale)
-    return torch.empty_like(v), g_y, torch.empty_like(weight), torch.empty_like(weight), g_scale
+    return *_backward_maps(v, y), torch.empty_like(weight), torch.empty_like(weight), g_scale
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, y, scale, weight, _, _ = inputs
+    x, y, scale, weight, _, _, _ = inputs
+    ctx.x_dtype = x.dtype
     out_v, _, mean, rstd = output
     ctx.save_for_backward(x if y is None else out_v, mean, rstd, weight, y, scale)
 
@@ -153,9 +178,10 @@ def _backward(ctx, grad_v, grad_n, _grad_mean, _grad_rstd):  # type: ignore[no-u
     if grad_n is None:
         grad_n = torch.zeros_like(v)
     g_x, g_y, g_w, g_b, g_scale = _backward_op(grad_n, grad_v, v, mean, rstd, weight, y, scale)
+    g_x = g_x.to(ctx.x_dtype)
     if y is None:
-        return g_x, None, None, g_w, g_b, None
-    return g_x, g_y, g_scale, g_w, g_b, None
+        return g_x, None, None, g_w, g_b, None, None
+    return g_x, g_y, g_scale, g_w, g_b, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,7 +1,8 @@
 """When the NAFBlock's element-wise work (`layer_norm`, `gate`) runs its native CPU kernels
-(`nafblock_cpu.c`) rather than its PyTorch reference: on CPU fp32 dense channels-last maps
-(how the KPN runs on the CPU), eagerly, where the kernels built, unless the op's backend is
-"reference" or `native_nafblock(False)` says otherwise (what the benchmarks compare)."""
+(`nafblock_cpu.c`) rather than its PyTorch reference: on CPU dense channels-last maps, fp32 or
+bf16 (how the KPN runs on the CPU, in fp32 or under bf16 autocast) with fp32 parameters,
+eagerly, where the kernels built, unless the op's backend is "reference" or
+`native_nafblock(False)` says otherwise (what the benchmarks compare)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from . import native
 from .op import current_backend
+
+MAP_DTYPES = (torch.float32, torch.bfloat16)
 
 _native_on: ContextVar[bool] = ContextVar("opir_native_nafblock", default=True)
 
@@ -30,11 +33,11 @@ def native_nafblock(enabled: bool) -> Iterator[None]:
 
 
 def native_supports(*maps: Tensor) -> bool:
-    """Whether the native kernels take these maps: CPU fp32, dense channels-last, one shape."""
+    """Whether the native kernels take these maps: CPU fp32 or bf16, dense channels-last."""
     return (
         all(
             t.device.type == "cpu"
-            and t.dtype == torch.float32
+            and t.dtype in MAP_DTYPES
             and t.dim() == 4
             and t.is_contiguous(memory_format=torch.channels_last)
             for t in maps
@@ -53,3 +56,19 @@ def use_native(*maps: Tensor, params: tuple[Tensor, ...] = ()) -> bool:
         and all(t.dtype == torch.float32 for t in params)
         and native_supports(*maps)
     )
+
+
+def autocast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is on for `device`'s type here: the norm's output then goes
+    straight to a bf16 convolution."""
+    kind = device.type
+    return (
+        torch.amp.is_autocast_available(kind)
+        and torch.is_autocast_enabled(kind)
+        and torch.get_autocast_dtype(kind) == torch.bfloat16
+    )
+
+
+def half_bits(*maps: Tensor | None) -> int:
+    """The kernels' `half` argument: bit i set where map i is bf16 (None: an absent map)."""
+    return sum(1 << i for i, t in enumerate(maps) if t is not None and t.dtype == torch.bfloat16)

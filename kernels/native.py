@@ -130,10 +130,11 @@ def _build() -> ctypes.CDLL:
     library.opir_inverse_operator_backward.restype = ctypes.c_int
     f32 = ctypes.c_float
     i32 = ctypes.c_int
-    library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64, i32]
-    library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64, i32]
-    library.opir_gate_forward.argtypes = [p, i64, i64, p, p, i64, i32]
-    library.opir_gate_backward.argtypes = [p, p, p, i64, i64, p, i64, i32]
+    # each ends in `half`: which maps are bf16, a bit per map argument in order
+    library.opir_layer_norm_forward.argtypes = [p] * 5 + [f32, i64] + [p] * 4 + [i64, i32, i32]
+    library.opir_layer_norm_backward.argtypes = [p] * 8 + [i64] + [p] * 5 + [i64, i32, i32]
+    library.opir_gate_forward.argtypes = [p, i64, i64, p, p, i64, i32, i32]
+    library.opir_gate_backward.argtypes = [p, p, p, i64, i64, p, i64, i32, i32]
     for name in ("layer_norm_forward", "layer_norm_backward", "gate_forward", "gate_backward"):
         getattr(library, f"opir_{name}").restype = None
     return library

@@ -49,6 +49,24 @@ def test_native_matches_reference_forward_and_gradients(shape: tuple, with_mean:
     torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 32, 9, 13), (1, 256, 4, 4), (2, 6, 5, 6)],
+                         ids=["C16", "C128", "C3-scalar"])  # fmt: skip
+def test_bf16_maps_match_the_fp32_reference(shape: tuple) -> None:
+    """A bf16 u (a bf16 convolution's output): y is PyTorch's bf16 product bit for bit; the
+    mean, summed in fp32, is y's fp32 mean and stays fp32; du is the fp32 gradient on the same
+    values rounded to bf16."""
+    u = _u(*shape).detach().to(torch.bfloat16).requires_grad_()
+    (y, mean), grad = _run(u, with_mean=True)
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32 and grad.dtype == u.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, gate_reference(u.detach())[0])
+    torch.testing.assert_close(mean, y.detach().float().mean((2, 3), keepdim=True),
+                               atol=1e-6, rtol=1e-5)  # fmt: skip
+    wide = u.detach().float().requires_grad_()
+    (_, _), grad_ref = _run(wide, with_mean=True)  # fp32: the same weights of the loss
+    assert float((grad.float() - grad_ref).norm() / grad_ref.norm()) < 4e-3
+
+
 def test_the_mean_does_not_depend_on_the_thread_count() -> None:
     u = _u(3, 32, 70, 50)
     threads = torch.get_num_threads()
@@ -65,9 +83,9 @@ def test_the_mean_does_not_depend_on_the_thread_count() -> None:
 
 @pytest.mark.parametrize(
     ("dtype", "layout"),
-    [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last),
-     (torch.float64, torch.channels_last)],
-    ids=["fp32-plain", "bf16", "fp64"],
+    [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.contiguous_format),
+     (torch.float16, torch.channels_last), (torch.float64, torch.channels_last)],
+    ids=["fp32-plain", "bf16-plain", "fp16", "fp64"],
 )  # fmt: skip
 def test_where_the_kernels_do_not_run_the_reference_does_bit_for_bit(
     dtype: torch.dtype, layout: torch.memory_format
@@ -89,3 +107,5 @@ def test_custom_op_registration_passes_opcheck() -> None:
     u = _u(2, 32, 3, 5)
     torch.library.opcheck(torch.ops.opir.gate_native.default, (u, True))
     torch.library.opcheck(torch.ops.opir.gate_native.default, (u, False))
+    half = u.detach().to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.opir.gate_native.default, (half, True))

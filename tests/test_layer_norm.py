@@ -66,13 +66,63 @@ def test_native_matches_reference_forward_and_gradients(shape: tuple, residual: 
     assert n.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_native_runs_on_channels_last_fp32_only() -> None:
+def test_native_runs_on_channels_last_fp32_and_bf16_only() -> None:
     x = torch.randn(1, 16, 4, 4)
     assert native_supports(x.to(memory_format=torch.channels_last))
+    assert native_supports(x.to(torch.bfloat16, memory_format=torch.channels_last))
     assert not native_supports(x)  # plain layout: the reference
-    assert not native_supports(x.to(torch.bfloat16, memory_format=torch.channels_last))
+    assert not native_supports(x.to(torch.float16, memory_format=torch.channels_last))
     y = torch.randn(1, 16, 4, 4)
     assert not native_supports(x.to(memory_format=torch.channels_last), y)  # y in plain layout
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().float() - want.detach()).norm() / want.detach().norm())
+
+
+# (x, y): bf16 throughout (a block's first norm after a bf16 convolution, both halves of the
+# residual), and the residual stream in fp32 beside a bf16 convolution's output
+@pytest.mark.parametrize(
+    ("x_dtype", "y_dtype"),
+    [(torch.bfloat16, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["bf16-norm", "bf16-residual", "fp32-residual-bf16-branch"],
+)
+@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 64, 4, 5), (2, 24, 5, 6)],
+                         ids=["C16", "C64", "C24-scalar"])  # fmt: skip
+def test_bf16_maps_match_the_fp32_reference_to_bf16_rounding(
+    shape: tuple, x_dtype: torch.dtype, y_dtype: torch.dtype | None
+) -> None:
+    """bf16 maps in, fp32 arithmetic: every output and gradient is the fp32 reference's on the
+    same (bf16) values, rounded once or twice to bf16 (a relative error of about 2^-9); v is
+    exact where it is the fp32 sum of an fp32 x and a bf16 y."""
+    maps = _maps(*shape, residual=y_dtype is not None)
+    maps["x"] = maps["x"].detach().to(x_dtype).requires_grad_()
+    if y_dtype is not None:
+        maps["y"] = maps["y"].detach().to(y_dtype).requires_grad_()
+    v, n, grads = _run(layer_norm_channels, maps)
+    v_dtype = torch.promote_types(x_dtype, y_dtype or x_dtype)
+    assert v.dtype == v_dtype and n.dtype == v_dtype  # no autocast: n as v
+    assert n.is_contiguous(memory_format=torch.channels_last)
+    wide = {k: None if t is None else t.detach().float().requires_grad_() for k, t in maps.items()}
+    v_ref, n_ref, grads_ref = _run(layer_norm_reference, wide)
+    assert _relative_error(n, n_ref) < 4e-3
+    assert _relative_error(v, v_ref) < (4e-3 if v_dtype == torch.bfloat16 else 1e-7)
+    for got, want, given in zip(grads, grads_ref, [t for t in maps.values() if t is not None],
+                                strict=True):  # fmt: skip
+        assert got.dtype == given.dtype
+        assert _relative_error(got, want) < 6e-3
+
+
+def test_under_bf16_autocast_the_norm_feeds_its_convolution_in_bf16() -> None:
+    maps = _maps(1, 16, 5, 6, residual=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, n = layer_norm_channels(maps["x"], maps["weight"], maps["bias"], EPS, maps["y"],
+                                   maps["scale"])  # fmt: skip
+    assert v.dtype == torch.float32 and n.dtype == torch.bfloat16
+    v_ref, n_ref = layer_norm_reference(maps["x"], maps["weight"], maps["bias"], EPS, maps["y"],
+                                        maps["scale"])  # fmt: skip
+    assert torch.equal(v, v_ref)
+    assert torch.equal(n, n_ref.to(torch.bfloat16))  # the fp32 norm, rounded once
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -114,6 +164,11 @@ def test_custom_op_registration_passes_opcheck() -> None:
         torch.ops.opir.layer_norm_native.default,
         (maps["x"], None, None, maps["weight"], maps["bias"], EPS),
     )
+    half = {k: maps[k].detach().to(torch.bfloat16).requires_grad_() for k in ("x", "y")}
+    torch.library.opcheck(
+        torch.ops.opir.layer_norm_native.default,
+        (half["x"], half["y"], maps["scale"], maps["weight"], maps["bias"], EPS, True),
+    )
 
 
 def _block(channels: int) -> NAFBlock:
@@ -123,6 +178,25 @@ def _block(channels: int) -> NAFBlock:
         block.beta.normal_()
         block.gamma.normal_()
     return block.to(memory_format=torch.channels_last)
+
+
+def test_nafblock_under_bf16_autocast_matches_the_reference_block() -> None:
+    # The block as bf16 autocast training runs it: convolutions in bf16, the norm and gate in
+    # the native kernels on bf16 maps, against the same block with PyTorch's norm and gate
+    block = _block(16)
+    x = torch.randn(2, 16, 24, 20).to(memory_format=torch.channels_last).requires_grad_()
+
+    def run() -> tuple[torch.Tensor, tuple]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        return out, torch.autograd.grad(out.float().square().sum(), [x, *block.parameters()])
+
+    out, grads = run()
+    with kernel_backend("reference"):
+        out_ref, grads_ref = run()
+    assert _relative_error(out, out_ref.float()) < 4e-3
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert _relative_error(got, want.float()) < 3e-2
 
 
 def test_nafblock_with_the_kernels_matches_the_reference_block() -> None:

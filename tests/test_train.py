@@ -189,6 +189,24 @@ def test_the_weight_average_is_checkpointed_and_training_unchanged(
         _recipe(ema=1.0)
 
 
+def test_bf16_autocast_training_follows_fp32(tmp_path: Path, data_root: Path) -> None:
+    """The same run under bf16 autocast: each step's loss within bf16 rounding of the fp32
+    run's, and not equal to it (the forward did run in bf16); the weights stay fp32."""
+    spec = _spec(data_root)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        recipe = _recipe(precision=precision)
+        runs[precision] = Trainer(tmp_path / precision, recipe, spec)
+        runs[precision].train(TrainingSet(spec, recipe), None)
+    fp32, bf16 = ([e["loss"] for e in _log(tmp_path / p)] for p in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) == 6
+    assert all(abs(a - b) < 0.03 * a for a, b in zip(fp32, bf16, strict=True))
+    assert fp32 != bf16
+    assert all(v.dtype == torch.float32 for v in runs["bf16"].model.state_dict().values())
+    with pytest.raises(TrainingError, match="precision must be fp32 or bf16; got 'fp16'"):
+        _recipe(precision="fp16")
+
+
 def test_a_weight_average_started_on_resume_starts_from_the_weights(
     tmp_path: Path, data_root: Path
 ) -> None:
@@ -806,7 +824,7 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     init = str(tmp_path / "first" / "last.safetensors")
     recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
                     clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
-                    val_every=7)  # fmt: skip
+                    val_every=7, precision="bf16")  # fmt: skip
     spec = _spec(data_root, split=True)
     command = train_command(recipe, spec, init, out="RUN")
     assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias
@@ -828,7 +846,8 @@ def test_train_command_replays_the_changes_made_on_resume(tmp_path: Path, data_r
     spec = dataclasses.replace(_spec(data_root), rain_layers=[str(data_root / "rain")])
     recipe = _recipe(steps=3, task_weights=(2.0, 1.0, 1.0), transplant_ratio=0.5)
     Trainer(tmp_path / "run", recipe, spec).train(TrainingSet(spec, recipe), None, stop_step=1)
-    changes = {"clean_under_weather": 0.5, "task_weights": [1.0, 1.0, 1.0], "ema": 0.9}
+    changes = {"clean_under_weather": 0.5, "task_weights": [1.0, 1.0, 1.0], "ema": 0.9,
+               "precision": "bf16"}  # fmt: skip
     resumed = Trainer.resume(tmp_path / "run", changes=changes)
     resumed.train(TrainingSet(spec, resumed.recipe), None, stop_step=2)
     resumed = Trainer.resume(tmp_path / "run", changes={"clean_ratio": 0.3})

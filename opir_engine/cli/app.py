@@ -190,6 +190,12 @@ def train(
         help="Validate and save a moving average of the weights (0.999: about the last 1000 "
         "steps). \\[default: 0, none]",
     ),
+    precision: str | None = typer.Option(
+        None,
+        metavar="P",
+        help="fp32, or bf16: the forward under bf16 autocast (weights, gradients and Adam "
+        "in fp32). \\[default: fp32]",
+    ),
     max_side: int = typer.Option(
         512,
         metavar="N",
@@ -212,7 +218,7 @@ def train(
         False,
         "--resume",
         help="Continue the run in --out exactly; the sampling options given (ratios, "
-        "--task-weight) and --ema change it from here on, on record.",
+        "--task-weight), --ema and --precision change it from here on, on record.",
     ),
     init: Path | None = typer.Option(
         None,
@@ -247,11 +253,12 @@ def train(
 
     if split and not data_root:
         raise typer.BadParameter("a validation split needs --data-root", param_hint="--split")
-    # what the batches draw: given on a resume, these change the run from its current step
+    # what the batches draw, the average, the precision: given on a resume, these change the
+    # run from its current step
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
-           "ema": ema}  # fmt: skip
+           "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}
     try:
         if resume:

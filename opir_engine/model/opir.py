@@ -20,6 +20,14 @@ class OPIROutput(NamedTuple):
     uncertainty: Tensor  # (B, 1, H, W): UM of stage 1 (Eq. 11)
     class_logits: Tensor  # (B, num_classes): the degradation classifier (model/classifier.py)
 
+    def in_fp32(self) -> OPIROutput:
+        """Every tensor in fp32 (those already fp32 as they are): what an autocast forward hands
+        the loss, so that the loss is computed at full precision."""
+        return OPIROutput(
+            self.restored.float(), tuple(s.float() for s in self.stages),
+            self.uncertainty.float(), self.class_logits.float(),
+        )  # fmt: skip
+
 
 def auto_decision(probs: Tensor, clean_threshold: float) -> Tensor:
     """What `--task auto` does with the classifier's probabilities (N, classes), as class

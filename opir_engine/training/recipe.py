@@ -11,11 +11,15 @@ from typing import Any
 # whole recipe, steps and hours behind it.
 LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", "init")
 
-# What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw and the
-# weight average it validates, never the model, the schedule or the seed, so the run stays one
-# run with its changes on record.
+# What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw, the weight
+# average it validates and the precision its forward runs in, never the model, the schedule or
+# the seed, so the run stays one run with its changes on record.
 RESUME_CHANGES = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
-                  "clean_under_weather", "ema")  # fmt: skip
+                  "clean_under_weather", "ema", "precision")  # fmt: skip
+
+# The forward's arithmetic: fp32, or bf16 autocast (convolutions in bf16, the NAFBlock's norm
+# and gate on bf16 maps, the operator in fp32; weights, gradients and Adam stay fp32)
+PRECISIONS = ("fp32", "bf16")
 
 
 class TrainingError(Exception):
@@ -49,6 +53,7 @@ class Recipe:
     # the best and last checkpoints use the average: at batch 8 the weights one validation
     # apart differ by 1-3 dB on the rows of one or two photos. Training itself is unchanged.
     ema: float = 0.0
+    precision: str = "fp32"  # one of PRECISIONS
     max_side: int = 512
     seed: int = 0
     val_every: int = 1000
@@ -62,6 +67,10 @@ class Recipe:
                 raise TrainingError(f"{name.replace('_', ' ')} must be in [0, 1]; got {value}")
         if not 0.0 <= self.ema < 1.0:
             raise TrainingError(f"ema decay must be in [0, 1); got {self.ema}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(
+                f"precision must be {' or '.join(PRECISIONS)}; got {self.precision!r}"
+            )
         w = self.task_weights
         if len(w) != 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
             raise TrainingError(

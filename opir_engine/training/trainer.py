@@ -189,6 +189,11 @@ class Trainer:
         return trainer
 
     @property
+    def bf16(self) -> bool:
+        """Whether the forward runs under bf16 autocast (`Recipe.precision`)."""
+        return self.recipe.precision == "bf16"
+
+    @property
     def checkpointed(self) -> OPIR:
         """The weights validated and written to the checkpoints: the average when the recipe
         keeps one, else the trained weights."""
@@ -264,7 +269,9 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = self.recipe.lr_at(self.step)
                     weights = F.one_hot(tasks, len(CLASSES)).float()
-                    total, parts = self.loss(forward(degraded, weights), target, labels)
+                    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                        output = forward(degraded, weights)
+                    total, parts = self.loss(output.in_fp32(), target, labels)
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
