@@ -53,8 +53,9 @@ def _forward_op(u: Tensor, with_mean: bool) -> tuple[Tensor, Tensor]:
     )  # fmt: skip
     if sums is None:
         return y, u.new_empty((0,))
-    # the mean in fp32 (as summed), whatever the maps' dtype
-    return y, (sums.sum(dim=0) / (h * w)).view(b, c, 1, 1)
+    # summed in fp32, returned in u's dtype as the reference's mean (the channel attention's
+    # convolution takes it in its own dtype)
+    return y, (sums.sum(dim=0) / (h * w)).view(b, c, 1, 1).to(u.dtype)
 
 
 @_forward_op.register_fake
@@ -63,8 +64,7 @@ def _(u, with_mean):  # type: ignore[no-untyped-def]
     y = torch.empty(
         (b, c2 // 2, h, w), dtype=u.dtype, device=u.device, memory_format=torch.channels_last
     )
-    mean = u.new_empty((b, c2 // 2, 1, 1), dtype=torch.float32)
-    return y, (mean if with_mean else u.new_empty((0,)))
+    return y, (u.new_empty((b, c2 // 2, 1, 1)) if with_mean else u.new_empty((0,)))
 
 
 @torch.library.custom_op("opir::gate_native_backward", mutates_args=())

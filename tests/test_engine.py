@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,6 +263,22 @@ def test_given_task_uses_its_one_hot_embedding(engine: OPIREngine, urban: Path) 
         assert torch.allclose(result.image, out.restored[0].clamp(0, 1), atol=1e-6)
         assert torch.allclose(result.uncertainty, out.uncertainty[0], atol=1e-6)
     assert float((results["rain"].image - results["haze"].image).abs().max()) > 1e-3
+
+
+def test_bf16_precision_restores_as_fp32_does_on_the_cpu(
+    engine: OPIREngine, weights: Path, urban: Path
+) -> None:
+    """`precision="bf16"` puts the whole model in bfloat16 (the NAFBlock's gate then runs its
+    native kernels on bf16 maps beside bf16 weights): a real photo comes back within bf16
+    rounding of the fp32 result, in fp32, for a given task and for auto."""
+    half = OPIREngine.from_pretrained(weights, device="cpu", precision="bf16", compile=False)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    x = _photo(urban, (128, 160))
+    for task in ("rain", "auto"):
+        got, want = half.restore(x, task=task), engine.restore(x, task=task)
+        assert got.image.dtype == torch.float32 and got.task == want.task
+        error = float((got.image - want.image).square().mean())
+        assert 10 * math.log10(1 / error) > 40, task  # dB against the fp32 output
 
 
 # ----------------------------------------------------------------------------------------------
