@@ -21,10 +21,12 @@ from opir_engine.datasets import (
 )
 from opir_engine.evaluation.scoring import TRANSPLANT, source_set, validation_items
 from opir_engine.image_io import read_image
+from opir_engine.synthesis.degrade import synthesize
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
 
 SPLITS = Path(__file__).resolve().parents[1] / "splits"
 V1, V2 = SPLITS / "validation.json", SPLITS / "validation-v2.json"
+V3 = SPLITS / "validation-v3.json"
 STREAK_SETS = ("Rain13K-subset", "DDN-samples", "HeavyRain-OutdoorRain-samples",
                "JORDER-E-RainTrainH-samples")  # fmt: skip
 
@@ -115,3 +117,28 @@ def test_v2_validation_has_transplant_rows_of_held_out_rain(shared_data: Path) -
     strength = dict(TRANSPLANT)[kind.removeprefix("transplant-")]
     again = lay_rain(target, fit_layer(layer, *target.shape[-2:]), strength)
     assert torch.equal((again * 255).round() / 255, degraded)
+
+
+def test_v3_is_v2_plus_rain_of_our_own_renderer(shared_data: Path) -> None:
+    """v3 holds out v2's files exactly and scores every fourth clean photo under our own rain
+    too (`rain/synthetic`); every v2 item is unchanged, so v2's figures stay comparable."""
+    v2, v3 = (json.loads(p.read_text()) for p in (V2, V3))
+    assert v3["validation"] == v2["validation"] and v3["rain_layers"] == v2["rain_layers"]
+    assert v3["synthetic_rain"] is True and "synthetic_rain" not in v2
+    old, new = validation_items(V2, shared_data), validation_items(V3, shared_data)
+    ours = [(n, d, t) for task, n, d, t in new if task == "rain" and n.startswith("synthetic:")]
+    rest = [item for item in new if not (item[0] == "rain" and item[1].startswith("synthetic:"))]
+    assert [(t, n) for t, n, _d, _t in rest] == [(t, n) for t, n, _d, _t in old]
+    for a, b in zip(rest, old, strict=True):
+        assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    clean = v3["validation"]["clean"]
+    assert len(ours) == len(clean[3::4]) >= 12
+    assert {name.removeprefix("synthetic:") for name, _d, _t in ours} == set(clean[3::4])
+    assert {source_set(name) for name, _d, _t in ours} == {"synthetic"}
+    name, degraded, target = ours[0]
+    photo = name.removeprefix("synthetic:")
+    assert torch.equal(target, read_image(shared_data / photo).rgb)
+    rainy, params = synthesize(target, "rain", seed=3000 + clean.index(photo))
+    assert params.kind == "rain"
+    assert torch.equal(degraded, (rainy.clamp(0, 1) * 255).round() / 255)
+    assert float((degraded - target).abs().mean()) > 0.005  # rain is there to remove

@@ -142,10 +142,13 @@ def validation_items(
     held-out pairs, synthesized from every other clean validation photo with fixed seeds; and,
     when the split names `rain_layers` (held-out pairs of other renderers), rain transplanted
     from those onto the remaining clean validation photos (`synthesis.transplant`): a renderer
-    training does not use, on photos it never saw.
+    training does not use, on photos it never saw. Where the split sets `synthetic_rain` (v3),
+    every other one of those photos also carries rain of our own renderer (`rain/synthetic`):
+    the rain `opir synth` draws and the README's sample shows, which no other row holds.
     """
     written = json.loads(Path(split_path).read_text())
     split = written["validation"]
+    synthetic_rain = bool(written.get("synthetic_rain"))
     items = []
     for task in ("rain", "haze"):
         for name in split.get(task, []):
@@ -167,6 +170,11 @@ def validation_items(
             rainy = lay_rain(clean, fit_layer(layer, *clean.shape[-2:]), strength)
             rainy = (rainy * 255).round() / 255
             items.append(("rain", f"transplant-{kind}:{stem}:{name}", rainy, clean))
+        if synthetic_rain and i % 4 == 3:
+            rainy, _ = synthesize(clean, "rain", seed=3000 + i)
+            items.append(
+                ("rain", f"synthetic:{name}", (rainy.clamp(0, 1) * 255).round() / 255, clean)
+            )
     return items
 
 
