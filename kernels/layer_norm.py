@@ -9,8 +9,9 @@ residual is the block's `x + beta * conv3(y)`, its norm the feed-forward's input
   one pass per pixel forward and backward, through the custom op `opir::layer_norm_native`;
   elsewhere the reference.
 
-Dtypes under the native kernels: v takes x's and y's promoted dtype, as `addcmul` would; n is
-bf16 under CPU bf16 autocast (the convolution it feeds would cast it there anyway) and v's dtype
+Dtypes under the native kernels: v takes the promoted dtype of x, y and scale, as `addcmul`
+gives it (fp32 beside fp32 parameters: the residual stream stays fp32 under autocast); n is bf16
+under CPU bf16 autocast (the convolution it feeds would cast it there anyway) and v's dtype
 otherwise; statistics, arithmetic and the parameters' gradients stay fp32.
 
 Which one runs: `nafblock_native.use_native`.
@@ -55,8 +56,7 @@ def layer_norm_channels(
     maps = (x,) if y is None else (x, y)
     params = (weight, bias) if scale is None else (weight, bias, scale)
     if (y is None or y.shape == x.shape) and use_native(*maps, params=params):
-        v_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
-        half_n = v_dtype == torch.bfloat16 or autocast_bf16(x.device)
+        half_n = _v_dtype(x, y, scale) == torch.bfloat16 or autocast_bf16(x.device)
         v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps, half_n)
         return (x if y is None else v), n
     return layer_norm_reference(x, weight, bias, eps, y, scale)
@@ -81,7 +81,7 @@ def _forward_op(
     library = native.library()
     assert library is not None, "check use_native() first"
     b, c, h, w = x.shape
-    out_v, out_n, mean, rstd = _forward_outputs(x, y, half_n)
+    out_v, out_n, mean, rstd = _forward_outputs(x, y, scale, half_n)
     s = None if scale is None else _channels(scale, c)
     w_, b_ = _channels(weight, c), _channels(bias, c)
     args = [
@@ -94,12 +94,19 @@ def _forward_op(
     return out_v, out_n, mean, rstd
 
 
+def _v_dtype(x: Tensor, y: Tensor | None, scale: Tensor | None) -> torch.dtype:
+    """v's dtype: x's without the residual, else what `addcmul(x, y, scale)` returns."""
+    if y is None or scale is None:
+        return x.dtype
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), scale.dtype)
+
+
 def _forward_outputs(
-    x: Tensor, y: Tensor | None, half_n: bool
+    x: Tensor, y: Tensor | None, scale: Tensor | None, half_n: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Empty (v, n, mean, rstd) of the forward's shapes and dtypes."""
     b, _, h, w = x.shape
-    v_dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+    v_dtype = _v_dtype(x, y, scale)
     out_v = torch.empty_like(x, dtype=v_dtype) if y is not None else x.new_empty((0,))
     out_n = torch.empty_like(x, dtype=torch.bfloat16 if half_n else v_dtype)
     mean = x.new_empty((b, h, w), dtype=torch.float32)
@@ -108,7 +115,7 @@ def _forward_outputs(
 
 @_forward_op.register_fake
 def _(x, y, scale, weight, bias, eps, half_n=False):  # type: ignore[no-untyped-def]
-    return _forward_outputs(x, y, half_n)
+    return _forward_outputs(x, y, scale, half_n)
 
 
 @torch.library.custom_op("opir::layer_norm_native_backward", mutates_args=())

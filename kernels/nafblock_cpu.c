@@ -75,7 +75,7 @@ static inline float bf_get(uint16_t h) {
     return f;
 }
 
-/* Round to nearest even, as c10::BFloat16; NaN to the quiet NaN 0x7FC0, as PyTorch */
+/* Round to nearest even, as c10::BFloat16 does; a NaN stays a NaN (0x7FC0) */
 static inline uint16_t bf_put(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -128,6 +128,20 @@ static inline float ln_hsum(lnv v) {
 /* Which maps are bf16: bits of `half`, in the order of each entry point's map arguments */
 #define HALF(bit) ((half >> (bit)) & 1)
 
+/* The range functions are inlined into each caller twice, once with `half` the constant 0: the
+ * fp32 code then has no dtype branches left, so the compiler forms (and fuses) its arithmetic
+ * exactly as it did before bf16 maps existed, and fp32 results stay bit for bit the same. */
+#define SPECIALISED static inline __attribute__((always_inline))
+#define BY_HALF(call) \
+    do {              \
+        if (half) {   \
+            call;     \
+        } else {      \
+            int half = 0; \
+            call;     \
+        }             \
+    } while (0)
+
 /* v at element i: x + y scale, rounded to bf16 where v is stored so (hv), so that the norm and
  * its backward read the same v */
 static inline float v_at(const void *x, const void *y, const float *scale, int64_t i, int64_t k,
@@ -140,7 +154,7 @@ static inline float v_at(const void *x, const void *y, const float *scale, int64
 /* v = x + y * scale (y NULL: v = x), n = (v - mean) rstd weight + bias; out_v written only when
  * y is given (v is x otherwise); mean and rstd per pixel, for the backward. half: x, y, out_v,
  * out_n. */
-static void forward_range(const void *x, const void *y, const float *scale, const float *weight,
+SPECIALISED void forward_range(const void *x, const void *y, const float *scale, const float *weight,
                           const float *bias, float eps, int64_t C, void *out_v, void *out_n,
                           float *mean, float *rstd, int half, int64_t begin, int64_t end) {
     const float inv_c = 1.0f / (float)C;
@@ -205,7 +219,7 @@ static void forward_range(const void *x, const void *y, const float *scale, cons
  * g_x = dL/dv; g_y = dL/dv scale when y is given; the weight, bias and scale gradients of
  * pixels [begin, end) added into part_w, part_b, part_scale (C each). v is out_v (or x).
  * half: g_n, g_v, v, y, g_x, g_y. */
-static void backward_range(const void *g_n, const void *g_v, const void *v, const float *mean,
+SPECIALISED void backward_range(const void *g_n, const void *g_v, const void *v, const float *mean,
                            const float *rstd, const float *weight, const void *y,
                            const float *scale, int64_t C, void *g_x, void *g_y, float *part_w,
                            float *part_b, float *part_scale, int half, int64_t begin,
@@ -303,8 +317,8 @@ void opir_layer_norm_forward(const void *x, const void *y, const float *scale, c
     {
         int64_t begin, end;
         thread_share(P, &begin, &end);
-        forward_range(x, y, scale, weight, bias, eps, C, out_v, out_n, mean, rstd, half, begin,
-                      end);
+        BY_HALF(forward_range(x, y, scale, weight, bias, eps, C, out_v, out_n, mean, rstd, half,
+                              begin, end));
     }
 }
 
@@ -320,15 +334,16 @@ void opir_layer_norm_backward(const void *g_n, const void *g_v, const void *v, c
     {
         int64_t begin, end;
         const int64_t t = thread_share(P, &begin, &end);
-        backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y, part_w + t * C,
-                       part_b + t * C, part_scale ? part_scale + t * C : NULL, half, begin, end);
+        BY_HALF(backward_range(g_n, g_v, v, mean, rstd, weight, y, scale, C, g_x, g_y,
+                               part_w + t * C, part_b + t * C,
+                               part_scale ? part_scale + t * C : NULL, half, begin, end));
     }
 }
 
 /* ---- the gate ---------------------------------------------------------------------------- */
 
 /* half: u, y */
-static void gate_forward_range(const void *u, int64_t C, int64_t HW, void *y, float *sums,
+SPECIALISED void gate_forward_range(const void *u, int64_t C, int64_t HW, void *y, float *sums,
                                int half, int64_t begin, int64_t end) {
     const int hu = HALF(0), hy = HALF(1);
     const int vec = C % LN_VL == 0;
@@ -354,7 +369,7 @@ static void gate_forward_range(const void *u, int64_t C, int64_t HW, void *y, fl
 }
 
 /* half: g_y, u, g_u */
-static void gate_backward_range(const void *g_y, const float *g_mean, const void *u, int64_t C,
+SPECIALISED void gate_backward_range(const void *g_y, const float *g_mean, const void *u, int64_t C,
                                 int64_t HW, void *g_u, int half, int64_t begin, int64_t end) {
     const float inv_hw = 1.0f / (float)HW;
     const int hg = HALF(0), hu = HALF(1), hgu = HALF(2);
@@ -391,7 +406,7 @@ void opir_gate_forward(const void *u, int64_t C, int64_t HW, void *y, float *sum
     {
         int64_t begin, end;
         const int64_t t = thread_share(P, &begin, &end);
-        gate_forward_range(u, C, HW, y, sums ? sums + t * B * C : NULL, half, begin, end);
+        BY_HALF(gate_forward_range(u, C, HW, y, sums ? sums + t * B * C : NULL, half, begin, end));
     }
 }
 
@@ -404,6 +419,6 @@ void opir_gate_backward(const void *g_y, const float *g_mean, const void *u, int
     {
         int64_t begin, end;
         thread_share(P, &begin, &end);
-        gate_backward_range(g_y, g_mean, u, C, HW, g_u, half, begin, end);
+        BY_HALF(gate_backward_range(g_y, g_mean, u, C, HW, g_u, half, begin, end));
     }
 }

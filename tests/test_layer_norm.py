@@ -87,20 +87,22 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     [(torch.bfloat16, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
     ids=["bf16-norm", "bf16-residual", "fp32-residual-bf16-branch"],
 )
-@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 64, 4, 5), (2, 24, 5, 6)],
-                         ids=["C16", "C64", "C24-scalar"])  # fmt: skip
+# 20 channels: no multiple of any vector length (8 or 16 floats), the scalar path everywhere
+@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 64, 4, 5), (2, 20, 5, 6)],
+                         ids=["C16", "C64", "C20-scalar"])  # fmt: skip
 def test_bf16_maps_match_the_fp32_reference_to_bf16_rounding(
     shape: tuple, x_dtype: torch.dtype, y_dtype: torch.dtype | None
 ) -> None:
     """bf16 maps in, fp32 arithmetic: every output and gradient is the fp32 reference's on the
-    same (bf16) values, rounded once or twice to bf16 (a relative error of about 2^-9); v is
-    exact where it is the fp32 sum of an fp32 x and a bf16 y."""
+    same (bf16) values, rounded once or twice to bf16 (a relative error of about 2^-9); v, the
+    fp32 sum x + y scale, is the reference's to fp32 rounding."""
     maps = _maps(*shape, residual=y_dtype is not None)
     maps["x"] = maps["x"].detach().to(x_dtype).requires_grad_()
     if y_dtype is not None:
         maps["y"] = maps["y"].detach().to(y_dtype).requires_grad_()
     v, n, grads = _run(layer_norm_channels, maps)
-    v_dtype = torch.promote_types(x_dtype, y_dtype or x_dtype)
+    # as addcmul gives it: the fp32 scale makes the residual's sum fp32; without one, x's
+    v_dtype = x_dtype if y_dtype is None else torch.float32
     assert v.dtype == v_dtype and n.dtype == v_dtype  # no autocast: n as v
     assert n.is_contiguous(memory_format=torch.channels_last)
     wide = {k: None if t is None else t.detach().float().requires_grad_() for k, t in maps.items()}
@@ -121,8 +123,9 @@ def test_under_bf16_autocast_the_norm_feeds_its_convolution_in_bf16() -> None:
     assert v.dtype == torch.float32 and n.dtype == torch.bfloat16
     v_ref, n_ref = layer_norm_reference(maps["x"], maps["weight"], maps["bias"], EPS, maps["y"],
                                         maps["scale"])  # fmt: skip
-    assert torch.equal(v, v_ref)
-    assert torch.equal(n, n_ref.to(torch.bfloat16))  # the fp32 norm, rounded once
+    torch.testing.assert_close(v, v_ref, atol=1e-6, rtol=1e-6)
+    # the fp32 norm rounded once: within one bf16 step (2^-8 relative) of the reference's
+    torch.testing.assert_close(n.float(), n_ref, atol=1e-6, rtol=2**-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
