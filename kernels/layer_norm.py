@@ -56,7 +56,8 @@ def layer_norm_channels(
     maps = (x,) if y is None else (x, y)
     params = (weight, bias) if scale is None else (weight, bias, scale)
     if (y is None or y.shape == x.shape) and use_native(*maps, params=params):
-        half_n = _v_dtype(x, y, scale) == torch.bfloat16 or autocast_bf16(x.device)
+        # under autocast n is bf16 whatever v is; otherwise it takes v's dtype anyway
+        half_n = autocast_bf16(x.device)
         v, n, _, _ = torch.ops.opir.layer_norm_native(x, y, scale, weight, bias, eps, half_n)
         return (x if y is None else v), n
     return layer_norm_reference(x, weight, bias, eps, y, scale)
@@ -160,7 +161,7 @@ def _backward_op(
 
 def _backward_maps(v: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
     """Empty (g_x, g_y): g_x in v's dtype (x's where there is no y, v being x; the promoted
-    dtype otherwise, cast back to x's by autograd), g_y in y's."""
+    dtype otherwise, cast back to x's by `_backward`), g_y in y's."""
     g_x = torch.empty_like(v)
     return g_x, (torch.empty_like(y) if y is not None else v.new_empty((0,)))
 

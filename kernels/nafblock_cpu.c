@@ -132,14 +132,14 @@ static inline float ln_hsum(lnv v) {
  * fp32 code then has no dtype branches left, so the compiler forms (and fuses) its arithmetic
  * exactly as it did before bf16 maps existed, and fp32 results stay bit for bit the same. */
 #define SPECIALISED static inline __attribute__((always_inline))
-#define BY_HALF(call) \
-    do {              \
-        if (half) {   \
-            call;     \
-        } else {      \
-            int half = 0; \
-            call;     \
-        }             \
+#define BY_HALF(call)                                                                      \
+    do {                                                                                   \
+        if (half) {                                                                        \
+            call;                                                                          \
+        } else {                                                                           \
+            int half = 0; /* shadows the argument: the call below sees a constant */       \
+            call;                                                                          \
+        }                                                                                  \
     } while (0)
 
 /* v at element i: x + y scale, rounded to bf16 where v is stored so (hv), so that the norm and
@@ -154,9 +154,10 @@ static inline float v_at(const void *x, const void *y, const float *scale, int64
 /* v = x + y * scale (y NULL: v = x), n = (v - mean) rstd weight + bias; out_v written only when
  * y is given (v is x otherwise); mean and rstd per pixel, for the backward. half: x, y, out_v,
  * out_n. */
-SPECIALISED void forward_range(const void *x, const void *y, const float *scale, const float *weight,
-                          const float *bias, float eps, int64_t C, void *out_v, void *out_n,
-                          float *mean, float *rstd, int half, int64_t begin, int64_t end) {
+SPECIALISED void forward_range(const void *x, const void *y, const float *scale,
+                               const float *weight, const float *bias, float eps, int64_t C,
+                               void *out_v, void *out_n, float *mean, float *rstd, int half,
+                               int64_t begin, int64_t end) {
     const float inv_c = 1.0f / (float)C;
     const int hx = HALF(0), hy = HALF(1), hv = HALF(2), hn = HALF(3);
     if (C % LN_VL == 0 && C <= 512) {
@@ -219,11 +220,11 @@ SPECIALISED void forward_range(const void *x, const void *y, const float *scale,
  * g_x = dL/dv; g_y = dL/dv scale when y is given; the weight, bias and scale gradients of
  * pixels [begin, end) added into part_w, part_b, part_scale (C each). v is out_v (or x).
  * half: g_n, g_v, v, y, g_x, g_y. */
-SPECIALISED void backward_range(const void *g_n, const void *g_v, const void *v, const float *mean,
-                           const float *rstd, const float *weight, const void *y,
-                           const float *scale, int64_t C, void *g_x, void *g_y, float *part_w,
-                           float *part_b, float *part_scale, int half, int64_t begin,
-                           int64_t end) {
+SPECIALISED void backward_range(const void *g_n, const void *g_v, const void *v,
+                                const float *mean, const float *rstd, const float *weight,
+                                const void *y, const float *scale, int64_t C, void *g_x,
+                                void *g_y, float *part_w, float *part_b, float *part_scale,
+                                int half, int64_t begin, int64_t end) {
     const float inv_c = 1.0f / (float)C;
     const int hgn = HALF(0), hgv = HALF(1), hv = HALF(2), hy = HALF(3), hgx = HALF(4),
               hgy = HALF(5);
@@ -343,8 +344,8 @@ void opir_layer_norm_backward(const void *g_n, const void *g_v, const void *v, c
 /* ---- the gate ---------------------------------------------------------------------------- */
 
 /* half: u, y */
-SPECIALISED void gate_forward_range(const void *u, int64_t C, int64_t HW, void *y, float *sums,
-                               int half, int64_t begin, int64_t end) {
+SPECIALISED void gate_forward_range(const void *u, int64_t C, int64_t HW, void *y,
+                                    float *sums, int half, int64_t begin, int64_t end) {
     const int hu = HALF(0), hy = HALF(1);
     const int vec = C % LN_VL == 0;
     for (int64_t p = begin; p < end; ++p) {
@@ -369,8 +370,9 @@ SPECIALISED void gate_forward_range(const void *u, int64_t C, int64_t HW, void *
 }
 
 /* half: g_y, u, g_u */
-SPECIALISED void gate_backward_range(const void *g_y, const float *g_mean, const void *u, int64_t C,
-                                int64_t HW, void *g_u, int half, int64_t begin, int64_t end) {
+SPECIALISED void gate_backward_range(const void *g_y, const float *g_mean, const void *u,
+                                     int64_t C, int64_t HW, void *g_u, int half, int64_t begin,
+                                     int64_t end) {
     const float inv_hw = 1.0f / (float)HW;
     const int hg = HALF(0), hu = HALF(1), hgu = HALF(2);
     const int vec = C % LN_VL == 0;

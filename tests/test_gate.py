@@ -75,7 +75,8 @@ def test_a_bf16_block_runs_the_kernels_beside_its_bf16_weights() -> None:
     torch.manual_seed(0)
     block = NAFBlock(16).to(torch.bfloat16, memory_format=torch.channels_last)
     with torch.no_grad():
-        block.beta.normal_(), block.gamma.normal_()
+        block.beta.normal_()
+        block.gamma.normal_()
         x = torch.randn(1, 16, 12, 10, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         out = block(x)
         with kernel_backend("reference"):
