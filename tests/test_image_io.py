@@ -23,6 +23,7 @@ from opir_engine.image_io import (
     ImageWriteError,
     UnreadableImageError,
     UnsupportedImageError,
+    as_8bit,
     infer_format,
     is_image_path,
     list_images,
@@ -866,3 +867,14 @@ def test_list_images_by_extension_sorted_by_relative_path(tmp_path: Path) -> Non
     recursive = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
     assert recursive == ["B.JPG", "a.png", "sub-e.webp", "sub/d.tif"]
     assert list_images(tmp_path / "missing") == []
+
+
+def test_as_8bit_is_what_an_8bit_png_holds(tmp_path: Path) -> None:
+    """Scores are taken on `as_8bit` of an output: it must equal the saved file read back,
+    rounding halves included."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(3, 17, 23, generator=g)
+    rgb[0, 0, :4] = torch.tensor([0.0, 1.0, 0.5 / 255, 254.5 / 255])
+    write_image(tmp_path / "x.png", rgb)
+    back = read_image(tmp_path / "x.png").rgb
+    assert torch.equal(as_8bit(rgb), back)

@@ -17,7 +17,7 @@ from opir_engine.datasets import find_paired_sets, pair_of
 from opir_engine.evaluation.baselines import BASELINE_NAMES, classical_baseline
 from opir_engine.evaluation.metrics import psnr, ssim
 from opir_engine.evaluation.weather_left import weather_left
-from opir_engine.image_io import list_images, read_image
+from opir_engine.image_io import as_8bit, list_images, read_image
 from opir_engine.model.config import CLASSES, TASKS
 from opir_engine.synthesis import synthesize
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
@@ -160,21 +160,17 @@ def validation_items(
         items.append(("clean", name, clean, clean))
         if i % 2 == 0:
             snowy, _ = synthesize(clean, "snow", seed=1000 + i)
-            items.append(
-                ("snow", f"synthetic:{name}", (snowy.clamp(0, 1) * 255).round() / 255, clean)
-            )
+            items.append(("snow", f"synthetic:{name}", as_8bit(snowy.clamp(0, 1)), clean))
         elif layers:
             # odd photos carry other renderers' held-out rain: each layer once light, once heavy
             k = i // 2
             (stem, layer), (kind, strength) = layers[k // 2 % len(layers)], TRANSPLANT[k % 2]
             rainy = lay_rain(clean, fit_layer(layer, *clean.shape[-2:]), strength)
-            rainy = (rainy * 255).round() / 255
+            rainy = as_8bit(rainy)
             items.append(("rain", f"transplant-{kind}:{stem}:{name}", rainy, clean))
         if synthetic_rain and i % 4 == 3:
             rainy, _ = synthesize(clean, "rain", seed=3000 + i)
-            items.append(
-                ("rain", f"synthetic:{name}", (rainy.clamp(0, 1) * 255).round() / 255, clean)
-            )
+            items.append(("rain", f"synthetic:{name}", as_8bit(rainy.clamp(0, 1)), clean))
     return items
 
 
@@ -251,7 +247,7 @@ def evaluate_clean_under_weather(
     groups: dict[str, list[tuple[tuple[float, float], bool]]] = {"": []}
     for i, photo in enumerate(photos):
         task = TASKS[i % len(TASKS)]
-        out = (engine.restore(photo, task=task).image * 255).round() / 255
+        out = as_8bit(engine.restore(photo, task=task).image)
         scored = (_score(out, photo, False), torch.equal(out, photo))
         groups[""].append(scored)
         groups.setdefault(task, []).append(scored)
@@ -307,13 +303,13 @@ def evaluate_engine(
     per_group: dict[tuple[str, str], dict[str, list]] = {}
     for task, name, degraded, target in items:
         result = engine.restore(degraded, task="auto")
-        out = (result.image * 255).round() / 255
+        out = as_8bit(result.image)
         ip, is_ = _score(degraded, target, y_channel)
         p, s = _score(out, target, y_channel)
         left = weather_left(degraded, out, target) if task in ("rain", "snow") else None
         base = None
         if baselines and task in BASELINE_NAMES:
-            restored = (classical_baseline(degraded, task) * 255).round() / 255
+            restored = as_8bit(classical_baseline(degraded, task))
             base = _score(restored, target, y_channel)
         for group in [(task, "")] + ([(task, source_set(name))] if per_set else []):
             m = per_group.setdefault(group, {k: [] for k in keys})

@@ -31,7 +31,7 @@ from opir_engine.image_io.formats import (
 )
 from opir_engine.image_io.read import DEFAULT_MAX_PIXELS, DecodedImage, read_image, read_rgb8
 from opir_engine.image_io.sizing import working_size
-from opir_engine.image_io.write import write_image, write_image_like
+from opir_engine.image_io.write import as_8bit, write_image, write_image_like
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -44,6 +44,7 @@ __all__ = [
     "ImageWriteError",
     "UnreadableImageError",
     "UnsupportedImageError",
+    "as_8bit",
     "infer_format",
     "is_image_path",
     "list_images",

@@ -145,6 +145,12 @@ def _validate_write_args(
         raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
 
 
+def as_8bit(image: torch.Tensor) -> torch.Tensor:
+    """round(x * 255) / 255: the values an 8-bit file of `image` (already in [0, 1]) holds, as
+    floats. Scores are taken on these, as a user gets the saved file, not the model's floats."""
+    return (image * 255).round() / 255
+
+
 def _to_samples(
     rgb: torch.Tensor, alpha: torch.Tensor | None, gray: bool, depth: int
 ) -> np.ndarray:

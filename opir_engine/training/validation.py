@@ -15,6 +15,7 @@ from opir_engine.datasets import class_index
 from opir_engine.evaluation.metrics import psnr, ssim
 from opir_engine.evaluation.scoring import finite_mean, finite_min, source_set, validation_items
 from opir_engine.evaluation.weather_left import weather_left
+from opir_engine.image_io import as_8bit
 from opir_engine.model import CLASSES, OPIR, TASKS
 from opir_engine.model.padding import crop_to, pad_to_multiple
 
@@ -70,12 +71,12 @@ def evaluate(
             clean_photos += 1
             weights = F.one_hot(torch.tensor([class_index(forced)], device=device), len(CLASSES))
             changed = crop_to(model(padded, weights.float()).restored, size)[0].clamp(0, 1).cpu()
-            under_weather[forced].append(psnr((changed * 255).round() / 255, y))
+            under_weather[forced].append(psnr(as_8bit(changed), y))
         else:
             label = torch.tensor([class_index(task)], device=device)
             out = model(padded, F.one_hot(label, len(CLASSES)).float()).restored
         restored = crop_to(out, size)[0].clamp(0, 1).cpu()
-        restored = (restored * 255).round() / 255  # score what a saved 8-bit file holds
+        restored = as_8bit(restored)  # score what a saved 8-bit file holds
         source = f"{task}/{source_set(name)}"
         if contact is not None and source not in per_source:
             contact.append((source, x[0], restored, y))
