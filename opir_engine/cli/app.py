@@ -573,9 +573,31 @@ def evaluate(
     per_set: bool = typer.Option(
         False, "--per-set", help="With --weights: a row per source set under each task."
     ),
+    every_task: Path | None = typer.Option(
+        None,
+        "--every-task",
+        metavar="FILE",
+        help="With --weights: restore every item under every task and write the table here; "
+        "without: read it. Prints rows per decision: the classifier's, an oracle's.",
+    ),
+    classifier: list[str] = typer.Option(
+        [],
+        "--classifier",
+        metavar="NAME|PATH",
+        help="With --every-task: rows under this checkpoint's classifier too (no restoring).",
+    ),
 ) -> None:
     """PSNR/SSIM of restored folders, or of a checkpoint on paired folders / the held-out split."""
-    from opir_engine.cli.evaluate import eval_engine, eval_folders
+    from opir_engine.cli.evaluate import eval_engine, eval_every_task, eval_folders
+
+    if every_task is not None:
+        tagged = _parse_tagged(data, "--data")
+        raise typer.Exit(
+            eval_every_task(weights, split, data_root, tagged, device, every_task, classifier)
+        )
+    if classifier:
+        err.print("error: --classifier compares classifiers on an --every-task table")
+        raise typer.Exit(2)
 
     if weights is None:
         if restored is None or target is None:

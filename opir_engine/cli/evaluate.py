@@ -116,3 +116,76 @@ def eval_engine(
     if json_path:
         json_path.write_text(json.dumps(rows_to_card(rows, y), indent=1) + "\n")
     return 0
+
+
+def eval_every_task(
+    weights: str | None,
+    split: Path | None,
+    data_root: Path | None,
+    tagged: dict[str, list[str]],
+    device: str,
+    table_path: Path,
+    classifiers: list[str],
+) -> int:
+    """With weights: restore every item under every task and write the table to table_path;
+    without: read the table there. Then print the rows under the table's own classifier, an
+    oracle's (the true task) and each of `classifiers`' (their probabilities, no restoring)."""
+    from opir_engine.evaluation.task_table import (
+        ORACLE,
+        TaskTable,
+        classify_items,
+        score_every_task,
+    )
+    from opir_engine.inference.engine import EngineError, OPIREngine
+
+    err = Console(stderr=True, highlight=False)
+
+    def engine(name: str) -> OPIREngine:
+        return OPIREngine.from_pretrained(name, device=device, compile=False)
+
+    def read_items(source: dict) -> tuple[list, list]:
+        split_, root = source.get("split"), source.get("data_root")
+        items = validation_items(Path(split_), Path(root)) if split_ else []
+        photos = photo_items(Path(split_), Path(root)) if split_ else []
+        return items + paired_items(source.get("data", {})), photos
+
+    try:
+        if weights is not None:
+            if split is not None and data_root is None:
+                err.print("error: --split needs --data-root (the folder its paths are relative to)")
+                return 2
+            source = {
+                "split": str(split) if split else None,
+                "data_root": str(data_root) if data_root else None,
+                "data": tagged,
+            }
+            items, photos = read_items(source)
+            if not items:
+                err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
+                return 2
+            table = score_every_task(engine(weights), items, photos, source)
+            table.save(table_path)
+        else:
+            table = TaskTable.load(table_path)
+            items, photos = read_items(table.source) if classifiers else ([], [])
+        columns = {f"{table.weights} (its classifier)": table.rows(), "oracle": table.rows(ORACLE)}
+        for name in classifiers:
+            other = engine(name)
+            probs = classify_items(other, items, photos)
+            decided = table.decisions(probs, other.model.config.clean_threshold)
+            columns[f"{other.name}'s classifier"] = table.rows(decided)
+    except (EngineError, EvaluationError, OSError, ValueError, KeyError) as e:
+        err.print(f"error: {e}")
+        return 2
+    out = Table(title=f"{table.weights} under every task: PSNR (head accuracy) per decision")
+    out.add_column("task", justify="left")
+    out.add_column("n", justify="right")
+    out.add_column("input", justify="right")
+    for name in columns:
+        out.add_column(name, justify="right")
+    first = next(iter(columns.values()))
+    for k, row in enumerate(first):
+        cells = [f"{_f(rows[k].psnr)} ({_pct(rows[k].head_accuracy)})" for rows in columns.values()]
+        out.add_row(row.task, str(row.n), _f(row.input_psnr), *cells)
+    Console().print(out)
+    return 0

@@ -1,0 +1,166 @@
+"""Every held-out item restored under every task: the trunk and the classifier apart.
+
+A row of `evaluate_engine` mixes what the classifier calls each photo with what the trunk does
+under that call. This table keeps both apart: each item's PSNR under rain, snow and haze (and
+as it is, "clean"), and the classifier's probabilities. The rows any classifier would give on
+these restorations then follow from its probabilities alone (`TaskTable.rows`), without
+restoring again, and so do an oracle's (the true task every time): what the trunk can do, and
+what the classifier costs it. Same protocol as `evaluate_engine`: the engine at its working
+size, outputs scored as 8-bit files, RGB PSNR.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from opir_engine.evaluation.metrics import psnr as rgb_psnr
+from opir_engine.evaluation.scoring import TaskRow, finite_mean, finite_min, set_psnr, source_set
+from opir_engine.evaluation.weather_left import weather_left
+from opir_engine.image_io import as_8bit
+from opir_engine.model.config import CLASSES, TASKS
+from opir_engine.model.opir import auto_decision
+
+if TYPE_CHECKING:
+    from opir_engine.inference.engine import OPIREngine
+
+ORACLE = "oracle"  # `TaskTable.rows`' name for the true task as the decision
+
+
+@dataclass
+class ItemUnderTasks:
+    """One held-out item: its true task, the classifier's probabilities, and per class its
+    PSNR restored under that task ("clean": the input as it is; None where the output equals
+    the target, as a clean photo passed through) and, for rain and snow, the weather left."""
+
+    task: str
+    name: str
+    probabilities: dict[str, float]
+    psnr: dict[str, float | None] | None = None  # None: a photo without ground truth
+    left: dict[str, float] | None = None
+
+
+@dataclass
+class TaskTable:
+    """The items of one checkpoint, with the classifier's `clean_threshold` and where the items
+    came from (`source`: the split, its data root, paired folders), to read them again."""
+
+    weights: str
+    clean_threshold: float
+    items: list[ItemUnderTasks]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TaskTable:
+        data = json.loads(Path(path).read_text())
+        items = [ItemUnderTasks(**item) for item in data["items"]]
+        return cls(data["weights"], data["clean_threshold"], items, data.get("source", {}))
+
+    def decisions(
+        self, probabilities: Sequence[dict[str, float]] | None = None,
+        clean_threshold: float | None = None,
+    ) -> list[str]:  # fmt: skip
+        """What `--task auto` decides for each item, from these probabilities (the table's
+        own classifier's by default) with this threshold (default: the table's)."""
+        probs = (
+            probabilities if probabilities is not None else [i.probabilities for i in self.items]
+        )
+        if len(probs) != len(self.items):
+            raise ValueError(f"{len(probs)} probabilities for {len(self.items)} items")
+        threshold = self.clean_threshold if clean_threshold is None else clean_threshold
+        weights = torch.tensor([[p[c] for c in CLASSES] for p in probs], dtype=torch.float64)
+        return [CLASSES[int(k)] for k in auto_decision(weights, threshold)]
+
+    def rows(self, decisions: Sequence[str] | str | None = None) -> list[TaskRow]:
+        """A row per task and per task/source set (as `evaluate_engine(per_set=True)`, without
+        SSIM and baselines), the `*_photos` rows' head accuracy, for these decisions: one class
+        per item, `ORACLE` for the true task, None for the table's own classifier."""
+        if decisions is None:
+            decisions = self.decisions()
+        elif decisions == ORACLE:
+            decisions = [i.task for i in self.items]
+        groups: dict[tuple[str, str], list[tuple[ItemUnderTasks, str]]] = {}
+        for item, decided in zip(self.items, decisions, strict=True):
+            if item.psnr is None:
+                groups.setdefault((f"{item.task}_photos", ""), []).append((item, decided))
+                continue
+            for key in ((item.task, ""), (item.task, source_set(item.name))):
+                groups.setdefault(key, []).append((item, decided))
+        order = [*TASKS, "clean"]  # evaluate_engine's order, then the photos' rows
+
+        def place(key: tuple[str, str]) -> tuple[int, str, str]:
+            return (order.index(key[0]) if key[0] in order else len(order), *key)
+
+        rows = []
+        for (task, source), members in sorted(groups.items(), key=lambda kv: place(kv[0])):
+            acc = float(np.mean([item.task == d for item, d in members]))
+            if task.endswith("_photos"):
+                rows.append(TaskRow(task, len(members), None, None, None, None, "-", None,
+                                    None, acc, 0.0))  # fmt: skip
+                continue
+            chosen = [item.psnr[d] for item, d in members]
+            left = [item.left[d] for item, d in members if item.left is not None]
+            rows.append(TaskRow(
+                task=f"{task}/{source}" if source else task, n=len(members),
+                input_psnr=finite_mean(item.psnr["clean"] for item, _ in members),
+                input_ssim=None, psnr=finite_mean(chosen), ssim=None, baseline="-",
+                baseline_psnr=None, baseline_ssim=None, head_accuracy=acc,
+                identical=float(np.mean([p is None for p in chosen])),
+                set_psnr=set_psnr(_as_number(p) for p in chosen), weather_left=finite_mean(left),
+                min_psnr=finite_min(chosen),
+            ))  # fmt: skip
+        return rows
+
+
+def _as_number(psnr: float | None) -> float:
+    """A stored PSNR as a number: None (output equal to the target) is infinite."""
+    return float("inf") if psnr is None else psnr
+
+
+def _scored(out: torch.Tensor, target: torch.Tensor) -> float | None:
+    """PSNR as stored: None where the output equals the target (JSON holds no infinity)."""
+    value = rgb_psnr(out, target)
+    return None if not np.isfinite(value) else value
+
+
+def score_every_task(
+    engine: OPIREngine,
+    items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
+    photos: Sequence[tuple[str, str, torch.Tensor]] = (),
+    source: dict[str, Any] | None = None,
+) -> TaskTable:
+    """Restore each (task, name, degraded, target) item under rain, snow and haze, score each
+    output (and the input as it is) against the target, and keep the classifier's probabilities;
+    photos without ground truth (task, name, image) keep their probabilities only."""
+    table = []
+    for task, name, degraded, target in items:
+        psnr: dict[str, float | None] = {}
+        left: dict[str, float] | None = {} if task in ("rain", "snow") else None
+        for decided in CLASSES:  # "clean" returns the image as it is
+            out = as_8bit(degraded if decided == "clean" else
+                          engine.restore(degraded, task=decided).image)  # fmt: skip
+            psnr[decided] = _scored(out, target)
+            if left is not None:
+                left[decided] = weather_left(degraded, out, target)
+        table.append(ItemUnderTasks(task, name, engine.classify(degraded), psnr, left))
+    table += [ItemUnderTasks(task, name, engine.classify(image)) for task, name, image in photos]
+    return TaskTable(engine.name, engine.model.config.clean_threshold, table, source or {})
+
+
+def classify_items(
+    engine: OPIREngine,
+    items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
+    photos: Sequence[tuple[str, str, torch.Tensor]] = (),
+) -> list[dict[str, float]]:
+    """The engine's classifier's probabilities for the items and photos, in a table's order:
+    another classifier's decisions on restorations already scored."""
+    return [engine.classify(x[2]) for x in items] + [engine.classify(x[2]) for x in photos]
