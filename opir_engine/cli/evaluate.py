@@ -173,11 +173,12 @@ def eval_every_task(
             other = engine(name)
             probs = classify_items(other, items, photos)
             decided = table.decisions(probs, other.model.config.clean_threshold)
-            columns[f"{other.name}'s classifier"] = table.rows(decided)
+            label = Path(name).stem if name.endswith(".safetensors") else name
+            columns[f"{label}'s classifier"] = table.rows(decided)
     except (EngineError, EvaluationError, OSError, ValueError, KeyError) as e:
         err.print(f"error: {e}")
         return 2
-    out = Table(title=f"{table.weights} under every task: PSNR (head accuracy) per decision")
+    out = Table(title=f"{table.weights} under every task: PSNR, lowest (head accuracy) by decision")
     out.add_column("task", justify="left")
     out.add_column("n", justify="right")
     out.add_column("input", justify="right")
@@ -185,7 +186,8 @@ def eval_every_task(
         out.add_column(name, justify="right")
     first = next(iter(columns.values()))
     for k, row in enumerate(first):
-        cells = [f"{_f(rows[k].psnr)} ({_pct(rows[k].head_accuracy)})" for rows in columns.values()]
+        cells = [f"{_f(r.psnr)}, {_f(r.min_psnr)} ({_pct(r.head_accuracy)})"
+                 for r in (rows[k] for rows in columns.values())]  # fmt: skip
         out.add_row(row.task, str(row.n), _f(row.input_psnr), *cells)
     Console().print(out)
     return 0
