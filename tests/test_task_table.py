@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
-from opir_engine.evaluation.scoring import evaluate_engine
+from opir_engine.evaluation.scoring import evaluate_engine, evaluate_head
 from opir_engine.evaluation.task_table import ORACLE, TaskTable, score_every_task
 from opir_engine.inference.engine import OPIREngine
 from opir_engine.model import OPIR, OPIRConfig
@@ -27,11 +28,20 @@ def _crop(path: Path, h: int = 48, w: int = 64) -> torch.Tensor:
     )
 
 
-def _tiny(path: Path, seed: int) -> Path:
-    """A tiny model that changes what it restores (its ending is not the identity)."""
+def _tiny(path: Path, seed: int, clean_threshold: float | None = None) -> Path:
+    """A tiny model whose output depends on the task (its TAMs' output layers are not the
+    identity they start as) and on the image (nor is the KPN's ending), its head leaning to
+    clean; `clean_threshold` replaces the preset's."""
     torch.manual_seed(seed)
-    model = OPIR(OPIRConfig.from_name("tiny"))
+    config = OPIRConfig.from_name("tiny")
+    if clean_threshold is not None:
+        config = dataclasses.replace(config, clean_threshold=clean_threshold)
+    model = OPIR(config)
     torch.nn.init.normal_(model.kpn.ending.weight, std=0.01)
+    for tam in model.tams:
+        torch.nn.init.normal_(tam.out.weight, std=0.5)
+    with torch.no_grad():
+        model.head.fc2.bias[0] += 2.0  # clean the likeliest class, by a little or a lot
     save_checkpoint(path, model, {"name": path.stem})
     return path
 
@@ -57,17 +67,27 @@ def items(shared_data: Path) -> list[tuple[str, str, torch.Tensor, torch.Tensor]
     return out
 
 
-def test_rows_under_its_own_classifier_are_evaluate_engines(tmp_path, items):
-    """Decided by the table's own probabilities, each row (per task and per set) holds the
-    figures `evaluate_engine` measures by restoring with task auto."""
-    engine = OPIREngine.from_pretrained(_tiny(tmp_path / "t.safetensors", 0), device="cpu",
-                                        compile=False)  # fmt: skip
-    table = score_every_task(engine, items)
-    expected = evaluate_engine(engine, items, per_set=True)
+def test_rows_under_auto_are_evaluate_engines(tmp_path, items, shared_data):
+    """With no decisions given, each row (per task and per set) holds the figures
+    `evaluate_engine` measures restoring with task auto, which mixes the tasks by the head's
+    probabilities; the photos' rows hold `evaluate_head`'s accuracy. The threshold is set
+    between the items' clean probabilities, so some pass through and some are restored."""
+    probe = OPIREngine.from_pretrained(_tiny(tmp_path / "p.safetensors", 0), device="cpu",
+                                       compile=False)  # fmt: skip
+    clean = sorted(probe.classify(x)["clean"] for _, _, x, _ in items)
+    threshold = (clean[2] + clean[3]) / 2
+    weights = _tiny(tmp_path / "t.safetensors", 0, clean_threshold=threshold)
+    engine = OPIREngine.from_pretrained(weights, device="cpu", compile=False)
+    snowy = shared_data / "snow" / "real_snow_samples" / "real"
+    photos = [("snow", "snow/p/a.png", _crop(sorted(snowy.iterdir())[0]))]
+    table = score_every_task(engine, items, photos)
+    decided = [item.auto["task"] for item in table.items]
+    assert "clean" in decided[:-1] and any(d != "clean" for d in decided[:-1])
+    expected = evaluate_engine(engine, items, per_set=True) + evaluate_head(engine, photos)
     rows = table.rows()
     assert [r.task for r in rows] == [r.task for r in expected]
     assert [r.task for r in rows] == ["rain", "rain/A", "rain/B", "haze", "haze/H", "clean",
-                                      "clean/C"]  # fmt: skip
+                                      "clean/C", "snow_photos"]  # fmt: skip
     for got, want in zip(rows, expected, strict=True):
         for key in ("n", "head_accuracy", "identical"):
             assert getattr(got, key) == getattr(want, key), (got.task, key)
@@ -76,6 +96,10 @@ def test_rows_under_its_own_classifier_are_evaluate_engines(tmp_path, items):
             assert (g is None) == (w is None), (got.task, key)
             if g is not None:
                 assert g == pytest.approx(w, abs=1e-9), (got.task, key)
+    # the same decisions under one-hot tasks score otherwise: the auto figures are not those
+    one_hot = table.rows(decided)
+    assert [r.head_accuracy for r in one_hot] == [r.head_accuracy for r in rows]
+    assert any(a.psnr != b.psnr for a, b in zip(one_hot, rows, strict=True) if a.psnr)
 
 
 def test_oracle_and_given_decisions_score_each_items_restoration_under_that_task(tmp_path, items):
@@ -107,6 +131,8 @@ def test_oracle_and_given_decisions_score_each_items_restoration_under_that_task
     kept = {r.task: r for r in table.rows(["clean"] * len(items))}
     assert kept["rain"].psnr == pytest.approx(kept["rain"].input_psnr)
     assert kept["rain"].weather_left == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="a class of clean, rain, snow, haze per item"):
+        table.rows("snow")
     with pytest.raises(ValueError, match="1 probabilities for 6 items"):
         table.decisions([{"clean": 1.0, "rain": 0.0, "snow": 0.0, "haze": 0.0}])
 
@@ -159,7 +185,7 @@ def test_eval_cli_writes_the_table_then_compares_another_classifier(tmp_path, sh
     result = CliRunner().invoke(app, ["eval", "--every-task", str(table_path), "--classifier",
                                       str(second), "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "b's classifier" in result.output
+    assert "b's calls" in result.output
     other = OPIREngine.from_pretrained(second, device="cpu", compile=False)
     probs = [other.classify(item) for item in (_crop(pairs / "input" / f"{s}.png") for s in
                                                 ("1", "10"))]  # fmt: skip
@@ -167,5 +193,17 @@ def test_eval_cli_writes_the_table_then_compares_another_classifier(tmp_path, sh
     assert f"{table.rows(decided)[0].psnr:.2f}" in result.output
     result = CliRunner().invoke(app, ["eval", "--every-task", str(tmp_path / "none.json")])
     assert result.exit_code == 2 and "none.json" in result.output
+    # a table whose items are no longer what its folders hold is not paired with new calls
+    stale = json.loads(table_path.read_text())
+    stale["items"][0]["name"] = "elsewhere.png"
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(tmp_path / "stale.json"),
+                                      "--classifier", str(second), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2 and "no longer" in result.output
+    (tmp_path / "card.json").write_text(json.dumps({"rain": {"psnr": 20.0}}))
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(tmp_path / "card.json")])
+    assert result.exit_code == 2 and "not a table of every task" in result.output
+    result = CliRunner().invoke(app, [*args, "--y"])
+    assert result.exit_code == 2 and "not with --y" in result.output
     result = CliRunner().invoke(app, ["eval", "--classifier", str(second)])
     assert result.exit_code == 2 and "--every-task" in result.output

@@ -591,10 +591,17 @@ def evaluate(
     from opir_engine.cli.evaluate import eval_engine, eval_every_task, eval_folders
 
     if every_task is not None:
+        ignored = [flag for flag, given in (("--y", y), ("--per-set", per_set),
+                   ("--json", json_path), ("--csv", csv_path), ("RESTORED_DIR", restored))
+                   if given]  # fmt: skip
+        if ignored:
+            err.print(
+                f"error: --every-task scores RGB per set into its table: not with {ignored[0]}"
+            )
+            raise typer.Exit(2)
         tagged = _parse_tagged(data, "--data")
-        raise typer.Exit(
-            eval_every_task(weights, split, data_root, tagged, device, every_task, classifier)
-        )
+        raise typer.Exit(eval_every_task(weights, split, data_root, tagged, device, every_task,
+                                         classifier, precision))  # fmt: skip
     if classifier:
         err.print("error: --classifier compares classifiers on an --every-task table")
         raise typer.Exit(2)

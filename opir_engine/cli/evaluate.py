@@ -126,22 +126,25 @@ def eval_every_task(
     device: str,
     table_path: Path,
     classifiers: list[str],
+    precision: str = "auto",
 ) -> int:
     """With weights: restore every item under every task and write the table to table_path;
     without: read the table there. Then print the rows under the table's own classifier, an
     oracle's (the true task) and each of `classifiers`' (their probabilities, no restoring)."""
+    from opir_engine.datasets import DataError
     from opir_engine.evaluation.task_table import (
         ORACLE,
         TaskTable,
         classify_items,
         score_every_task,
     )
+    from opir_engine.image_io import ImageIOError
     from opir_engine.inference.engine import EngineError, OPIREngine
 
     err = Console(stderr=True, highlight=False)
 
     def engine(name: str) -> OPIREngine:
-        return OPIREngine.from_pretrained(name, device=device, compile=False)
+        return OPIREngine.from_pretrained(name, device=device, precision=precision, compile=False)
 
     def read_items(source: dict) -> tuple[list, list]:
         split_, root = source.get("split"), source.get("data_root")
@@ -159,6 +162,9 @@ def eval_every_task(
                 "data_root": str(data_root) if data_root else None,
                 "data": tagged,
             }
+            if not table_path.parent.is_dir():  # found out now, not after hours of restoring
+                err.print(f"error: {table_path.parent}: no such folder for the table")
+                return 2
             items, photos = read_items(source)
             if not items:
                 err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
@@ -168,17 +174,28 @@ def eval_every_task(
         else:
             table = TaskTable.load(table_path)
             items, photos = read_items(table.source) if classifiers else ([], [])
-        columns = {f"{table.weights} (its classifier)": table.rows(), "oracle": table.rows(ORACLE)}
-        for name in classifiers:
+            names = [item[1] for item in items] + [photo[1] for photo in photos]
+            if classifiers and names != [item.name for item in table.items]:
+                err.print(f"error: {table_path}: its items are no longer what {table.source} "
+                          "holds; score the table again")  # fmt: skip
+                return 2
+        columns = {f"{table.weights} (auto)": table.rows(), "oracle": table.rows(ORACLE)}
+        for k, name in enumerate(classifiers):
             other = engine(name)
             probs = classify_items(other, items, photos)
             decided = table.decisions(probs, other.model.config.clean_threshold)
-            label = Path(name).stem if name.endswith(".safetensors") else name
-            columns[f"{label}'s classifier"] = table.rows(decided)
-    except (EngineError, EvaluationError, OSError, ValueError, KeyError) as e:
+            label = f"{Path(name).stem if name.endswith('.safetensors') else name}'s calls"
+            if label in columns:  # two files of one name in different folders
+                label += f" ({k + 1})"
+            columns[label] = table.rows(decided)
+    except (EngineError, EvaluationError, DataError, ImageIOError, OSError) as e:
         err.print(f"error: {e}")
         return 2
-    out = Table(title=f"{table.weights} under every task: PSNR, lowest (head accuracy) by decision")
+    except (ValueError, KeyError, TypeError) as e:  # a JSON file that is not such a table
+        err.print(f"error: {table_path}: not a table of every task ({type(e).__name__}: {e})")
+        return 2
+    title = f"{table.weights} under every task: PSNR, lowest (head accuracy) by decision"
+    out = Table(title=title, caption="other decisions than auto's are scored under one-hot tasks")
     out.add_column("task", justify="left")
     out.add_column("n", justify="right")
     out.add_column("input", justify="right")

@@ -1,16 +1,20 @@
 """Every held-out item restored under every task: the trunk and the classifier apart.
 
 A row of `evaluate_engine` mixes what the classifier calls each photo with what the trunk does
-under that call. This table keeps both apart: each item's PSNR under rain, snow and haze (and
-as it is, "clean"), and the classifier's probabilities. The rows any classifier would give on
-these restorations then follow from its probabilities alone (`TaskTable.rows`), without
-restoring again, and so do an oracle's (the true task every time): what the trunk can do, and
-what the classifier costs it. Same protocol as `evaluate_engine`: the engine at its working
-size, outputs scored as 8-bit files, RGB PSNR.
+under that call. This table keeps both apart: each item's PSNR under rain, snow and haze (each
+task's one-hot embedding; "clean": the input as it is), its `--task auto` restoration, and the
+classifier's probabilities. `TaskTable.rows()` gives `evaluate_engine`'s figures (auto restores
+with the probabilities themselves as the task mix); the rows of other decisions, an oracle's
+(the true task every time) or another classifier's, follow from the one-hot restorations
+without restoring again: what the trunk can do under each call, and what the classifier costs
+it. (Another classifier's auto would mix by its own probabilities: on an unsure call its figure
+differs from the one-hot one given here.) Same protocol as `evaluate_engine`: the engine at its
+working size, outputs scored as 8-bit files, RGB PSNR.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,14 +40,16 @@ ORACLE = "oracle"  # `TaskTable.rows`' name for the true task as the decision
 @dataclass
 class ItemUnderTasks:
     """One held-out item: its true task, the classifier's probabilities, and per class its
-    PSNR restored under that task ("clean": the input as it is; None where the output equals
-    the target, as a clean photo passed through) and, for rain and snow, the weather left."""
+    PSNR restored under that task's one-hot embedding ("clean": the input as it is; None where
+    the output equals the target, as a clean photo passed through) and, for rain and snow, the
+    weather left; `auto`: what `--task auto` did with it ({"task", "psnr", "left"})."""
 
     task: str
     name: str
     probabilities: dict[str, float]
     psnr: dict[str, float | None] | None = None  # None: a photo without ground truth
-    left: dict[str, float] | None = None
+    left: dict[str, float | None] | None = None
+    auto: dict[str, Any] | None = None
 
 
 @dataclass
@@ -82,14 +88,23 @@ class TaskTable:
 
     def rows(self, decisions: Sequence[str] | str | None = None) -> list[TaskRow]:
         """A row per task and per task/source set (as `evaluate_engine(per_set=True)`, without
-        SSIM and baselines), the `*_photos` rows' head accuracy, for these decisions: one class
-        per item, `ORACLE` for the true task, None for the table's own classifier."""
-        if decisions is None:
-            decisions = self.decisions()
+        SSIM and baselines) and the `*_photos` rows' head accuracy. None: `--task auto` with
+        the table's own classifier, `evaluate_engine`'s figures; `ORACLE`: the true task; or a
+        class per item, scored under that class's one-hot embedding."""
+        auto = decisions is None
+        if auto:
+            own = self.decisions()  # from the probabilities, for tables kept without `auto`
+            decisions = [
+                i.auto["task"] if i.auto else d for i, d in zip(self.items, own, strict=True)
+            ]
         elif decisions == ORACLE:
             decisions = [i.task for i in self.items]
+        elif isinstance(decisions, str) or any(d not in CLASSES for d in decisions):
+            raise ValueError(f"decisions: a class of {', '.join(CLASSES)} per item, or {ORACLE!r}")
         groups: dict[tuple[str, str], list[tuple[ItemUnderTasks, str]]] = {}
         for item, decided in zip(self.items, decisions, strict=True):
+            if auto and item.auto is not None and item.psnr is not None:
+                item = _as_auto(item)
             if item.psnr is None:
                 groups.setdefault((f"{item.task}_photos", ""), []).append((item, decided))
                 continue
@@ -121,15 +136,28 @@ class TaskTable:
         return rows
 
 
+def _as_auto(item: ItemUnderTasks) -> ItemUnderTasks:
+    """The item with what auto gave in place of its decided class's one-hot figures."""
+    decided, auto = item.auto["task"], item.auto
+    psnr = {**item.psnr, decided: auto["psnr"]}
+    left = None if item.left is None else {**item.left, decided: auto["left"]}
+    return dataclasses.replace(item, psnr=psnr, left=left)
+
+
 def _as_number(psnr: float | None) -> float:
     """A stored PSNR as a number: None (output equal to the target) is infinite."""
     return float("inf") if psnr is None else psnr
 
 
-def _scored(out: torch.Tensor, target: torch.Tensor) -> float | None:
-    """PSNR as stored: None where the output equals the target (JSON holds no infinity)."""
+def _scored(
+    out: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, weather: bool
+) -> tuple[float | None, float | None]:
+    """(PSNR, weather left) of an output as its 8-bit file holds it; PSNR None where it equals
+    the target (JSON holds no infinity), weather left None but for rain and snow."""
+    out = as_8bit(out)
     value = rgb_psnr(out, target)
-    return None if not np.isfinite(value) else value
+    left = weather_left(degraded, out, target) if weather else None
+    return (None if not np.isfinite(value) else value), left
 
 
 def score_every_task(
@@ -138,21 +166,27 @@ def score_every_task(
     photos: Sequence[tuple[str, str, torch.Tensor]] = (),
     source: dict[str, Any] | None = None,
 ) -> TaskTable:
-    """Restore each (task, name, degraded, target) item under rain, snow and haze, score each
-    output (and the input as it is) against the target, and keep the classifier's probabilities;
-    photos without ground truth (task, name, image) keep their probabilities only."""
+    """Restore each (task, name, degraded, target) item with task auto and under rain, snow and
+    haze, score each output (and the input as it is) against the target, and keep the
+    classifier's probabilities; photos without ground truth (task, name, image) keep their
+    probabilities only."""
     table = []
     for task, name, degraded, target in items:
+        weather = task in ("rain", "snow")
+        result = engine.restore(degraded, task="auto")
+        psnr_auto, left_auto = _scored(result.image, degraded, target, weather)
         psnr: dict[str, float | None] = {}
-        left: dict[str, float] | None = {} if task in ("rain", "snow") else None
+        left: dict[str, float | None] = {}
         for decided in CLASSES:  # "clean" returns the image as it is
-            out = as_8bit(degraded if decided == "clean" else
-                          engine.restore(degraded, task=decided).image)  # fmt: skip
-            psnr[decided] = _scored(out, target)
-            if left is not None:
-                left[decided] = weather_left(degraded, out, target)
-        table.append(ItemUnderTasks(task, name, engine.classify(degraded), psnr, left))
-    table += [ItemUnderTasks(task, name, engine.classify(image)) for task, name, image in photos]
+            out = degraded if decided == "clean" else engine.restore(degraded, task=decided).image
+            psnr[decided], left[decided] = _scored(out, degraded, target, weather)
+        auto = {"task": result.task, "psnr": psnr_auto, "left": left_auto}
+        table.append(ItemUnderTasks(task, name, result.probabilities, psnr,
+                                    left if weather else None, auto))  # fmt: skip
+    for task, name, image in photos:
+        probs = engine.classify(image)
+        decided = {"task": engine.auto_task(probs), "psnr": None, "left": None}
+        table.append(ItemUnderTasks(task, name, probs, auto=decided))
     return TaskTable(engine.name, engine.model.config.clean_threshold, table, source or {})
 
 
