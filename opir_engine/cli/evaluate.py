@@ -67,6 +67,21 @@ def eval_folders(
     return 0
 
 
+SPLIT_NEEDS_ROOT = "error: --split needs --data-root (the folder its paths are relative to)"
+NOTHING_TO_EVALUATE = "error: nothing to evaluate: give --split/--data-root or --data task=DIR"
+
+
+def held_out_items(
+    split: Path | str | None, data_root: Path | str | None, tagged: dict[str, list[str]]
+) -> tuple[list, list]:
+    """(items, photos) to score: the split's items and the tagged folders' pairs, and the
+    split's photos without ground truth."""
+    if split is None:
+        return paired_items(tagged), []
+    split, root = Path(split), Path(data_root)
+    return validation_items(split, root) + paired_items(tagged), photo_items(split, root)
+
+
 def eval_engine(
     weights: str,
     split: Path | None,
@@ -82,12 +97,11 @@ def eval_engine(
 
     err = Console(stderr=True, highlight=False)
     if split is not None and data_root is None:
-        err.print("error: --split needs --data-root (the folder its paths are relative to)")
+        err.print(SPLIT_NEEDS_ROOT)
         return 2
-    items = validation_items(split, data_root) if split is not None else []
-    items += paired_items(tagged)
+    items, photos = held_out_items(split, data_root, tagged)
     if not items:
-        err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
+        err.print(NOTHING_TO_EVALUATE)
         return 2
     try:
         engine = OPIREngine.from_pretrained(
@@ -99,7 +113,7 @@ def eval_engine(
     rows = evaluate_engine(engine, items, y_channel=y, per_set=per_set)
     rows += evaluate_clean_under_weather(engine, items)
     if split is not None:
-        rows += evaluate_head(engine, photo_items(split, data_root))
+        rows += evaluate_head(engine, photos)
     precision = describe(engine)["precision"]
     table = Table(title=f"{engine.name} ({'Y' if y else 'RGB'}, task auto, {precision})")
     for col in ("task", "n", "input PSNR/SSIM", "OPIR PSNR/SSIM", "gain", "set PSNR",
@@ -147,15 +161,12 @@ def eval_every_task(
         return OPIREngine.from_pretrained(name, device=device, precision=precision, compile=False)
 
     def read_items(source: dict) -> tuple[list, list]:
-        split_, root = source.get("split"), source.get("data_root")
-        items = validation_items(Path(split_), Path(root)) if split_ else []
-        photos = photo_items(Path(split_), Path(root)) if split_ else []
-        return items + paired_items(source.get("data", {})), photos
+        return held_out_items(source.get("split"), source.get("data_root"), source.get("data", {}))
 
     try:
         if weights is not None:
             if split is not None and data_root is None:
-                err.print("error: --split needs --data-root (the folder its paths are relative to)")
+                err.print(SPLIT_NEEDS_ROOT)
                 return 2
             source = {
                 "split": str(split) if split else None,
@@ -167,7 +178,7 @@ def eval_every_task(
                 return 2
             items, photos = read_items(source)
             if not items:
-                err.print("error: nothing to evaluate: give --split/--data-root or --data task=DIR")
+                err.print(NOTHING_TO_EVALUATE)
                 return 2
             table = score_every_task(engine(weights), items, photos, source)
             table.save(table_path)
