@@ -512,6 +512,24 @@ def test_laplacian_of_ramp_and_quadratic() -> None:
     )
 
 
+def test_laplacian_is_the_five_point_stencil_with_replicated_borders() -> None:
+    """Against the stencil as a depthwise convolution of the replicate-padded map, borders and
+    gradients included (float64: the two sum in different orders)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    stencil = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), stencil.expand(3, 1, 3, 3),
+                        groups=3)  # fmt: skip
+    torch.testing.assert_close(laplacian(x), expected)
+    # the top-left corner replicates itself into its missing up and left neighbours
+    corner = x[:, :, 1, 0] + x[:, :, 0, 1] - 2 * x[:, :, 0, 0]
+    torch.testing.assert_close(laplacian(x)[:, :, 0, 0], corner)
+    w = torch.rand(2, 3, 6, 5, dtype=torch.float64, generator=g)
+    (ours,) = torch.autograd.grad((laplacian(x) * w).sum(), x)
+    (theirs,) = torch.autograd.grad((expected * w).sum(), x)
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_fft_l1() -> None:
     x = _image(seed=11, shape=(1, 3, 8, 10))
     assert fft_l1(x, x).item() == 0.0

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
@@ -205,6 +206,35 @@ def test_bf16_autocast_training_follows_fp32(tmp_path: Path, data_root: Path) ->
     assert all(v.dtype == torch.float32 for v in runs["bf16"].model.state_dict().values())
     with pytest.raises(TrainingError, match="precision must be fp32 or bf16; got 'fp16'"):
         _recipe(precision="fp16")
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_weight_moves(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """A NaN loss raises before backward and Adam: the weights, the optimizer and the saved
+    state stay as they were, and the error names the step."""
+    spec, recipe = _spec(data_root), _recipe()
+    trainer = Trainer(tmp_path / "run", recipe, spec)
+    with torch.no_grad():
+        trainer.model.kpn.intro.bias[0] = math.nan  # every output pixel turns NaN
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingError, match=r"^step 1: the loss is nan; the step was not "
+                       r"applied and the run is saved at step 0$"):  # fmt: skip
+        trainer.train(TrainingSet(spec, recipe), None)
+    assert trainer.step == 0 and not trainer.optimizer.state
+    saved = load_file(str(tmp_path / "run" / "state" / "model.safetensors"))
+    for name, value in before.items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, equal_nan=True)
+        torch.testing.assert_close(saved[name], value, equal_nan=True)
+    assert json.loads((tmp_path / "run" / "state" / "trainer.json").read_text())["step"] == 0
+
+
+def test_a_compiled_bf16_step_on_the_cpu_is_refused(tmp_path: Path, data_root: Path) -> None:
+    spec, recipe = _spec(data_root), _recipe(precision="bf16")
+    trainer = Trainer(tmp_path / "run", recipe, spec)
+    with pytest.raises(TrainingError, match="a compiled bf16 step on the CPU computes NaN"):
+        trainer.train(TrainingSet(spec, recipe), None, compile_step=True)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_a_weight_average_started_on_resume_starts_from_the_weights(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -241,6 +242,13 @@ class Trainer:
         """Train until `stop_step` (default: the recipe's steps) or `max_minutes`, then save.
         `workers` processes draw batches ahead (default `default_workers`); the batches, and so
         the run, are the same for any number."""
+        if compile_step and self.bf16 and self.device.type == "cpu":
+            # measured on torch 2.13: inductor's CPU graph of the bf16 KPN returns NaN kernels
+            # from the first step (bench/README.md); eager bf16 is also the faster step here
+            raise TrainingError(
+                f"a compiled bf16 step on the CPU computes NaN with torch {torch.__version__}; "
+                "train it eagerly (the faster step on the CPU) or in fp32"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "run.json", {
             "recipe": dataclasses.asdict(self.recipe), "recipe_changes": self.recipe_changes,
@@ -272,9 +280,11 @@ class Trainer:
                     with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                         output = forward(degraded, weights)
                     total, parts = self.loss(output.in_fp32(), target, labels)
+                    self._refuse_non_finite("loss", total)
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self._refuse_non_finite("gradient norm", norm)
                     self.optimizer.step()
                     if self.average is not None:
                         self.average.update_parameters(self.model)
@@ -305,6 +315,18 @@ class Trainer:
                 save_checkpoint(
                     self.run_dir / "last.safetensors", self.checkpointed, self.card(None)
                 )
+
+    def _refuse_non_finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop before a NaN or infinity reaches the weights: one Adam step of it would make
+        every weight NaN, and the run's saves would then write those over the last good state.
+        Raised before `optimizer.step`, so the state saved on the way out is the last good
+        step's. (A sync per check on CUDA; the step's loss is read back anyway.)"""
+        number = float(value.detach())
+        if not math.isfinite(number):
+            raise TrainingError(
+                f"step {self.step + 1}: the {what} is {number}; the step was not applied and "
+                f"the run is saved at step {self.step}"
+            )
 
     def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
         t = time.monotonic()
