@@ -1,12 +1,15 @@
-"""Benchmark one training step of `opir train`: eager against torch.compile, and where the time
-goes (data, forward, loss, backward, optimizer).
+"""Benchmark one training step of `opir train`: eager against torch.compile, in fp32 and under
+bf16 autocast, and where the time goes (data, forward, loss, backward, optimizer).
 
     python bench/train_step.py                      # small config, batch 8 of 128x128
     python bench/train_step.py --threads 1 --rounds 4 --steps 5
 
-The two variants alternate in rounds (eager block, compiled block, ...) inside one process, so a
-load change on a shared machine hits both; the compiled variant's first steps (compilation) are
-timed apart. Batches come from the real training data when ../shared/data is present (the
+The variants alternate in rounds (a block of steps each) inside one process, so a load change on
+a shared machine hits all of them; the compiled variants' first steps (compilation) are timed
+apart, and each variant's last loss is recorded: a compiled bf16 step on the CPU computed NaN
+with torch 2.13 (which is why `opir train` refuses that combination there).
+
+Batches come from the real training data when ../shared/data is present (the
 sampling cost is measured too), else from seeded random tensors of the same shape. Results go
 to bench/results/train_step-<machine>.{json,md}.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from machine import describe_machine, machine_tag  # bench/machine.py (the script's folder)
 
+from opir_engine.devices import keep_freed_memory
 from opir_engine.model import CLASSES, OPIR, OPIRConfig, OPIRLoss
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,23 +57,37 @@ def _batches(batch: int, patch: int, count: int) -> tuple[list, float | None]:
     return batches, None
 
 
-class _Step:
-    """One optimizer step of the trainer (same loss, clipping and Adam), optionally compiled."""
+# name: (compiled, bf16 autocast)
+VARIANTS = {
+    "eager": (False, False),
+    "eager, bf16": (False, True),
+    "compiled": (True, False),
+    "compiled, bf16": (True, True),
+}
 
-    def __init__(self, config: str, compiled: bool) -> None:
+
+class _Step:
+    """One optimizer step of the trainer (same autocast, loss, clipping and Adam), optionally
+    compiled."""
+
+    def __init__(self, config: str, compiled: bool, bf16: bool) -> None:
         torch.manual_seed(0)
         self.model = OPIR(OPIRConfig.from_name(config)).train()
         self.forward = torch.compile(self.model) if compiled else self.model
+        self.bf16 = bf16
         self.loss = OPIRLoss()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=2e-4)
+        self.last_loss = math.nan
 
     def __call__(self, batch: tuple, phases: dict[str, list[float]] | None = None) -> None:
-        degraded, target, labels = batch
-        weights = F.one_hot(labels, len(CLASSES)).float()
+        degraded, target, labels, *shown = batch  # the task shown under, where the batch has it
+        weights = F.one_hot(shown[0] if shown else labels, len(CLASSES)).float()
         t0 = time.perf_counter()
-        output = self.forward(degraded, weights)
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            output = self.forward(degraded, weights)
         t1 = time.perf_counter()
-        total, _ = self.loss(output, target, labels)
+        total, _ = self.loss(output.in_fp32(), target, labels)
+        self.last_loss = float(total.detach())
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -95,18 +114,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    keep_freed_memory()  # as the trainer runs
     batches, data_ms = _batches(args.batch, args.patch, args.steps)
-    eager, compiled = _Step(args.config, False), _Step(args.config, True)
+    steps = {name: _Step(args.config, *flags) for name, flags in VARIANTS.items()}
     t0 = time.perf_counter()
-    warmup = []
-    for i in range(args.warmup):
-        t = time.perf_counter()
-        compiled(batches[i % len(batches)])
-        warmup.append(1000 * (time.perf_counter() - t))
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    phases: dict[str, dict[str, list[float]]] = {"eager": {}, "compiled": {}}
+    warmup: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}  # variant: the first line of its error
+    for name, step in list(steps.items()):
+        if VARIANTS[name][0]:
+            warmup[name] = []
+            for i in range(args.warmup):
+                t = time.perf_counter()
+                try:
+                    step(batches[i % len(batches)])
+                except RuntimeError as e:  # inductor's generated code checks its indices
+                    failed[name] = str(e).splitlines()[0]
+                    del steps[name]
+                    break
+                warmup[name].append(1000 * (time.perf_counter() - t))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    phases: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
     for _ in range(args.rounds):
-        for name, step in (("eager", eager), ("compiled", compiled)):
+        for name, step in steps.items():
             for batch in batches:
                 t = time.perf_counter()
                 step(batch, phases[name])
@@ -120,22 +149,25 @@ def main() -> None:
         "median_step_ms": {k: statistics.median(v) for k, v in times.items()},
         "phases_median_ms": {k: {p: statistics.median(v) for p, v in ph.items()}
                              for k, ph in phases.items()},
+        "last_loss": {name: step.last_loss for name, step in steps.items()},
+        "failed": failed,
         "steps_timed": {k: len(v) for k, v in times.items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     med = result["median_step_ms"]
-    result["compiled_speedup"] = med["eager"] / med["compiled"]
 
     lines = [f"# training step, `{args.config}`, batch {args.batch} of {args.patch}x{args.patch}",
              "", f"machine: {result['machine']}", "",
-             "| variant | median step ms | forward | loss | backward | optimizer |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("eager", "compiled"):
+             "| variant | median step ms | vs eager fp32 | forward | loss | backward | optimizer "
+             "| last loss |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in steps:
         ph = result["phases_median_ms"][name]
-        lines.append(f"| {name} | {med[name]:.0f} | {ph['forward']:.0f} | {ph['loss']:.0f} | "
-                     f"{ph['backward']:.0f} | {ph['optimizer']:.0f} |")  # fmt: skip
-    lines += ["", f"compiled speedup: {result['compiled_speedup']:.2f}x; compile warm-up steps "
-              f"(ms): {', '.join(f'{w:.0f}' for w in warmup)}",
+        lines.append(f"| {name} | {med[name]:.0f} | {med['eager'] / med[name]:.2f}x | "
+                     f"{ph['forward']:.0f} | {ph['loss']:.0f} | {ph['backward']:.0f} | "
+                     f"{ph['optimizer']:.0f} | {result['last_loss'][name]:.4f} |")  # fmt: skip
+    lines += [f"| {name} | failed: {error} | | | | | | |" for name, error in failed.items()]
+    lines += ["", "compile warm-up steps (ms): " + "; ".join(
+                  f"{n}: {', '.join(f'{w:.0f}' for w in ws)}" for n, ws in warmup.items()),
               f"data sampling: {data_ms:.1f} ms per batch ({result['data']})" if data_ms
               else "data: random tensors (no shared data found)"]  # fmt: skip
     text = "\n".join(lines) + "\n"
