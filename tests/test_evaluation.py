@@ -21,6 +21,8 @@ from opir_engine.evaluation.scoring import (
     evaluate_clean_under_weather,
     evaluate_engine,
     evaluate_folders,
+    row_groups,
+    row_order,
     rows_to_card,
     set_psnr,
     source_set,
@@ -246,6 +248,36 @@ def test_per_set_rows_split_a_task_and_leave_its_row_and_accuracy_alone(tmp_path
     card = rows_to_card(rows, y_channel=False)
     assert card["head_accuracy"] == rows_to_card(plain, y_channel=False)["head_accuracy"]
     assert card["rain/B"]["n"] == 1
+
+
+def test_an_item_outside_any_set_folder_counts_once_in_its_task_row():
+    assert row_groups("rain", "rain/A/input/1.jpg", per_set=True) == [("rain", ""), ("rain", "A")]
+    assert row_groups("rain", "1.jpg", per_set=True) == [("rain", "")]
+    assert row_groups("rain", "rain/A/input/1.jpg", per_set=False) == [("rain", "")]
+    keys = [("clean", ""), ("rain", "B"), ("snow_photos", ""), ("rain", ""), ("haze", "A")]
+    assert sorted(keys, key=row_order) == [
+        ("rain", ""), ("rain", "B"), ("haze", "A"), ("clean", ""), ("snow_photos", ""),
+    ]  # fmt: skip
+
+
+def test_per_set_rows_of_items_without_a_set_folder(tmp_path, rain):
+    """`opir eval --per-set --data rain=DIR` on a folder of bare pairs: the task row counts
+    each image once, the same row as without --per-set."""
+    from opir_engine.inference.engine import OPIREngine
+    from opir_engine.model import OPIR, OPIRConfig
+    from opir_engine.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.safetensors", OPIR(OPIRConfig.from_name("tiny")), {"name": "t"})
+    engine = OPIREngine.from_pretrained(tmp_path / "t.safetensors", device="cpu", compile=False)
+    items = []
+    for stem in ("1", "10"):
+        x, y = (torch.from_numpy(_load(rain / d / f"{stem}.jpg")[:48, :64]).permute(2, 0, 1)
+                .float() / 255 for d in ("input", "target"))  # fmt: skip
+        items.append(("rain", f"{stem}.jpg", x, y))
+    rows = evaluate_engine(engine, items, per_set=True, baselines=False)
+    assert [(r.task, r.n) for r in rows] == [("rain", 2)]
+    assert rows == evaluate_engine(engine, items, baselines=False)
 
 
 def test_synth_cli_writes_pairs_and_parameters(tmp_path, rain):

@@ -283,6 +283,24 @@ def source_set(name: str) -> str:
     return path.parent.parent.name if path.parent.name == "input" else path.parent.name
 
 
+TASK_ORDER = ("rain", "snow", "haze", "clean")  # the rows' order in every table
+
+
+def row_groups(task: str, name: str, per_set: bool) -> list[tuple[str, str]]:
+    """The rows an item counts in, as (task, source set): its task's, and with `per_set` its
+    source set's. An item outside any set folder (a bare file name) has no set row: its task's
+    row is all there is, and it counts there once."""
+    source = source_set(name) if per_set else ""
+    return [(task, "")] + ([(task, source)] if source else [])
+
+
+def row_order(key: tuple[str, str]) -> tuple[int, str, str]:
+    """Sort key of a (task, source set) row: TASK_ORDER, any other rows after, each task's own
+    row before its sets' rows."""
+    task, source = key
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task, source)
+
+
 def evaluate_engine(
     engine: OPIREngine,
     items: list[tuple[str, str, torch.Tensor, torch.Tensor]],
@@ -311,7 +329,7 @@ def evaluate_engine(
         if baselines and task in BASELINE_NAMES:
             restored = as_8bit(classical_baseline(degraded, task))
             base = _score(restored, target, y_channel)
-        for group in [(task, "")] + ([(task, source_set(name))] if per_set else []):
+        for group in row_groups(task, name, per_set):
             m = per_group.setdefault(group, {k: [] for k in keys})
             m["ip"].append(ip), m["is"].append(is_), m["p"].append(p), m["s"].append(s)
             m["acc"].append(float(result.task == task))
@@ -319,7 +337,6 @@ def evaluate_engine(
             m["left"].append(left)
             if base is not None:
                 m["bp"].append(base[0]), m["bs"].append(base[1])
-    order = ["rain", "snow", "haze", "clean"]
     return [
         TaskRow(
             task=f"{task}/{source}" if source else task,
@@ -337,9 +354,7 @@ def evaluate_engine(
             weather_left=finite_mean(m["left"]),
             min_psnr=finite_min(m["p"]),
         )
-        for (task, source), m in sorted(
-            per_group.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])
-        )
+        for (task, source), m in sorted(per_group.items(), key=lambda kv: row_order(kv[0]))
     ]
 
 

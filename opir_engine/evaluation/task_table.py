@@ -25,10 +25,17 @@ import numpy as np
 import torch
 
 from opir_engine.evaluation.metrics import psnr as rgb_psnr
-from opir_engine.evaluation.scoring import TaskRow, finite_mean, finite_min, set_psnr, source_set
+from opir_engine.evaluation.scoring import (
+    TaskRow,
+    finite_mean,
+    finite_min,
+    row_groups,
+    row_order,
+    set_psnr,
+)
 from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import as_8bit
-from opir_engine.model.config import CLASSES, TASKS
+from opir_engine.model.config import CLASSES
 from opir_engine.model.opir import auto_decision
 
 if TYPE_CHECKING:
@@ -108,15 +115,10 @@ class TaskTable:
             if item.psnr is None:
                 groups.setdefault((f"{item.task}_photos", ""), []).append((item, decided))
                 continue
-            for key in ((item.task, ""), (item.task, source_set(item.name))):
+            for key in row_groups(item.task, item.name, per_set=True):
                 groups.setdefault(key, []).append((item, decided))
-        order = [*TASKS, "clean"]  # evaluate_engine's order, then the photos' rows
-
-        def place(key: tuple[str, str]) -> tuple[int, str, str]:
-            return (order.index(key[0]) if key[0] in order else len(order), *key)
-
-        rows = []
-        for (task, source), members in sorted(groups.items(), key=lambda kv: place(kv[0])):
+        rows = []  # evaluate_engine's order, then the photos' rows
+        for (task, source), members in sorted(groups.items(), key=lambda kv: row_order(kv[0])):
             acc = float(np.mean([item.task == d for item, d in members]))
             if task.endswith("_photos"):
                 rows.append(TaskRow(task, len(members), None, None, None, None, "-", None,
