@@ -431,6 +431,40 @@ def test_equal_task_weights_draw_exactly_as_before(data_root: Path) -> None:
     assert set(_labels(spec, range(6))) == {"clean", "rain", "snow", "haze"}
 
 
+@pytest.fixture(scope="module")
+def two_rain_sets(crop_data: Callable[..., Path]) -> Path:
+    """rain/big: three pairs; rain/small: one (a folder of sets, as the shared rain folder)."""
+    files = [(f"rain/Rain13K-subset/{d}/{i}.jpg", f"rain/big/{d}/{i}.png")
+             for i in (1, 2, 3) for d in ("input", "target")]  # fmt: skip
+    files += [(f"rain/DDN-samples/{d}/{name}", f"rain/small/{d}/s.png")
+              for d, name in (("input", "1.jpg"), ("target", "1.jpg"))]  # fmt: skip
+    files += [("clean/CBSD68/101085.png", "clean/c1.png")]
+    return crop_data(files, {})
+
+
+def test_source_balance_draws_each_set_evenly_when_asked(two_rain_sets: Path) -> None:
+    spec = DataSpec(paired={"rain": [str(two_rain_sets / "rain")]},
+                    clean=[str(two_rain_sets / "clean")])  # fmt: skip
+
+    def small_share(balance: float) -> float:
+        training_set = TrainingSet(spec, _recipe(source_balance=balance))
+        assert training_set.sources["rain"] == [[0, 1, 2], [3]]  # big, then small
+        rng = np.random.default_rng(0)
+        return np.mean([training_set._real_index("rain", rng) == 3 for _ in range(4000)])
+
+    assert small_share(0.0) == pytest.approx(0.25, abs=0.03)  # one pair of four
+    assert small_share(1.0) == pytest.approx(0.5, abs=0.03)  # one set of two
+    assert small_share(0.5) == pytest.approx(0.375, abs=0.03)
+    # without the option, the draw is the one runs made before it: one integer per pair drawn
+    training_set = TrainingSet(spec, _recipe())
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [training_set._real_index("rain", a) for _ in range(50)] == [
+        int(b.integers(4)) for _ in range(50)
+    ]
+    with pytest.raises(TrainingError, match=r"source balance must be in \[0, 1\]; got 1.5"):
+        _recipe(source_balance=1.5)
+
+
 def test_transplanted_rain_is_drawn_only_when_asked(data_root: Path) -> None:
     plain = _spec(data_root)
     with_layers = dataclasses.replace(plain, rain_layers=[str(data_root / "rain")])
@@ -854,7 +888,7 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     init = str(tmp_path / "first" / "last.safetensors")
     recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
                     clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
-                    val_every=7, precision="bf16")  # fmt: skip
+                    val_every=7, precision="bf16", source_balance=0.5)  # fmt: skip
     spec = _spec(data_root, split=True)
     command = train_command(recipe, spec, init, out="RUN")
     assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias

@@ -167,6 +167,12 @@ def train(
         help="Share of the clean samples shown under a weather's task, to be returned "
         "unchanged. \\[default: 0]",
     ),
+    source_balance: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of the real pairs drawn from a source set chosen evenly (then a pair of "
+        "it), so that small sets are seen as often as large ones. \\[default: 0]",
+    ),
     rain_layers: list[Path] = typer.Option(
         [],
         "--rain-layers",
@@ -257,6 +263,7 @@ def train(
     # run from its current step
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
+           "source_balance": source_balance,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
            "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}

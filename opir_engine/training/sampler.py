@@ -63,10 +63,16 @@ class TrainingSet:
         root = Path(spec.data_root) if spec.data_root else Path("/")
         self.paths: list[Path] = []  # every file loaded, in order (tests check the exclusion)
         self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # per task, the indices of its pairs grouped by source set (`Recipe.source_balance`)
+        self.sources: dict[str, list[list[int]]] = {}
         for task, folders in spec.paired.items():
             pairs = kept_pairs(folders, task, excluded, root)
             self.pairs[task] = [self._load_pair(p, recipe.max_side) for p in pairs]
             self.paths += [q for p in pairs for q in (p.input, p.target)]
+            sets: dict[Path, list[int]] = {}
+            for index, pair in enumerate(pairs):  # the set is the folder holding input/
+                sets.setdefault(pair.input.parent.parent, []).append(index)
+            self.sources[task] = [sets[folder] for folder in sorted(sets)]
         layer_pairs = kept_pairs(spec.rain_layers, "rain", excluded, root)
         self.rain_layers = [rain_layer(*self._load_pair(p, recipe.max_side)) for p in layer_pairs]
         self.paths += [q for p in layer_pairs for q in (p.input, p.target)]
@@ -111,7 +117,7 @@ class TrainingSet:
         label = class_index(task)  # weather crops are shown under their own task
         real = self.pairs.get(task, [])
         if real and rng.random() >= r.synth_ratio:
-            degraded, target = self._crop(list(real[rng.integers(len(real))]), rng)
+            degraded, target = self._crop(list(real[self._real_index(task, rng)]), rng)
             return degraded, target, label, label
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
@@ -121,6 +127,16 @@ class TrainingSet:
         seed = int(rng.integers(0, 2**62))
         degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
         return degraded.clamp(0, 1), target, label, label
+
+    def _real_index(self, task: str, rng: np.random.Generator) -> int:
+        """A real pair of `task`: any pair evenly, or (a `source_balance` share of the draws)
+        a source set evenly, then one of its pairs."""
+        # drawn only when the option is on, so runs without it draw the batches they always did
+        if self.recipe.source_balance > 0 and rng.random() < self.recipe.source_balance:
+            sets = self.sources[task]
+            members = sets[rng.integers(len(sets))]
+            return members[rng.integers(len(members))]
+        return int(rng.integers(len(self.pairs[task])))
 
     def _draw_weather(self, rng: np.random.Generator) -> int:
         weights = np.asarray(self.recipe.task_weights, dtype=np.float64)
