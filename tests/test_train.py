@@ -537,6 +537,7 @@ def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
 
     run = tmp_path / "run"
     trainer = Trainer(run, recipe, spec)
+    trainer.keep_validated = True
     trainer.train(training_set, validation)
 
     assert {p.name for p in run.iterdir()} >= {
@@ -591,6 +592,14 @@ def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
     assert best["validation"]["mean_gain"] == best_val["mean_gain"]
     assert best_val["mean_gain"] == max(e["validation"]["mean_gain"] for e in validations)
     load_checkpoint(run / "best.safetensors")
+    # keep_validated: every validation's weights with its card; the last ones are last.*
+    kept = sorted(p.name for p in (run / "validated").glob("*.safetensors"))
+    assert kept == ["step-000002.safetensors", "step-000004.safetensors"]
+    for entry in validations:
+        _, card = load_checkpoint(run / "validated" / f"step-{entry['step']:06d}.safetensors")
+        assert card["steps"] == entry["step"] and card["validation"] == entry["validation"]
+    at_4, _ = load_checkpoint(run / "validated" / "step-000004.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in at_4.state_dict().items())
 
 
 def test_validation_restores_clean_photos_under_a_weather_task(data_root: Path) -> None:

@@ -235,6 +235,12 @@ def train(
         None, metavar="X", help="Stop cleanly (with a checkpoint) after X minutes."
     ),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the step."),
+    keep_validated: bool = typer.Option(
+        False,
+        "--keep-validated",
+        help="Keep the weights of every validation in DIR/validated/ (best.safetensors is "
+        "chosen by the mean gain alone).",
+    ),
     device: str | None = typer.Option(
         None,
         help="auto (CUDA when available), cpu, cuda or cuda:N. "
@@ -293,6 +299,7 @@ def train(
     except TrainingError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
+    trainer.keep_validated = keep_validated
     run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile, workers)
 
 

@@ -100,7 +100,9 @@ def weight_average(model: OPIR, decay: float) -> AveragedModel | None:
 
 class Trainer:
     """Owns one run directory: `run.json` (recipe, data, device), `state/` (resume), `log.jsonl`,
-    `best.safetensors` + `best.json` (the best validation so far), `last.*`.
+    `best.safetensors` + `best.json` (the best validation so far), `last.*`, `contact/` (a sheet
+    per validation) and, with `keep_validated`, `validated/step-N.safetensors` (the weights of
+    every validation, each with its card).
 
     `device` is "auto", "cpu", "cuda" or "cuda:N" (`training_device`); run.json records it as
     given, so a run started with "auto" resumes on whatever the resuming machine has; any other
@@ -139,6 +141,9 @@ class Trainer:
         self.step = 0
         self.wall_seconds = 0.0
         self.best: float | None = None
+        # Keep the weights of every validation: `best` is chosen by the mean gain alone, and a
+        # checkpoint a shipping rule wants (no row losing) may be another validation's
+        self.keep_validated = False
         # recipe fields changed by a resume, each with the step it took effect at
         self.recipe_changes: list[dict[str, Any]] = []
 
@@ -337,6 +342,10 @@ class Trainer:
             write_contact_sheet(self.run_dir / "contact" / f"step-{self.step:06d}.jpg", rows)
         log.write(json.dumps({"step": self.step, "validation": metrics}) + "\n")
         log.flush()
+        if self.keep_validated:
+            path = self.run_dir / "validated" / f"step-{self.step:06d}.safetensors"
+            path.parent.mkdir(exist_ok=True)
+            save_checkpoint(path, self.checkpointed, self.card(metrics))
         score = metrics["mean_gain"]
         if self.best is None or score > self.best:
             self.best = score
