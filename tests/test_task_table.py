@@ -15,8 +15,8 @@ from skimage.metrics import peak_signal_noise_ratio
 from typer.testing import CliRunner
 
 from opir_engine.cli.app import app
-from opir_engine.evaluation.scoring import evaluate_engine, evaluate_head
-from opir_engine.evaluation.task_table import ORACLE, TaskTable, score_every_task
+from opir_engine.evaluation.scoring import TaskRow, evaluate_engine, evaluate_head
+from opir_engine.evaluation.task_table import ORACLE, TaskTable, compare_rows, score_every_task
 from opir_engine.inference.engine import OPIREngine
 from opir_engine.model import OPIR, OPIRConfig
 from opir_engine.weights import save_checkpoint
@@ -207,3 +207,49 @@ def test_eval_cli_writes_the_table_then_compares_another_classifier(tmp_path, sh
     assert result.exit_code == 2 and "not with --y" in result.output
     result = CliRunner().invoke(app, ["eval", "--classifier", str(second)])
     assert result.exit_code == 2 and "--every-task" in result.output
+    # --against: a reference whose rain row is 1 dB better makes this table's rain rows lose
+    better = json.loads(table_path.read_text())
+    better["weights"] = "ref"
+    for item in better["items"]:
+        item["auto"]["psnr"] += 1.0
+    (tmp_path / "ref.json").write_text(json.dumps(better))
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(table_path), "--against",
+                                      str(tmp_path / "ref.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "against ref: rain loses (-1.00 dB); rain/rain loses (-1.00 dB)" in _flat(result.output)
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(tmp_path / "ref.json"),
+                                      "--against", str(table_path)])  # fmt: skip
+    assert "no row loses (2 rows)" in _flat(result.output)
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(table_path), "--against",
+                                      str(tmp_path / "stale.json")])  # fmt: skip
+    assert result.exit_code == 2 and "holds other items" in _flat(result.output)
+    result = CliRunner().invoke(app, ["eval", "--against", str(table_path)])
+    assert result.exit_code == 2 and "--against compares tables" in result.output
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _row(task: str, psnr: float | None, min_psnr: float | None = None) -> TaskRow:
+    return TaskRow(task, 2, 20.0, None, psnr, None, "-", None, None, 1.0, 0.0,
+                   min_psnr=psnr if min_psnr is None else min_psnr)  # fmt: skip
+
+
+def test_compare_rows_is_the_shipping_rule():
+    """A weather row loses below the reference's PSNR (outputs equal to their targets, None,
+    are infinitely good); a clean row only when a photo it changed is under 40 dB, whatever the
+    reference did; photo rows are not judged; a reference without the row is refused."""
+    reference = [_row("rain", 24.0), _row("rain/A", 22.0), _row("haze", None),
+                 _row("clean", 45.0), _row("snow_photos", None)]  # fmt: skip
+    candidate = [_row("rain", 24.5), _row("rain/A", 21.9), _row("haze", 30.0),
+                 _row("clean", 41.0, min_psnr=39.5), _row("snow_photos", None)]  # fmt: skip
+    verdicts = compare_rows(candidate, reference)
+    assert [(v.task, v.loses) for v in verdicts] == [
+        ("rain", False), ("rain/A", True), ("haze", True), ("clean", True),
+    ]  # fmt: skip
+    assert verdicts[1].why == "-0.10 dB" and verdicts[3].why == "a photo at 39.50 dB, under 40"
+    assert not compare_rows([_row("clean", 41.0, min_psnr=40.2)], reference)[0].loses
+    assert not compare_rows([_row("clean", None)], reference)[0].loses  # nothing changed
+    with pytest.raises(ValueError, match="the reference has no row 'snow'"):
+        compare_rows([_row("snow", 25.0)], reference)

@@ -600,6 +600,13 @@ def evaluate(
         metavar="NAME|PATH",
         help="With --every-task: rows under this checkpoint's classifier too (no restoring).",
     ),
+    against: Path | None = typer.Option(
+        None,
+        "--against",
+        metavar="FILE",
+        help="With --every-task: judge its auto rows against this table's (the shipping rule: "
+        "no row's PSNR lower, no clean photo under 40 dB).",
+    ),
 ) -> None:
     """PSNR/SSIM of restored folders, or of a checkpoint on paired folders / the held-out split."""
     from opir_engine.cli.evaluate import eval_engine, eval_every_task, eval_folders
@@ -615,9 +622,10 @@ def evaluate(
             raise typer.Exit(2)
         tagged = _parse_tagged(data, "--data")
         raise typer.Exit(eval_every_task(weights, split, data_root, tagged, device, every_task,
-                                         classifier, precision))  # fmt: skip
-    if classifier:
-        err.print("error: --classifier compares classifiers on an --every-task table")
+                                         classifier, precision, against))  # fmt: skip
+    if classifier or against:
+        flag = "--classifier compares classifiers" if classifier else "--against compares tables"
+        err.print(f"error: {flag} on an --every-task table")
         raise typer.Exit(2)
 
     if weights is None:

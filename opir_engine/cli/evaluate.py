@@ -141,15 +141,19 @@ def eval_every_task(
     table_path: Path,
     classifiers: list[str],
     precision: str = "auto",
+    against: Path | None = None,
 ) -> int:
     """With weights: restore every item under every task and write the table to table_path;
     without: read the table there. Then print the rows under the table's own classifier, an
-    oracle's (the true task) and each of `classifiers`' (their probabilities, no restoring)."""
+    oracle's (the true task) and each of `classifiers`' (their probabilities, no restoring);
+    with `against`, that table's auto rows beside them and the rows of this one that lose
+    (`compare_rows`)."""
     from opir_engine.datasets import DataError
     from opir_engine.evaluation.task_table import (
         ORACLE,
         TaskTable,
         classify_items,
+        compare_rows,
         score_every_task,
     )
     from opir_engine.image_io import ImageIOError
@@ -190,6 +194,11 @@ def eval_every_task(
                 err.print(f"error: {table_path}: its items are no longer what {table.source} "
                           "holds; score the table again")  # fmt: skip
                 return 2
+        reference = None if against is None else TaskTable.load(against)
+        if reference and [i.name for i in reference.items] != [i.name for i in table.items]:
+            err.print(f"error: {against}: holds other items than {table_path}; score both "
+                      "on one split")  # fmt: skip
+            return 2
         columns = {f"{table.weights} (auto)": table.rows(), "oracle": table.rows(ORACLE)}
         for k, name in enumerate(classifiers):
             other = engine(name)
@@ -199,6 +208,10 @@ def eval_every_task(
             if label in columns:  # two files of one name in different folders
                 label += f" ({k + 1})"
             columns[label] = table.rows(decided)
+        verdicts = None
+        if reference is not None:
+            columns[f"{reference.weights} (auto)"] = reference.rows()
+            verdicts = compare_rows(columns[f"{table.weights} (auto)"], reference.rows())
     except (EngineError, EvaluationError, DataError, ImageIOError, OSError) as e:
         err.print(f"error: {e}")
         return 2
@@ -218,4 +231,11 @@ def eval_every_task(
                  for r in (rows[k] for rows in columns.values())]  # fmt: skip
         out.add_row(row.task, str(row.n), _f(row.input_psnr), *cells)
     Console().print(out)
+    if verdicts is not None:
+        losing = [v for v in verdicts if v.loses]
+        Console(highlight=False).print(
+            f"against {reference.weights}: "  # type: ignore[union-attr]
+            + ("; ".join(f"{v.task} loses ({v.why})" for v in losing) if losing
+               else f"no row loses ({len(verdicts)} rows)")
+        )  # fmt: skip
     return 0

@@ -9,7 +9,8 @@ with the probabilities themselves as the task mix); the rows of other decisions,
 without restoring again: what the trunk can do under each call, and what the classifier costs
 it. (Another classifier's auto would mix by its own probabilities: on an unsure call its figure
 differs from the one-hot one given here.) Same protocol as `evaluate_engine`: the engine at its
-working size, outputs scored as 8-bit files, RGB PSNR.
+working size, outputs scored as 8-bit files, RGB PSNR. `compare_rows` judges one checkpoint's
+rows against another's by the shipping rule.
 """
 
 from __future__ import annotations
@@ -200,3 +201,42 @@ def classify_items(
     """The engine's classifier's probabilities for the items and photos, in a table's order:
     another classifier's decisions on restorations already scored."""
     return [engine.classify(x[2]) for x in items] + [engine.classify(x[2]) for x in photos]
+
+
+CLEAN_FLOOR_DB = 40.0  # issue 24: no clean photo below this, whatever the reference did
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    """A candidate's row against the same row of a reference (`compare_rows`)."""
+
+    task: str
+    reference: float | None  # PSNR; None: every output equals its target
+    candidate: float | None
+    loses: bool
+    why: str  # empty where the row holds
+
+
+def compare_rows(candidate: list[TaskRow], reference: list[TaskRow]) -> list[RowVerdict]:
+    """The shipping rule, row by row (both from `TaskTable.rows()` of the same items): a weather
+    row (and each of its source sets) loses when its mean PSNR is below the reference's; a clean
+    row loses when any photo it changed comes back below CLEAN_FLOOR_DB. The `*_photos` rows
+    (accuracy only, no PSNR) are not judged."""
+    theirs = {row.task: row for row in reference}
+    verdicts = []
+    for row in candidate:
+        if row.task.endswith("_photos"):
+            continue
+        ref = theirs.get(row.task)
+        if row.task.split("/")[0] == "clean":
+            low = row.min_psnr is not None and row.min_psnr < CLEAN_FLOOR_DB
+            why = f"a photo at {row.min_psnr:.2f} dB, under {CLEAN_FLOOR_DB:.0f}" if low else ""
+            verdicts.append(RowVerdict(row.task, ref and ref.min_psnr, row.min_psnr, low, why))
+            continue
+        if ref is None:
+            raise ValueError(f"the reference has no row {row.task!r}: tables of other items")
+        ours, base = _as_number(row.psnr), _as_number(ref.psnr)
+        loses = ours < base
+        why = f"{ours - base:+.2f} dB" if loses else ""
+        verdicts.append(RowVerdict(row.task, ref.psnr, row.psnr, loses, why))
+    return verdicts
