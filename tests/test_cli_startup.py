@@ -44,6 +44,20 @@ def test_help_runs_without_importing_torch_or_triton(args: tuple[str, ...]) -> N
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
+def test_models_lists_the_shipped_checkpoints_without_torch() -> None:
+    """`opir models` reads the cards beside the weights: no torch, no numpy."""
+    from opir_engine.shipped import DEFAULT_WEIGHTS, list_shipped, read_card
+
+    done, imported = _run_opir("models")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    names = [name for name, _ in list_shipped()]
+    assert DEFAULT_WEIGHTS in names
+    for name, path in list_shipped():
+        assert name in done.stdout
+        assert str(read_card(path)["steps"]) in done.stdout
+
+
 def test_version_prints_the_installed_version_without_torch() -> None:
     done, imported = _run_opir("--version")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -524,7 +524,7 @@ def restore(
 @app.command(cls=_Command)
 def models() -> None:
     """List the shipped checkpoints with their cards' summary."""
-    from opir_engine.cli.restore import print_models
+    from opir_engine.cli.models import print_models
 
     print_models()
 
