@@ -211,15 +211,15 @@ def test_bf16_autocast_training_follows_fp32(tmp_path: Path, data_root: Path) ->
 def test_a_non_finite_loss_stops_the_run_before_any_weight_moves(
     tmp_path: Path, data_root: Path
 ) -> None:
-    """A NaN loss raises before backward and Adam: the weights, the optimizer and the saved
-    state stay as they were, and the error names the step."""
+    """A NaN loss raises before Adam's step: the weights, the optimizer and the saved state
+    stay as they were, and the error names the step."""
     spec, recipe = _spec(data_root), _recipe()
     trainer = Trainer(tmp_path / "run", recipe, spec)
     with torch.no_grad():
         trainer.model.kpn.intro.bias[0] = math.nan  # every output pixel turns NaN
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(TrainingError, match=r"^step 1: the loss is nan; the step was not "
-                       r"applied and the run is saved at step 0$"):  # fmt: skip
+    with pytest.raises(TrainingError, match=r"^step 1: the loss is nan, its gradient norm nan; "
+                       r"the step was not applied and the run is saved at step 0$"):  # fmt: skip
         trainer.train(TrainingSet(spec, recipe), None)
     assert trainer.step == 0 and not trainer.optimizer.state
     saved = load_file(str(tmp_path / "run" / "state" / "model.safetensors"))

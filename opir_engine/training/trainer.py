@@ -285,11 +285,10 @@ class Trainer:
                     with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                         output = forward(degraded, weights)
                     total, parts = self.loss(output.in_fp32(), target, labels)
-                    self._refuse_non_finite("loss", total)
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                    self._refuse_non_finite("gradient norm", norm)
+                    self._refuse_non_finite(total, norm)
                     self.optimizer.step()
                     if self.average is not None:
                         self.average.update_parameters(self.model)
@@ -321,16 +320,17 @@ class Trainer:
                     self.run_dir / "last.safetensors", self.checkpointed, self.card(None)
                 )
 
-    def _refuse_non_finite(self, what: str, value: torch.Tensor) -> None:
+    def _refuse_non_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Stop before a NaN or infinity reaches the weights: one Adam step of it would make
         every weight NaN, and the run's saves would then write those over the last good state.
-        Raised before `optimizer.step`, so the state saved on the way out is the last good
-        step's. (A sync per check on CUDA; the step's loss is read back anyway.)"""
-        number = float(value.detach())
-        if not math.isfinite(number):
+        A non-finite loss makes its gradients so, so the gradient norm covers both; checked
+        before `optimizer.step`, so the state saved on the way out is the last good step's.
+        (One sync a step on CUDA, after the backward; the step's loss is read back anyway.)"""
+        if not math.isfinite(float(norm)):
             raise TrainingError(
-                f"step {self.step + 1}: the {what} is {number}; the step was not applied and "
-                f"the run is saved at step {self.step}"
+                f"step {self.step + 1}: the loss is {float(loss.detach())}, its gradient norm "
+                f"{float(norm)}; the step was not applied and the run is saved at step "
+                f"{self.step}"
             )
 
     def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
