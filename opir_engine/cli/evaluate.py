@@ -210,8 +210,8 @@ def eval_every_task(
             columns[label] = table.rows(decided)
         verdicts = None
         if reference is not None:
-            columns[f"{reference.weights} (auto)"] = reference.rows()
-            verdicts = compare_rows(columns[f"{table.weights} (auto)"], reference.rows())
+            theirs = columns[f"{reference.weights} (auto)"] = reference.rows()
+            verdicts = compare_rows(columns[f"{table.weights} (auto)"], theirs)
     except (EngineError, EvaluationError, DataError, ImageIOError, OSError) as e:
         err.print(f"error: {e}")
         return 2
