@@ -127,6 +127,28 @@ def test_haze_with_given_depth_follows_eq4(photo: torch.Tensor) -> None:
     torch.testing.assert_close(out[:, :, w // 2 :], expected_right, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("veil", [syn.RAIN_VEIL, syn.DENSE_FOG], ids=["rain", "fog"])
+def test_veil_is_eq4_at_even_depth(veil: syn.VeilRange, photo: torch.Tensor) -> None:
+    """A veil draws t and a grey A inside its range; applied, I = J t + A (1 - t) everywhere,
+    which a least-squares fit of the output on the input recovers."""
+    rng = np.random.default_rng(7)
+    drawn = [syn.sample_veil_params(rng, veil) for _ in range(200)]
+    ts = np.array([np.exp(-p.beta) for p in drawn])
+    grey = np.array([np.mean(p.airlight) for p in drawn])
+    assert veil.transmission[0] <= ts.min() and ts.max() <= veil.transmission[1]
+    assert ts.max() - ts.min() > 0.8 * (veil.transmission[1] - veil.transmission[0])
+    assert veil.airlight[0] - 0.03 <= grey.min() and grey.max() <= veil.airlight[1] + 0.03
+    assert all(max(p.airlight) - min(p.airlight) <= 0.06 for p in drawn)  # a grey, lightly cast
+    params = drawn[0]
+    t = float(np.exp(-params.beta))
+    out = syn.apply_veil(photo, params)
+    a = torch.tensor(params.airlight).view(3, 1, 1)
+    torch.testing.assert_close(out, photo * t + a * (1 - t), atol=1e-6, rtol=0)
+    fit = np.polyfit(photo[1].flatten().numpy(), out[1].flatten().numpy(), 1)
+    assert fit[0] == pytest.approx(t, abs=1e-4)
+    assert params_from_dict(json.loads(json.dumps(params.to_dict()))) == params
+
+
 def test_haze_depth_proxy_is_far_at_the_top_and_normalized(photos: torch.Tensor) -> None:
     params = HazeParams(beta=1.0, airlight=(0.9, 0.9, 0.9), field_weight=0.0, dark_weight=0.0)
     d = syn.make_depth_proxy(photos, params, seed=0)

@@ -35,6 +35,13 @@ from opir_engine.evaluation.contact_sheet import CROP, LABEL
 from opir_engine.evaluation.metrics import psnr
 from opir_engine.model import CLASSES, OPIR, OPIRConfig
 from opir_engine.model.padding import crop_to, pad_to_multiple
+from opir_engine.synthesis import (
+    DENSE_FOG,
+    RAIN_VEIL,
+    apply_veil,
+    sample_veil_params,
+    synthesize,
+)
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError, lineage
 from opir_engine.training.sampler import TrainingSet, step_batches
 from opir_engine.training.trainer import Trainer
@@ -440,6 +447,32 @@ def two_rain_sets(crop_data: Callable[..., Path]) -> Path:
               for d, name in (("input", "1.jpg"), ("target", "1.jpg"))]  # fmt: skip
     files += [("clean/CBSD68/101085.png", "clean/c1.png")]
     return crop_data(files, {})
+
+
+def test_rain_veil_and_dense_fog_draw_over_the_weather_when_asked(data_root: Path) -> None:
+    """--rain-veil lays a veil from RAIN_VEIL over the synthesized rain, --dense-fog draws haze
+    as fog of even depth from DENSE_FOG; off, the crops are the weather drawn before them."""
+    spec = _spec(data_root)
+    crop = TrainingSet(spec, _recipe()).clean[0][:, :32, :32].float() / 255
+
+    def drawn(task: str, seed: int, **options: float) -> torch.Tensor:
+        training_set = TrainingSet(spec, _recipe(**options))
+        return training_set._synthesize(crop, task, 1.0, np.random.default_rng(seed))
+
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        rain = synthesize(crop, "rain", int(rng.integers(0, 2**62)))[0].clamp(0, 1)
+        assert torch.equal(drawn("rain", seed), rain)  # off: the rain of earlier runs
+        rng.random()  # the option's draw
+        veiled = apply_veil(rain, sample_veil_params(rng, RAIN_VEIL)).clamp(0, 1)
+        assert torch.equal(drawn("rain", seed, rain_veil=1.0), veiled)
+        assert not torch.equal(veiled, rain)
+        fog = drawn("haze", seed, dense_fog=1.0)
+        t = np.polyfit(crop.flatten().numpy(), fog.flatten().numpy(), 1)[0]
+        assert DENSE_FOG.transmission[0] - 1e-3 <= t <= DENSE_FOG.transmission[1] + 1e-3
+        assert torch.equal(drawn("haze", seed, rain_veil=1.0), drawn("haze", seed))
+    with pytest.raises(TrainingError, match=r"rain veil must be in \[0, 1\]; got -0.1"):
+        _recipe(rain_veil=-0.1)
 
 
 def test_source_balance_draws_each_set_evenly_when_asked(two_rain_sets: Path) -> None:
@@ -897,7 +930,8 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     init = str(tmp_path / "first" / "last.safetensors")
     recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
                     clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
-                    val_every=7, precision="bf16", source_balance=0.5)  # fmt: skip
+                    val_every=7, precision="bf16", source_balance=0.5, rain_veil=0.3,
+                    dense_fog=0.2)  # fmt: skip
     spec = _spec(data_root, split=True)
     command = train_command(recipe, spec, init, out="RUN")
     assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias

@@ -173,6 +173,17 @@ def train(
         help="Share of the real pairs drawn from a source set chosen evenly (then a pair of "
         "it), so that small sets are seen as often as large ones. \\[default: 0]",
     ),
+    rain_veil: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of synthesized rain seen through a grey veil of its own mist, as heavy "
+        "real rain is. \\[default: 0]",
+    ),
+    dense_fog: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of synthesized haze drawn as fog dense over the whole frame. \\[default: 0]",
+    ),
     rain_layers: list[Path] = typer.Option(
         [],
         "--rain-layers",
@@ -269,7 +280,7 @@ def train(
     # run from its current step
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
-           "source_balance": source_balance,
+           "source_balance": source_balance, "rain_veil": rain_veil, "dense_fog": dense_fog,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
            "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}

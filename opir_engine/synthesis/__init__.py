@@ -31,6 +31,7 @@ from opir_engine.synthesis.degrade import (
     apply_params,
     apply_rain,
     apply_snow,
+    apply_veil,
     synthesize,
 )
 from opir_engine.synthesis.errors import (
@@ -54,25 +55,31 @@ from opir_engine.synthesis.folders import (
     synthesize_pair,
 )
 from opir_engine.synthesis.params import (
+    DENSE_FOG,
     KINDS,
+    RAIN_VEIL,
     REFERENCE_SHORT_SIDE,
     FlakeLayer,
     HazeParams,
     RainParams,
     SnowParams,
     StreakLayer,
+    VeilRange,
     WeatherParams,
     params_from_dict,
     sample_haze_params,
     sample_params,
     sample_rain_params,
     sample_snow_params,
+    sample_veil_params,
     scale_for_size,
 )
 from opir_engine.synthesis.seeds import field_seed
 
 __all__ = [
+    "DENSE_FOG",
     "KINDS",
+    "RAIN_VEIL",
     "REFERENCE_SHORT_SIDE",
     "FlakeLayer",
     "HazeParams",
@@ -88,12 +95,14 @@ __all__ = [
     "SynthesisError",
     "UnknownKindError",
     "UnreadableImageError",
+    "VeilRange",
     "WeatherParams",
     "WeatherSynthesizer",
     "apply_haze",
     "apply_params",
     "apply_rain",
     "apply_snow",
+    "apply_veil",
     "field_seed",
     "list_clean_images",
     "make_depth_proxy",
@@ -108,6 +117,7 @@ __all__ = [
     "sample_params",
     "sample_rain_params",
     "sample_snow_params",
+    "sample_veil_params",
     "scale_for_size",
     "synthesize",
     "synthesize_folder",

@@ -104,6 +104,13 @@ def apply_haze(
     return _like(out, clean)
 
 
+def apply_veil(image: torch.Tensor, params: HazeParams) -> torch.Tensor:
+    """`image` (any weather already on it) seen through a veil of even depth, Eq. 4 with d = 1:
+    I = image t + A (1 - t), t = exp(-beta); `params` from `sample_veil_params`."""
+    j = _as_batch(image, "image")
+    return apply_haze(image, params, seed=0, depth=torch.ones(j.shape[-2:]))
+
+
 def apply_params(
     clean: torch.Tensor, params: WeatherParams, seed: int, depth: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -322,6 +322,37 @@ def sample_haze_params(rng: np.random.Generator) -> HazeParams:
     )
 
 
+@dataclass(frozen=True)
+class VeilRange:
+    """Where `sample_veil_params` draws a scattering veil: transmission t and a grey airlight A,
+    each uniform in (low, high)."""
+
+    transmission: tuple[float, float]
+    airlight: tuple[float, float]
+
+
+RAIN_VEIL = VeilRange(transmission=(0.3, 0.95), airlight=(0.35, 0.95))
+"""Rain seen through the mist of its own drops, as the heavy-rain model of Li et al. (CVPR 2019,
+"Heavy Rain Image Restoration") renders it, I = t (J + R) + (1 - t) A: fitted on the training
+pairs (docs/experiments.md, "The veil of real rain"), Outdoor-Rain has t 0.36 with A 0.59 and
+GT-RAIN's webcams t 0.79 [0.41, 0.96] with a grey A; our own rain's veil brightens towards white
+only (`RainParams.veil`)."""
+
+DENSE_FOG = VeilRange(transmission=(0.05, 0.35), airlight=(0.55, 0.9))
+"""Fog dense over the whole frame, as in Dense-Haze (t 0.07, A 0.72 fitted) and NH-HAZE2 (t 0.31,
+A 0.81), where `sample_haze_params` draws the near ground clear (t up to 0.97)."""
+
+
+def sample_veil_params(rng: np.random.Generator, veil: VeilRange) -> HazeParams:
+    """A scattering veil of even depth over the image (Eq. 4 with d = 1, so t = exp(-beta)):
+    t and the grey level of A drawn from `veil`, A with a small colour cast as in
+    `sample_haze_params`. Apply it with `apply_veil`."""
+    t = rng.uniform(*veil.transmission)
+    base = rng.uniform(*veil.airlight)
+    r, g, b = (_python_float(np.clip(base + c, 0.0, 1.0)) for c in rng.uniform(-0.03, 0.03, 3))
+    return HazeParams(beta=_python_float(-np.log(t)), airlight=(r, g, b), depth_kind="given")
+
+
 def sample_params(kind: str, rng: np.random.Generator, scale: float = 1.0) -> WeatherParams:
     """Draw parameters for `kind` ("rain", "snow" or "haze"); `scale` as in `scale_for_size`."""
     if kind == "rain":

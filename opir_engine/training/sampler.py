@@ -28,7 +28,14 @@ from opir_engine.datasets import (
     load_rgb,
 )
 from opir_engine.model import TASKS
-from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.synthesis import (
+    DENSE_FOG,
+    RAIN_VEIL,
+    apply_veil,
+    sample_veil_params,
+    scale_for_size,
+    synthesize,
+)
 from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.training.recipe import DataSpec, Recipe, TrainingError
 
@@ -121,12 +128,24 @@ class TrainingSet:
             return degraded, target, label, label
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
-        # drawn only when transplant is on, so runs without it draw the batches they always did
+        scale = scale_for_size(*source.shape[-2:])
+        return self._synthesize(target, task, scale, rng), target, label, label
+
+    def _synthesize(
+        self, target: torch.Tensor, task: str, scale: float, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """`target`'s crop under `task`'s weather, drawn by the recipe's synthesis options."""
+        r = self.recipe
+        # each option is drawn only when it is on, so runs without it draw the batches they did
+        if task == "haze" and r.dense_fog > 0 and rng.random() < r.dense_fog:
+            return apply_veil(target, sample_veil_params(rng, DENSE_FOG))
         if task == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
-            return random_transplant(target, self.rain_layers, rng), target, label, label
-        seed = int(rng.integers(0, 2**62))
-        degraded, _ = synthesize(target, task, seed, scale=scale_for_size(*source.shape[-2:]))
-        return degraded.clamp(0, 1), target, label, label
+            degraded = random_transplant(target, self.rain_layers, rng)
+        else:
+            degraded = synthesize(target, task, int(rng.integers(0, 2**62)), scale=scale)[0]
+        if task == "rain" and r.rain_veil > 0 and rng.random() < r.rain_veil:
+            degraded = apply_veil(degraded, sample_veil_params(rng, RAIN_VEIL))
+        return degraded.clamp(0, 1)
 
     def _real_index(self, task: str, rng: np.random.Generator) -> int:
         """A real pair of `task`: any pair evenly, or (a `source_balance` share of the draws)
