@@ -445,10 +445,28 @@ def test_snow_variety_changes_only_synthetic_snow_views(data_root: Path) -> None
         assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
 
 
+def test_rain_veil_greys_only_synthetic_rain_views(data_root: Path) -> None:
+    """Veiled rain views have less contrast than plain ones; the other classes' views are
+    unchanged."""
+    data = _data(data_root)
+    recipe = ClassifierRecipe(views_per_class=6, real_ratio=0.0, max_side=64, seed=4)
+    plain = render_pool(data, recipe, multiple=4)
+    veiled = render_pool(data, dataclasses.replace(recipe, rain_veil=1.0), multiple=4)
+    ratios = []
+    for label, a, b in zip(plain.labels.tolist(), plain.views, veiled.views, strict=True):
+        assert torch.equal(a, b) == (label != class_index("rain")), CLASSES[label]
+        if label == class_index("rain") and a.float().std() > 1:
+            ratios.append(float(b.float().std() / a.float().std()))
+    # t <= 0.95 scales every deviation from the mean; the option's own draw moves the crops
+    # and the rain, so the views are compared as a group
+    assert len(ratios) >= 4 and float(np.median(ratios)) < 0.85
+
+
 def test_bad_option_values_are_refused_with_their_values() -> None:
     from opir_engine.training.classifier import ClassifierTrainingError
 
-    for field, value in [("transplant_ratio", 1.5), ("snow_variety", -0.1), ("holdout", 2.0)]:
+    for field, value in [("transplant_ratio", 1.5), ("snow_variety", -0.1), ("holdout", 2.0),
+                         ("rain_veil", 1.1)]:  # fmt: skip
         message = re.escape(f"{field} {value}: expected a share")
         with pytest.raises(ClassifierTrainingError, match=message):
             ClassifierRecipe(**{field: value})

@@ -348,6 +348,9 @@ def train_classifier(
     snow_variety: float = typer.Option(
         0.0, metavar="X", help="Share of synthetic snow views with larger flakes, some veiled."
     ),
+    rain_veil: float = typer.Option(
+        0.0, metavar="X", help="Share of synthetic rain views seen through a grey veil of mist."
+    ),
     views: int = typer.Option(1000, metavar="N", help="Views rendered per class."),
     steps: int = typer.Option(4000, metavar="N", help="Training steps."),
     lr: float = typer.Option(1e-3, metavar="X", help="Learning rate at the start (cosine)."),
@@ -409,7 +412,7 @@ def train_classifier(
     try:
         recipe = ClassifierRecipe(views_per_class=views, steps=steps, width=width, seed=seed, lr=lr,
                                   transplant_ratio=transplant_ratio,
-                                  snow_variety=snow_variety)  # fmt: skip
+                                  snow_variety=snow_variety, rain_veil=rain_veil)  # fmt: skip
         with Progress(console=err, transient=True) as progress:
             render = progress.add_task("rendering views", total=views * 4)
             train = progress.add_task("training", total=steps, start=False)

@@ -40,7 +40,13 @@ from opir_engine.evaluation.scoring import photo_items, validation_items
 from opir_engine.inference.engine import classification_view
 from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.model.padding import pad_reflect_to
-from opir_engine.synthesis import scale_for_size, synthesize
+from opir_engine.synthesis import (
+    RAIN_VEIL,
+    apply_veil,
+    sample_veil_params,
+    scale_for_size,
+    synthesize,
+)
 from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.weights import load_checkpoint, save_checkpoint
 
@@ -74,10 +80,14 @@ class ClassifierRecipe:
     # of the synthetic snow views, the share drawn with larger flakes (scale x1.5-3) and, half
     # of them, a light bright veil: falling snow as photos show it, near and in a snowy haze
     snow_variety: float = 0.0
+    # of the synthetic rain views (rendered or transplanted), the share seen through a grey veil
+    # of the rain's own mist (`synthesis.RAIN_VEIL`): real heavy rain is dim and grey, and the
+    # classifier called it haze
+    rain_veil: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("real_ratio", "pair_target_ratio", "holdout", "transplant_ratio",
-                     "snow_variety"):  # fmt: skip
+                     "snow_variety", "rain_veil"):  # fmt: skip
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ClassifierTrainingError(f"{name} {value}: expected a share in [0, 1]")
@@ -112,6 +122,7 @@ class _Source:
     synth: str | None = None
     layer: int | None = None  # a transplant: the index of the rain layer laid on the photo
     variety: bool = False  # snow: larger flakes, maybe a veil (`ClassifierRecipe.snow_variety`)
+    veil: bool = False  # rain seen through its mist (`ClassifierRecipe.rain_veil`)
 
 
 class _Sources:
@@ -173,7 +184,11 @@ class _Sources:
         r = recipe
         if label == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
             layer = int(rng.integers(len(self.layers)))
-            return _Source(label, photo.image, photo.key, synth=label, layer=layer), "transplant"
+            veil = r.rain_veil > 0 and rng.random() < r.rain_veil
+            source = _Source(label, photo.image, photo.key, synth=label, layer=layer, veil=veil)
+            return source, "transplant"
+        if label == "rain" and r.rain_veil > 0 and rng.random() < r.rain_veil:
+            return _Source(label, photo.image, photo.key, synth=label, veil=True), "synthetic"
         variety = label == "snow" and r.snow_variety > 0 and rng.random() < r.snow_variety
         return _Source(label, photo.image, photo.key, synth=label, variety=variety), "synthetic"
 
@@ -216,6 +231,8 @@ def render_view(
         crop = random_transplant(crop, [layers[source.layer]], rng)
     elif source.synth is not None:
         crop = _synthesize(crop, source, rng)
+    if source.veil:
+        crop = apply_veil(crop.clamp(0, 1), sample_veil_params(rng, RAIN_VEIL))
     view = classification_view(crop.clamp(0, 1), multiple)[0]
     return (view * 255).round().to(torch.uint8)
 
