@@ -570,8 +570,7 @@ def test_run_directory_and_validation(tmp_path: Path, data_root: Path) -> None:
 
     run = tmp_path / "run"
     trainer = Trainer(run, recipe, spec)
-    trainer.keep_validated = True
-    trainer.train(training_set, validation)
+    trainer.train(training_set, validation, keep_validated=True)
 
     assert {p.name for p in run.iterdir()} >= {
         "run.json", "state", "log.jsonl", "last.safetensors", "last.json",

@@ -310,8 +310,8 @@ def train(
     except TrainingError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from e
-    trainer.keep_validated = keep_validated
-    run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile, workers)
+    run_with_progress(trainer, training_set, validation, max_minutes, stop_at, compile, workers,
+                      keep_validated)  # fmt: skip
 
 
 @app.command("train-classifier", cls=_Command)

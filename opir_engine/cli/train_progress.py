@@ -18,6 +18,7 @@ def run_with_progress(
     stop_at: int | None,
     compile_step: bool,
     workers: int | None = None,
+    keep_validated: bool = False,
 ) -> None:
     console = Console(stderr=True)
     console.print(f"run {trainer.run_dir}: step {trainer.step} of {trainer.recipe.steps} on "
@@ -37,6 +38,6 @@ def run_with_progress(
             progress.update(task, completed=step, loss=stats["loss"], rate=rate)
 
         trainer.train(training_set, validation, max_minutes, stop_at, on_step, compile_step,
-                      workers)  # fmt: skip
+                      workers, keep_validated)  # fmt: skip
     console.print(f"stopped at step {trainer.step}; best mean PSNR gain {trainer.best}; "
                   f"state in {trainer.run_dir / 'state'}")  # fmt: skip

@@ -141,9 +141,6 @@ class Trainer:
         self.step = 0
         self.wall_seconds = 0.0
         self.best: float | None = None
-        # Keep the weights of every validation: `best` is chosen by the mean gain alone, and a
-        # checkpoint a shipping rule wants (no row losing) may be another validation's
-        self.keep_validated = False
         # recipe fields changed by a resume, each with the step it took effect at
         self.recipe_changes: list[dict[str, Any]] = []
 
@@ -243,10 +240,13 @@ class Trainer:
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         compile_step: bool = False,
         workers: int | None = None,
+        keep_validated: bool = False,
     ) -> None:
         """Train until `stop_step` (default: the recipe's steps) or `max_minutes`, then save.
         `workers` processes draw batches ahead (default `default_workers`); the batches, and so
-        the run, are the same for any number."""
+        the run, are the same for any number. `keep_validated` keeps the weights of every
+        validation: `best` is chosen by the mean gain alone, and the checkpoint a shipping rule
+        wants (no row losing) may be another validation's."""
         if compile_step and self.bf16 and self.device.type == "cpu":
             # measured on torch 2.13: inductor's CPU graph of the bf16 KPN returns NaN kernels
             # from the first step (bench/README.md); eager bf16 is also the faster step here
@@ -307,7 +307,7 @@ class Trainer:
                         log.write(json.dumps({"step": self.step, **stats}) + "\n")
                         log.flush()
                     if validation is not None and self.step % self.recipe.val_every == 0:
-                        self._validate(validation, log)
+                        self._validate(validation, log, keep_validated)
                     due = time.monotonic() - last_saved > 600  # at least every 10 minutes
                     if self.step % self.recipe.ckpt_every == 0 or due:
                         self.save_state()
@@ -333,7 +333,7 @@ class Trainer:
                 f"{self.step}"
             )
 
-    def _validate(self, validation: ValidationSet, log: Any) -> dict[str, Any]:
+    def _validate(self, validation: ValidationSet, log: Any, keep: bool) -> dict[str, Any]:
         t = time.monotonic()
         rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         metrics = evaluate(self.checkpointed, validation, contact=rows)
@@ -342,7 +342,7 @@ class Trainer:
             write_contact_sheet(self.run_dir / "contact" / f"step-{self.step:06d}.jpg", rows)
         log.write(json.dumps({"step": self.step, "validation": metrics}) + "\n")
         log.flush()
-        if self.keep_validated:
+        if keep:
             path = self.run_dir / "validated" / f"step-{self.step:06d}.safetensors"
             path.parent.mkdir(exist_ok=True)
             save_checkpoint(path, self.checkpointed, self.card(metrics))
