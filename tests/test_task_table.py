@@ -220,6 +220,14 @@ def test_eval_cli_writes_the_table_then_compares_another_classifier(tmp_path, sh
     result = CliRunner().invoke(app, ["eval", "--every-task", str(tmp_path / "ref.json"),
                                       "--against", str(table_path)])  # fmt: skip
     assert "no row loses (2 rows)" in _flat(result.output)
+    # a reference of the same weights' name is still the reference, in a column of its own
+    better["weights"] = json.loads(table_path.read_text())["weights"]
+    (tmp_path / "same.json").write_text(json.dumps(better))
+    result = CliRunner().invoke(app, ["eval", "--every-task", str(table_path), "--against",
+                                      str(tmp_path / "same.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "rain loses (-1.00 dB); rain/rain loses (-1.00 dB)" in _flat(result.output)
+    assert "same.json:" in _flat(result.output)
     result = CliRunner().invoke(app, ["eval", "--every-task", str(table_path), "--against",
                                       str(tmp_path / "stale.json")])  # fmt: skip
     assert result.exit_code == 2 and "holds other items" in _flat(result.output)

@@ -210,8 +210,12 @@ def eval_every_task(
             columns[label] = table.rows(decided)
         verdicts = None
         if reference is not None:
-            theirs = columns[f"{reference.weights} (auto)"] = reference.rows()
+            theirs = reference.rows()
             verdicts = compare_rows(columns[f"{table.weights} (auto)"], theirs)
+            label = f"{reference.weights} (auto)"
+            if label in columns:  # the same weights' name (a fine-tune keeps it): name the file
+                label = f"{against.name}: {label}"  # type: ignore[union-attr]
+            columns[label] = theirs
     except (EngineError, EvaluationError, DataError, ImageIOError, OSError) as e:
         err.print(f"error: {e}")
         return 2
