@@ -149,6 +149,24 @@ def test_veil_is_eq4_at_even_depth(veil: syn.VeilRange, photo: torch.Tensor) -> 
     assert params_from_dict(json.loads(json.dumps(params.to_dict()))) == params
 
 
+def test_mist_is_drawn_above_the_scene_and_stops_at_white() -> None:
+    """RAIN_MIST's airlight is an offset above the grey level it is given, capped at white;
+    without a level it is refused (an absolute draw would be a different veil)."""
+    mist = syn.RAIN_MIST
+    for level in (0.1, 0.45, 0.8):
+        rng = np.random.default_rng(3)
+        drawn = [syn.sample_veil_params(rng, mist, scene_level=level) for _ in range(200)]
+        grey = np.array([np.mean(p.airlight) for p in drawn])
+        low, high = level + mist.airlight[0], min(1.0, level + mist.airlight[1])
+        assert low - 0.03 <= grey.min() and grey.max() <= high + 0.03
+        assert grey.max() - grey.min() > 0.6 * (high - low)
+        ts = np.array([np.exp(-p.beta) for p in drawn])
+        assert mist.transmission[0] <= ts.min() and ts.max() <= mist.transmission[1]
+    assert all(max(p.airlight) <= 1.0 for p in drawn)  # at 0.8 most draws reach white
+    with pytest.raises(syn.InvalidParamsError, match="scene_level: a veil drawn above the scene"):
+        syn.sample_veil_params(np.random.default_rng(0), mist)
+
+
 def test_haze_depth_proxy_is_far_at_the_top_and_normalized(photos: torch.Tensor) -> None:
     params = HazeParams(beta=1.0, airlight=(0.9, 0.9, 0.9), field_weight=0.0, dark_weight=0.0)
     d = syn.make_depth_proxy(photos, params, seed=0)

@@ -37,6 +37,7 @@ from opir_engine.model import CLASSES, OPIR, OPIRConfig
 from opir_engine.model.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import (
     DENSE_FOG,
+    RAIN_MIST,
     RAIN_VEIL,
     apply_veil,
     sample_veil_params,
@@ -449,9 +450,10 @@ def two_rain_sets(crop_data: Callable[..., Path]) -> Path:
     return crop_data(files, {})
 
 
-def test_rain_veil_and_dense_fog_draw_over_the_weather_when_asked(data_root: Path) -> None:
-    """--rain-veil lays a veil from RAIN_VEIL over the synthesized rain, --dense-fog draws haze
-    as fog of even depth from DENSE_FOG; off, the crops are the weather drawn before them."""
+def test_rain_veil_mist_and_dense_fog_draw_over_the_weather_when_asked(data_root: Path) -> None:
+    """--rain-veil lays a veil from RAIN_VEIL over the synthesized rain, --rain-mist one from
+    RAIN_MIST above the scene's grey level, --dense-fog draws haze as fog of even depth from
+    DENSE_FOG; off, the crops are the weather drawn before them."""
     spec = _spec(data_root)
     crop = TrainingSet(spec, _recipe()).clean[0][:, :32, :32].float() / 255
 
@@ -471,6 +473,12 @@ def test_rain_veil_and_dense_fog_draw_over_the_weather_when_asked(data_root: Pat
         t = np.polyfit(crop.flatten().numpy(), fog.flatten().numpy(), 1)[0]
         assert DENSE_FOG.transmission[0] - 1e-3 <= t <= DENSE_FOG.transmission[1] + 1e-3
         assert torch.equal(drawn("haze", seed, rain_veil=1.0), drawn("haze", seed))
+        rng = np.random.default_rng(seed)
+        rng.integers(0, 2**62)
+        rng.random()  # the option's draw
+        misted = apply_veil(rain, sample_veil_params(rng, RAIN_MIST, float(crop.mean())))
+        assert torch.equal(drawn("rain", seed, rain_mist=1.0), misted.clamp(0, 1))
+        assert not torch.equal(misted, rain) and misted.mean() > crop.mean() + 0.01
     with pytest.raises(TrainingError, match=r"rain veil must be in \[0, 1\]; got -0.1"):
         _recipe(rain_veil=-0.1)
 
@@ -930,7 +938,7 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
                     clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
                     val_every=7, precision="bf16", source_balance=0.5, rain_veil=0.3,
-                    dense_fog=0.2)  # fmt: skip
+                    rain_mist=0.25, dense_fog=0.2)  # fmt: skip
     spec = _spec(data_root, split=True)
     command = train_command(recipe, spec, init, out="RUN")
     assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias

@@ -179,6 +179,12 @@ def train(
         help="Share of synthesized rain seen through a grey veil of its own mist, as heavy "
         "real rain is. \\[default: 0]",
     ),
+    rain_mist: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of synthesized rain seen through a mist brighter than the scene it covers, "
+        "as daylight rain is. \\[default: 0]",
+    ),
     dense_fog: float | None = typer.Option(
         None,
         metavar="X",
@@ -280,7 +286,8 @@ def train(
     # run from its current step
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
-           "source_balance": source_balance, "rain_veil": rain_veil, "dense_fog": dense_fog,
+           "source_balance": source_balance, "rain_veil": rain_veil, "rain_mist": rain_mist,
+           "dense_fog": dense_fog,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
            "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}

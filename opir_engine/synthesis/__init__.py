@@ -57,6 +57,7 @@ from opir_engine.synthesis.folders import (
 from opir_engine.synthesis.params import (
     DENSE_FOG,
     KINDS,
+    RAIN_MIST,
     RAIN_VEIL,
     REFERENCE_SHORT_SIDE,
     FlakeLayer,
@@ -79,6 +80,7 @@ from opir_engine.synthesis.seeds import field_seed
 __all__ = [
     "DENSE_FOG",
     "KINDS",
+    "RAIN_MIST",
     "RAIN_VEIL",
     "REFERENCE_SHORT_SIDE",
     "FlakeLayer",

@@ -325,10 +325,12 @@ def sample_haze_params(rng: np.random.Generator) -> HazeParams:
 @dataclass(frozen=True)
 class VeilRange:
     """Where `sample_veil_params` draws a scattering veil: transmission t and a grey airlight A,
-    each uniform in (low, high)."""
+    each uniform in (low, high); with `above_scene`, A's range is an offset above the grey level
+    of the scene the veil covers."""
 
     transmission: tuple[float, float]
     airlight: tuple[float, float]
+    above_scene: bool = False
 
 
 RAIN_VEIL = VeilRange(transmission=(0.3, 0.95), airlight=(0.35, 0.95))
@@ -338,17 +340,30 @@ pairs (docs/experiments.md, "The veil of real rain"), Outdoor-Rain has t 0.36 wi
 GT-RAIN's webcams t 0.79 [0.41, 0.96] with a grey A; our own rain's veil brightens towards white
 only (`RainParams.veil`)."""
 
+RAIN_MIST = VeilRange(transmission=(0.3, 0.95), airlight=(0.05, 0.45), above_scene=True)
+"""Rain seen through a mist lit by daylight, brighter than the scene it covers: in every paired
+rain set the input is brighter than its target, and the veils fitted on GT-RAIN's misty scenes
+lie 0.05-0.4 above the scene's grey level (docs/experiments.md, "A mist brighter than the
+scene"), where `RAIN_VEIL`'s absolute A also draws veils that darken a bright scene."""
+
 DENSE_FOG = VeilRange(transmission=(0.05, 0.35), airlight=(0.55, 0.9))
 """Fog dense over the whole frame, as in Dense-Haze (t 0.07, A 0.72 fitted) and NH-HAZE2 (t 0.31,
 A 0.81), where `sample_haze_params` draws the near ground clear (t up to 0.97)."""
 
 
-def sample_veil_params(rng: np.random.Generator, veil: VeilRange) -> HazeParams:
+def sample_veil_params(
+    rng: np.random.Generator, veil: VeilRange, scene_level: float | None = None
+) -> HazeParams:
     """A scattering veil of even depth over the image (Eq. 4 with d = 1, so t = exp(-beta)):
     t and the grey level of A drawn from `veil`, A with a small colour cast as in
-    `sample_haze_params`. Apply it with `apply_veil`."""
+    `sample_haze_params`. A veil drawn `above_scene` needs `scene_level`, the mean of the clean
+    image it will cover, and its grey level stops at white. Apply it with `apply_veil`."""
+    if veil.above_scene and scene_level is None:
+        raise InvalidParamsError("scene_level: a veil drawn above the scene needs its grey level")
     t = rng.uniform(*veil.transmission)
     base = rng.uniform(*veil.airlight)
+    if veil.above_scene:
+        base = min(1.0, base + scene_level)
     r, g, b = (_python_float(np.clip(base + c, 0.0, 1.0)) for c in rng.uniform(-0.03, 0.03, 3))
     return HazeParams(beta=_python_float(-np.log(t)), airlight=(r, g, b), depth_kind="given")
 

@@ -15,8 +15,8 @@ LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", 
 # average it validates and the precision its forward runs in, never the model, the schedule or
 # the seed, so the run stays one run with its changes on record.
 RESUME_CHANGES = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
-                  "clean_under_weather", "source_balance", "rain_veil", "dense_fog", "ema",
-                  "precision")  # fmt: skip
+                  "clean_under_weather", "source_balance", "rain_veil", "rain_mist", "dense_fog",
+                  "ema", "precision")  # fmt: skip
 
 # The forward's arithmetic: fp32, or bf16 autocast (convolutions in bf16, the NAFBlock's norm
 # and gate on bf16 maps, the operator in fp32; weights, gradients and Adam stay fp32)
@@ -59,6 +59,11 @@ class Recipe:
     # own mist (synthesis.RAIN_VEIL): real heavy rain dims and greys the scene, our rain and the
     # transplanted layers only brighten it. 0 draws as every earlier run did.
     rain_veil: float = 0.0
+    # Share of the synthesized rain seen through a mist brighter than the scene it covers
+    # (synthesis.RAIN_MIST), as every paired rain set is: RAIN_VEIL's absolute airlight also
+    # darkens bright scenes, which taught the trunk to brighten dim misty photos. Drawn after
+    # (and independently of) rain_veil; 0 draws as every earlier run did.
+    rain_mist: float = 0.0
     # Share of the synthesized haze drawn as fog dense over the whole frame (synthesis.DENSE_FOG)
     # instead of by depth. 0 draws as every earlier run did.
     dense_fog: float = 0.0
@@ -75,7 +80,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather",
-                     "source_balance", "rain_veil", "dense_fog"):  # fmt: skip
+                     "source_balance", "rain_veil", "rain_mist", "dense_fog"):  # fmt: skip
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise TrainingError(f"{name.replace('_', ' ')} must be in [0, 1]; got {value}")

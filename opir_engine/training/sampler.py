@@ -30,6 +30,7 @@ from opir_engine.datasets import (
 from opir_engine.model import TASKS
 from opir_engine.synthesis import (
     DENSE_FOG,
+    RAIN_MIST,
     RAIN_VEIL,
     apply_veil,
     sample_veil_params,
@@ -145,6 +146,9 @@ class TrainingSet:
             degraded = synthesize(target, task, int(rng.integers(0, 2**62)), scale=scale)[0]
         if task == "rain" and r.rain_veil > 0 and rng.random() < r.rain_veil:
             degraded = apply_veil(degraded, sample_veil_params(rng, RAIN_VEIL))
+        if task == "rain" and r.rain_mist > 0 and rng.random() < r.rain_mist:
+            mist = sample_veil_params(rng, RAIN_MIST, scene_level=float(target.mean()))
+            degraded = apply_veil(degraded, mist)
         return degraded.clamp(0, 1)
 
     def _real_index(self, task: str, rng: np.random.Generator) -> int:
