@@ -60,9 +60,9 @@ class Recipe:
     # transplanted layers only brighten it. 0 draws as every earlier run did.
     rain_veil: float = 0.0
     # Share of the synthesized rain seen through a mist brighter than the scene it covers
-    # (synthesis.RAIN_MIST), as every paired rain set is: RAIN_VEIL's absolute airlight also
-    # darkens bright scenes, which taught the trunk to brighten dim misty photos. Drawn after
-    # (and independently of) rain_veil; 0 draws as every earlier run did.
+    # (synthesis.RAIN_MIST), as in every paired rain set: RAIN_VEIL's absolute airlight also
+    # draws veils darker than a bright scene, which no real set holds. Drawn after (and
+    # independently of) rain_veil; 0 draws as every earlier run did.
     rain_mist: float = 0.0
     # Share of the synthesized haze drawn as fog dense over the whole frame (synthesis.DENSE_FOG)
     # instead of by depth. 0 draws as every earlier run did.
