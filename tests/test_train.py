@@ -37,6 +37,7 @@ from opir_engine.model import CLASSES, OPIR, OPIRConfig
 from opir_engine.model.padding import crop_to, pad_to_multiple
 from opir_engine.synthesis import (
     DENSE_FOG,
+    DIM_SCENE,
     RAIN_MIST,
     RAIN_VEIL,
     apply_veil,
@@ -481,6 +482,31 @@ def test_rain_veil_mist_and_dense_fog_draw_over_the_weather_when_asked(data_root
         assert not torch.equal(misted, rain) and misted.mean() > crop.mean() + 0.01
     with pytest.raises(TrainingError, match=r"rain veil must be in \[0, 1\]; got -0.1"):
         _recipe(rain_veil=-0.1)
+
+
+def test_haze_dim_lays_synthesized_haze_on_a_dimmed_crop_when_asked(data_root: Path) -> None:
+    """--haze-dim scales the clean crop (the target) by an exposure from DIM_SCENE before the
+    haze is drawn on it; the crop, and every draw of another weather, stay those of before."""
+    spec = _spec(data_root)
+
+    def drawn(seed: int, weights: tuple[float, float, float], **options: float) -> tuple:
+        recipe = _recipe(clean_ratio=0.0, synth_ratio=1.0, task_weights=weights, **options)
+        return TrainingSet(spec, recipe)._sample(np.random.default_rng(seed))
+
+    haze = (0.0, 0.0, 1.0)
+    for seed in range(4):
+        bright = drawn(seed, haze)[1]
+        veiled, dim, label, task = drawn(seed, haze, haze_dim=1)
+        factor = float(dim.sum() / bright.sum())
+        assert DIM_SCENE[0] <= factor <= DIM_SCENE[1]
+        torch.testing.assert_close(dim, bright * factor)  # the same crop, dimmed
+        assert label == task == CLASSES.index("haze")
+        assert veiled.mean() > dim.mean() + 0.02  # the bright haze is on the dim crop
+        rain, rain_with_option = drawn(seed, (1.0, 0.0, 0.0)), drawn(seed, (1, 0, 0), haze_dim=1)
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+                   for a, b in zip(rain, rain_with_option, strict=True))  # fmt: skip
+    with pytest.raises(TrainingError, match=r"haze dim must be in \[0, 1\]; got 1.5"):
+        _recipe(haze_dim=1.5)
 
 
 def test_source_balance_draws_each_set_evenly_when_asked(two_rain_sets: Path) -> None:
@@ -938,7 +964,7 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     recipe = Recipe(config="tiny", steps=2, batch=2, patch=32, lr=1.5e-4, synth_ratio=0.45,
                     clean_ratio=0.2, task_weights=(2.0, 1.0, 0.5), max_side=48, seed=5,
                     val_every=7, precision="bf16", source_balance=0.5, rain_veil=0.3,
-                    rain_mist=0.25, dense_fog=0.2)  # fmt: skip
+                    rain_mist=0.25, dense_fog=0.2, haze_dim=0.3)  # fmt: skip
     spec = _spec(data_root, split=True)
     command = train_command(recipe, spec, init, out="RUN")
     assert "DATA/rain" in command and str(data_root) not in command  # the root is an alias

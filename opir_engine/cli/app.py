@@ -190,6 +190,12 @@ def train(
         metavar="X",
         help="Share of synthesized haze drawn as fog dense over the whole frame. \\[default: 0]",
     ),
+    haze_dim: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of synthesized haze laid on a dimmed photo: dark things under a bright "
+        "veil. \\[default: 0]",
+    ),
     rain_layers: list[Path] = typer.Option(
         [],
         "--rain-layers",
@@ -287,7 +293,7 @@ def train(
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
            "source_balance": source_balance, "rain_veil": rain_veil, "rain_mist": rain_mist,
-           "dense_fog": dense_fog,
+           "dense_fog": dense_fog, "haze_dim": haze_dim,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
            "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}

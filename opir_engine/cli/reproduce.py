@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from opir_engine.model import TASKS
-from opir_engine.training.recipe import DataSpec, Recipe
+from opir_engine.training.recipe import SHARES, DataSpec, Recipe
 
 # Recipe fields with an `opir train` option of the same name (`--synth-ratio` for synth_ratio)
-_RECIPE_OPTIONS = ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather",
-                   "source_balance", "rain_veil", "rain_mist", "dense_fog", "ema", "precision",
-                   "steps", "batch", "patch", "lr", "seed", "max_side", "val_every")  # fmt: skip
+_RECIPE_OPTIONS = (*SHARES, "ema", "precision", "steps", "batch", "patch", "lr", "seed",
+                   "max_side", "val_every")  # fmt: skip
 
 
 def train_command(

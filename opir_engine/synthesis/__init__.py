@@ -56,6 +56,7 @@ from opir_engine.synthesis.folders import (
 )
 from opir_engine.synthesis.params import (
     DENSE_FOG,
+    DIM_SCENE,
     KINDS,
     RAIN_MIST,
     RAIN_VEIL,
@@ -79,6 +80,7 @@ from opir_engine.synthesis.seeds import field_seed
 
 __all__ = [
     "DENSE_FOG",
+    "DIM_SCENE",
     "KINDS",
     "RAIN_MIST",
     "RAIN_VEIL",

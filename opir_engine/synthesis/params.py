@@ -350,6 +350,11 @@ DENSE_FOG = VeilRange(transmission=(0.05, 0.35), airlight=(0.55, 0.9))
 """Fog dense over the whole frame, as in Dense-Haze (t 0.07, A 0.72 fitted) and NH-HAZE2 (t 0.31,
 A 0.81), where `sample_haze_params` draws the near ground clear (t up to 0.97)."""
 
+DIM_SCENE = (0.2, 0.7)
+"""The exposure (a factor on the clean image, uniform in this range) of a scene dimmed before
+haze is laid on it: dark things under a bright veil, a far forest or a dusk scene, as in the
+README's night launch, which the mostly daylit clean photos seldom hold."""
+
 
 def sample_veil_params(
     rng: np.random.Generator, veil: VeilRange, scene_level: float | None = None

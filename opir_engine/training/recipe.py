@@ -11,12 +11,14 @@ from typing import Any
 # whole recipe, steps and hours behind it.
 LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", "init")
 
+# The recipe's sampling shares, each in [0, 1]; each has an `opir train` option of its name.
+SHARES = ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather",
+          "source_balance", "rain_veil", "rain_mist", "dense_fog", "haze_dim")  # fmt: skip
+
 # What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw, the weight
 # average it validates and the precision its forward runs in, never the model, the schedule or
 # the seed, so the run stays one run with its changes on record.
-RESUME_CHANGES = ("synth_ratio", "clean_ratio", "task_weights", "transplant_ratio",
-                  "clean_under_weather", "source_balance", "rain_veil", "rain_mist", "dense_fog",
-                  "ema", "precision")  # fmt: skip
+RESUME_CHANGES = (*SHARES, "task_weights", "ema", "precision")
 
 # The forward's arithmetic: fp32, or bf16 autocast (convolutions in bf16, the NAFBlock's norm
 # and gate on bf16 maps, the operator in fp32; weights, gradients and Adam stay fp32)
@@ -67,6 +69,11 @@ class Recipe:
     # Share of the synthesized haze drawn as fog dense over the whole frame (synthesis.DENSE_FOG)
     # instead of by depth. 0 draws as every earlier run did.
     dense_fog: float = 0.0
+    # Share of the synthesized haze whose clean crop is first dimmed (synthesis.DIM_SCENE):
+    # dark things under a bright veil (a far forest, a dusk or night scene), which the daylight
+    # clean photos seldom hold and on which the campaign came to leave the haze in place.
+    # 0 draws as every earlier run did.
+    haze_dim: float = 0.0
     # Decay of an exponential moving average of the weights (0: none). With it, validation and
     # the best and last checkpoints use the average: at batch 8 the weights one validation
     # apart differ by 1-3 dB on the rows of one or two photos. Training itself is unchanged.
@@ -79,8 +86,7 @@ class Recipe:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather",
-                     "source_balance", "rain_veil", "rain_mist", "dense_fog"):  # fmt: skip
+        for name in SHARES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise TrainingError(f"{name.replace('_', ' ')} must be in [0, 1]; got {value}")

@@ -30,6 +30,7 @@ from opir_engine.datasets import (
 from opir_engine.model import TASKS
 from opir_engine.synthesis import (
     DENSE_FOG,
+    DIM_SCENE,
     RAIN_MIST,
     RAIN_VEIL,
     apply_veil,
@@ -129,6 +130,9 @@ class TrainingSet:
             return degraded, target, label, label
         source = self.clean[rng.integers(len(self.clean))]
         target = self._crop([source], rng)[0]
+        # drawn only when the option is on, so runs without it draw the batches they did
+        if task == "haze" and r.haze_dim > 0 and rng.random() < r.haze_dim:
+            target = target * float(rng.uniform(*DIM_SCENE))
         scale = scale_for_size(*source.shape[-2:])
         return self._synthesize(target, task, scale, rng), target, label, label
 
