@@ -19,14 +19,21 @@ from opir_engine.datasets import (
     pair_of,
     pixel_digest,
 )
-from opir_engine.evaluation.scoring import TRANSPLANT, source_set, validation_items
+from opir_engine.evaluation.scoring import (
+    DUSK_EXPOSURE,
+    TRANSPLANT,
+    source_set,
+    validation_items,
+)
 from opir_engine.image_io import read_image
-from opir_engine.synthesis.degrade import synthesize
+from opir_engine.synthesis import field_seed
+from opir_engine.synthesis.degrade import apply_params, synthesize
+from opir_engine.synthesis.params import HazeParams
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
 
 SPLITS = Path(__file__).resolve().parents[1] / "splits"
 V1, V2 = SPLITS / "validation.json", SPLITS / "validation-v2.json"
-V3 = SPLITS / "validation-v3.json"
+V3, V4 = SPLITS / "validation-v3.json", SPLITS / "validation-v4.json"
 STREAK_SETS = ("Rain13K-subset", "DDN-samples", "HeavyRain-OutdoorRain-samples",
                "JORDER-E-RainTrainH-samples")  # fmt: skip
 
@@ -142,3 +149,43 @@ def test_v3_is_v2_plus_rain_of_our_own_renderer(shared_data: Path) -> None:
     assert params.kind == "rain"
     assert torch.equal(degraded, (rainy.clamp(0, 1) * 255).round() / 255)
     assert float((degraded - target).abs().mean()) > 0.005  # rain is there to remove
+
+
+def test_v4_is_v3_plus_haze_of_our_own_renderer_on_daylit_and_dusk_photos(
+    shared_data: Path,
+) -> None:
+    """v4 holds out v3's files exactly and scores the second of every four clean photos under
+    our own haze (`haze/synthetic`) and under the same haze on the photo at half its exposure
+    (`haze/synthetic-dusk`); every v3 item is unchanged."""
+    v3, v4 = (json.loads(p.read_text()) for p in (V3, V4))
+    assert v4["validation"] == v3["validation"] and v4["rain_layers"] == v3["rain_layers"]
+    assert v4["synthetic_haze"] is True and v4["synthetic_rain"] is True
+    assert "synthetic_haze" not in v3
+    old, new = validation_items(V3, shared_data), validation_items(V4, shared_data)
+    ours = [item for item in new if item[0] == "haze" and ":" in item[1]]
+    rest = [item for item in new if not (item[0] == "haze" and ":" in item[1])]
+    assert [(t, n) for t, n, _d, _t in rest] == [(t, n) for t, n, _d, _t in old]
+    for a, b in zip(rest, old, strict=True):
+        assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    clean = v4["validation"]["clean"]
+    rows = {kind: {n.split(":", 1)[1]: (d, t) for _task, n, d, t in ours if n.startswith(kind)}
+            for kind in ("synthetic:", "synthetic-dusk:")}  # fmt: skip
+    daylit, dusk = rows["synthetic:"], rows["synthetic-dusk:"]
+    assert list(daylit) == list(dusk) == clean[1::4] and len(clean[1::4]) >= 12
+    assert {source_set(n) for _task, n, _d, _t in ours} == {"synthetic", "synthetic-dusk"}
+    photo = clean[1]
+    target = read_image(shared_data / photo).rgb
+    hazy, params = synthesize(target, "haze", seed=4001)
+    assert isinstance(params, HazeParams)
+    assert torch.equal(daylit[photo][1], target)
+    assert torch.equal(daylit[photo][0], (hazy.clamp(0, 1) * 255).round() / 255)
+    degraded, dimmed = dusk[photo]
+    assert torch.equal(dimmed, (target * DUSK_EXPOSURE * 255).round() / 255)
+    again = apply_params(dimmed, params, field_seed(4001))  # the daylit row's haze
+    assert torch.equal(degraded, (again.clamp(0, 1) * 255).round() / 255)
+    for x, y in (*daylit.values(), *dusk.values()):
+        assert float(x.mean() - y.mean()) > 0.02  # a bright veil to take away
+    # the same veil weighs more on the dim photo: its input is further from its target
+    gaps = [float((dusk[p][0] - dusk[p][1]).mean() - (daylit[p][0] - daylit[p][1]).mean())
+            for p in daylit]  # fmt: skip
+    assert min(gaps) > 0

@@ -19,7 +19,7 @@ from opir_engine.evaluation.metrics import psnr, ssim
 from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import as_8bit, list_images, read_image
 from opir_engine.model.config import CLASSES, TASKS
-from opir_engine.synthesis import synthesize
+from opir_engine.synthesis import apply_params, field_seed, synthesize
 from opir_engine.synthesis.transplant import fit_layer, lay_rain, rain_layer
 
 if TYPE_CHECKING:  # scoring folders needs no model: the engine is loaded by whoever passes one
@@ -144,11 +144,15 @@ def validation_items(
     from those onto the remaining clean validation photos (`synthesis.transplant`): a renderer
     training does not use, on photos it never saw. Where the split sets `synthetic_rain` (v3),
     every other one of those photos also carries rain of our own renderer (`rain/synthetic`):
-    the rain `opir synth` draws and the README's sample shows, which no other row holds.
+    the rain `opir synth` draws and the README's sample shows, which no other row holds. Where
+    it sets `synthetic_haze` (v4), every fourth other photo carries our own renderer's haze
+    (`haze/synthetic`), and the same haze laid on the photo dimmed to `DUSK_EXPOSURE`
+    (`haze/synthetic-dusk`): dark things under a bright veil, as in the README's night launch.
     """
     written = json.loads(Path(split_path).read_text())
     split = written["validation"]
     synthetic_rain = bool(written.get("synthetic_rain"))
+    synthetic_haze = bool(written.get("synthetic_haze"))
     items = []
     for task in ("rain", "haze"):
         for name in split.get(task, []):
@@ -171,7 +175,18 @@ def validation_items(
         if synthetic_rain and i % 4 == 3:
             rainy, _ = synthesize(clean, "rain", seed=3000 + i)
             items.append(("rain", f"synthetic:{name}", as_8bit(rainy.clamp(0, 1)), clean))
+        if synthetic_haze and i % 4 == 1:
+            hazy, params = synthesize(clean, "haze", seed=4000 + i)
+            items.append(("haze", f"synthetic:{name}", as_8bit(hazy.clamp(0, 1)), clean))
+            dusk = as_8bit(clean * DUSK_EXPOSURE)
+            hazy = apply_params(dusk, params, field_seed(4000 + i))
+            items.append(("haze", f"synthetic-dusk:{name}", as_8bit(hazy.clamp(0, 1)), dusk))
     return items
+
+
+# The dusk row's photos are dimmed to this share of their exposure before the haze: a clean
+# validation photo averages about 0.45, the README's night launch 0.26
+DUSK_EXPOSURE = 0.5
 
 
 # The held-out rain layers' strengths on the transplant rows: half and as rendered
@@ -274,10 +289,9 @@ def evaluate_clean_under_weather(
 def source_set(name: str) -> str:
     """The set a validation item comes from, for the per-set rows: the folder of a paired set
     (`rain/GT-RAIN-webcam/input/s003_r009.png` -> `GT-RAIN-webcam`), of a clean photo
-    (`clean/CBSD68/1.png` -> `CBSD68`), or `synthetic` for pairs made from clean photos."""
-    if name.startswith("synthetic:"):
-        return "synthetic"
-    if name.startswith("transplant-"):
+    (`clean/CBSD68/1.png` -> `CBSD68`), or the kind of a pair made from a clean photo (its
+    name's prefix: `synthetic`, `synthetic-dusk`, `transplant-light`, ...)."""
+    if ":" in name:  # `synthetic:`, `synthetic-dusk:`, `transplant-heavy:<layer>:` + a photo
         return name.split(":", 1)[0]
     path = Path(name)
     return path.parent.parent.name if path.parent.name == "input" else path.parent.name
