@@ -145,8 +145,8 @@ def validation_items(
     training does not use, on photos it never saw. Where the split sets `synthetic_rain` (v3),
     every other one of those photos also carries rain of our own renderer (`rain/synthetic`):
     the rain `opir synth` draws and the README's sample shows, which no other row holds. Where
-    it sets `synthetic_haze` (v4), every fourth other photo carries our own renderer's haze
-    (`haze/synthetic`), and the same haze laid on the photo dimmed to `DUSK_EXPOSURE`
+    it sets `synthetic_haze` (v4), the second photo of every four carries our own renderer's
+    haze (`haze/synthetic`), and the same haze laid on the photo dimmed to `DUSK_EXPOSURE`
     (`haze/synthetic-dusk`): dark things under a bright veil, as in the README's night launch.
     """
     written = json.loads(Path(split_path).read_text())
