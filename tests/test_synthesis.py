@@ -150,9 +150,9 @@ def test_veil_is_eq4_at_even_depth(veil: syn.VeilRange, photo: torch.Tensor) -> 
 
 
 def test_mist_is_drawn_above_the_scene_and_stops_at_white() -> None:
-    """RAIN_MIST's airlight is an offset above the grey level it is given, capped at white;
+    """DAYLIT_MIST's airlight is an offset above the grey level it is given, capped at white;
     without a level it is refused (an absolute draw would be a different veil)."""
-    mist = syn.RAIN_MIST
+    mist = syn.DAYLIT_MIST
     for level in (0.1, 0.45, 0.8):
         rng = np.random.default_rng(3)
         drawn = [syn.sample_veil_params(rng, mist, scene_level=level) for _ in range(200)]

@@ -196,6 +196,12 @@ def train(
         help="Share of synthesized haze laid on a dimmed photo: dark things under a bright "
         "veil. \\[default: 0]",
     ),
+    haze_mist: float | None = typer.Option(
+        None,
+        metavar="X",
+        help="Share of synthesized haze drawn as a light mist over the whole frame, brighter "
+        "than the scene. \\[default: 0]",
+    ),
     rain_layers: list[Path] = typer.Option(
         [],
         "--rain-layers",
@@ -293,7 +299,7 @@ def train(
     mix = {"synth_ratio": synth_ratio, "clean_ratio": clean_ratio,
            "transplant_ratio": transplant_ratio, "clean_under_weather": clean_under_weather,
            "source_balance": source_balance, "rain_veil": rain_veil, "rain_mist": rain_mist,
-           "dense_fog": dense_fog, "haze_dim": haze_dim,
+           "dense_fog": dense_fog, "haze_dim": haze_dim, "haze_mist": haze_mist,
            "task_weights": _parse_task_weights(task_weight) if task_weight else None,
            "ema": ema, "precision": precision}  # fmt: skip
     mix = {name: value for name, value in mix.items() if value is not None}

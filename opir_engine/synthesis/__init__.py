@@ -55,10 +55,10 @@ from opir_engine.synthesis.folders import (
     synthesize_pair,
 )
 from opir_engine.synthesis.params import (
+    DAYLIT_MIST,
     DENSE_FOG,
     DIM_SCENE,
     KINDS,
-    RAIN_MIST,
     RAIN_VEIL,
     REFERENCE_SHORT_SIDE,
     FlakeLayer,
@@ -79,10 +79,10 @@ from opir_engine.synthesis.params import (
 from opir_engine.synthesis.seeds import field_seed
 
 __all__ = [
+    "DAYLIT_MIST",
     "DENSE_FOG",
     "DIM_SCENE",
     "KINDS",
-    "RAIN_MIST",
     "RAIN_VEIL",
     "REFERENCE_SHORT_SIDE",
     "FlakeLayer",

@@ -340,11 +340,13 @@ pairs (docs/experiments.md, "The veil of real rain"), Outdoor-Rain has t 0.36 wi
 GT-RAIN's webcams t 0.79 [0.41, 0.96] with a grey A; our own rain's veil brightens towards white
 only (`RainParams.veil`)."""
 
-RAIN_MIST = VeilRange(transmission=(0.3, 0.95), airlight=(0.05, 0.45), above_scene=True)
-"""Rain seen through a mist lit by daylight, brighter than the scene it covers: in every paired
-rain set the input is brighter than its target, and the veils fitted on GT-RAIN's misty scenes
-lie 0.05-0.4 above the scene's grey level (docs/experiments.md, "A mist brighter than the
-scene"), where `RAIN_VEIL`'s absolute A also draws veils that darken a bright scene."""
+DAYLIT_MIST = VeilRange(transmission=(0.3, 0.95), airlight=(0.05, 0.45), above_scene=True)
+"""A mist lit by daylight, brighter than the scene it covers, of even depth over the frame. Rain
+is seen through it: in every paired rain set the input is brighter than its target, and the
+veils fitted on GT-RAIN's misty scenes lie 0.05-0.4 above the scene's grey level
+(docs/experiments.md, "A mist brighter than the scene"), where `RAIN_VEIL`'s absolute A also
+draws veils that darken a bright scene. Alone it is light fog over a forest or a street, which
+the depth proxy of `sample_haze_params` never draws: its near ground is clear."""
 
 DENSE_FOG = VeilRange(transmission=(0.05, 0.35), airlight=(0.55, 0.9))
 """Fog dense over the whole frame, as in Dense-Haze (t 0.07, A 0.72 fitted) and NH-HAZE2 (t 0.31,

@@ -13,7 +13,8 @@ LINEAGE_KEYS = ("steps", "wall_time_hours", "recipe", "recipe_changes", "data", 
 
 # The recipe's sampling shares, each in [0, 1]; each has an `opir train` option of its name.
 SHARES = ("synth_ratio", "clean_ratio", "transplant_ratio", "clean_under_weather",
-          "source_balance", "rain_veil", "rain_mist", "dense_fog", "haze_dim")  # fmt: skip
+          "source_balance", "rain_veil", "rain_mist", "dense_fog", "haze_dim",
+          "haze_mist")  # fmt: skip
 
 # What a resumed run may change (`Trainer.resume(changes=)`): what its batches draw, the weight
 # average it validates and the precision its forward runs in, never the model, the schedule or
@@ -62,7 +63,7 @@ class Recipe:
     # transplanted layers only brighten it. 0 draws as every earlier run did.
     rain_veil: float = 0.0
     # Share of the synthesized rain seen through a mist brighter than the scene it covers
-    # (synthesis.RAIN_MIST), as in every paired rain set: RAIN_VEIL's absolute airlight also
+    # (synthesis.DAYLIT_MIST), as in every paired rain set: RAIN_VEIL's absolute airlight also
     # draws veils darker than a bright scene, which no real set holds. Drawn after (and
     # independently of) rain_veil; 0 draws as every earlier run did.
     rain_mist: float = 0.0
@@ -74,6 +75,11 @@ class Recipe:
     # clean photos seldom hold and on which the campaign came to leave the haze in place.
     # 0 draws as every earlier run did.
     haze_dim: float = 0.0
+    # Share of the synthesized haze drawn as a mist of even depth brighter than the scene
+    # (synthesis.DAYLIT_MIST), drawn after (and independently of) dense_fog: light fog over the
+    # whole frame, as on GT-RAIN's misty hillside, which the depth proxy never draws and which
+    # both the shipped weights and the campaign mostly leave in place. 0 draws as before.
+    haze_mist: float = 0.0
     # Decay of an exponential moving average of the weights (0: none). With it, validation and
     # the best and last checkpoints use the average: at batch 8 the weights one validation
     # apart differ by 1-3 dB on the rows of one or two photos. Training itself is unchanged.

@@ -29,9 +29,9 @@ from opir_engine.datasets import (
 )
 from opir_engine.model import TASKS
 from opir_engine.synthesis import (
+    DAYLIT_MIST,
     DENSE_FOG,
     DIM_SCENE,
-    RAIN_MIST,
     RAIN_VEIL,
     apply_veil,
     sample_veil_params,
@@ -144,6 +144,9 @@ class TrainingSet:
         # each option is drawn only when it is on, so runs without it draw the batches they did
         if task == "haze" and r.dense_fog > 0 and rng.random() < r.dense_fog:
             return apply_veil(target, sample_veil_params(rng, DENSE_FOG))
+        if task == "haze" and r.haze_mist > 0 and rng.random() < r.haze_mist:
+            mist = sample_veil_params(rng, DAYLIT_MIST, scene_level=float(target.mean()))
+            return apply_veil(target, mist).clamp(0, 1)
         if task == "rain" and r.transplant_ratio > 0 and rng.random() < r.transplant_ratio:
             degraded = random_transplant(target, self.rain_layers, rng)
         else:
@@ -151,7 +154,7 @@ class TrainingSet:
         if task == "rain" and r.rain_veil > 0 and rng.random() < r.rain_veil:
             degraded = apply_veil(degraded, sample_veil_params(rng, RAIN_VEIL))
         if task == "rain" and r.rain_mist > 0 and rng.random() < r.rain_mist:
-            mist = sample_veil_params(rng, RAIN_MIST, scene_level=float(target.mean()))
+            mist = sample_veil_params(rng, DAYLIT_MIST, scene_level=float(target.mean()))
             degraded = apply_veil(degraded, mist)
         return degraded.clamp(0, 1)
 
