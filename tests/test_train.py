@@ -451,10 +451,11 @@ def two_rain_sets(crop_data: Callable[..., Path]) -> Path:
     return crop_data(files, {})
 
 
-def test_rain_veil_mist_and_dense_fog_draw_over_the_weather_when_asked(data_root: Path) -> None:
+def test_veils_mists_and_dense_fog_draw_over_the_weather_when_asked(data_root: Path) -> None:
     """--rain-veil lays a veil from RAIN_VEIL over the synthesized rain, --rain-mist one from
     DAYLIT_MIST above the scene's grey level, --dense-fog draws haze as fog of even depth from
-    DENSE_FOG; off, the crops are the weather drawn before them."""
+    DENSE_FOG, --haze-mist (drawn after it) as DAYLIT_MIST alone; off, the crops are the weather
+    drawn before them."""
     spec = _spec(data_root)
     crop = TrainingSet(spec, _recipe()).clean[0][:, :32, :32].float() / 255
 
@@ -480,38 +481,19 @@ def test_rain_veil_mist_and_dense_fog_draw_over_the_weather_when_asked(data_root
         misted = apply_veil(rain, sample_veil_params(rng, DAYLIT_MIST, float(crop.mean())))
         assert torch.equal(drawn("rain", seed, rain_mist=1.0), misted.clamp(0, 1))
         assert not torch.equal(misted, rain) and misted.mean() > crop.mean() + 0.01
+        assert torch.equal(drawn("rain", seed, haze_mist=1.0), rain)
+        for fog_share in (0.0, 0.5):  # the mist's draw follows --dense-fog's when that is on
+            rng = np.random.default_rng(seed)
+            if fog_share and rng.random() < fog_share:
+                continue  # dense fog taken, as above
+            rng.random()  # the option's draw
+            mist = apply_veil(crop, sample_veil_params(rng, DAYLIT_MIST, float(crop.mean())))
+            assert torch.equal(drawn("haze", seed, dense_fog=fog_share, haze_mist=1.0), mist)
+            t, offset = np.polyfit(crop.flatten().numpy(), mist.flatten().numpy(), 1)
+            assert DAYLIT_MIST.transmission[0] - 1e-3 <= t <= DAYLIT_MIST.transmission[1] + 1e-3
+            assert offset / (1 - t) > float(crop.mean())  # A above the scene: it brightens
     with pytest.raises(TrainingError, match=r"rain veil must be in \[0, 1\]; got -0.1"):
         _recipe(rain_veil=-0.1)
-
-
-def test_haze_mist_draws_haze_as_an_even_mist_brighter_than_the_scene(data_root: Path) -> None:
-    """--haze-mist draws haze as DAYLIT_MIST over the whole crop: one transmission, an airlight
-    above the crop's grey level; after --dense-fog's draw, and rain is drawn as before."""
-    spec = _spec(data_root)
-    crop = TrainingSet(spec, _recipe()).clean[0][:, :32, :32].float() / 255
-
-    def drawn(task: str, seed: int, **options: float) -> torch.Tensor:
-        training_set = TrainingSet(spec, _recipe(**options))
-        return training_set._synthesize(crop, task, 1.0, np.random.default_rng(seed))
-
-    for seed in range(4):
-        mist = drawn("haze", seed, haze_mist=1.0)
-        rng = np.random.default_rng(seed)
-        rng.random()  # the option's draw
-        params = sample_veil_params(rng, DAYLIT_MIST, float(crop.mean()))
-        assert torch.equal(mist, apply_veil(crop, params).clamp(0, 1))
-        t, offset = np.polyfit(crop.flatten().numpy(), mist.flatten().numpy(), 1)
-        assert DAYLIT_MIST.transmission[0] - 1e-3 <= t <= DAYLIT_MIST.transmission[1] + 1e-3
-        assert offset / (1 - t) > float(crop.mean())  # A above the scene: the mist brightens
-        assert torch.equal(drawn("rain", seed, haze_mist=1.0), drawn("rain", seed))
-        # dense fog is drawn first; when it is not taken, the mist's draw follows
-        rng = np.random.default_rng(seed)
-        fog_taken = rng.random() < 0.5
-        both = drawn("haze", seed, dense_fog=0.5, haze_mist=1.0)
-        if not fog_taken:
-            rng.random()
-            params = sample_veil_params(rng, DAYLIT_MIST, float(crop.mean()))
-            assert torch.equal(both, apply_veil(crop, params).clamp(0, 1))
     with pytest.raises(TrainingError, match=r"haze mist must be in \[0, 1\]; got 2"):
         _recipe(haze_mist=2)
 
