@@ -7,8 +7,8 @@ of each would get). For judging a candidate by pictures, rows that lose and rows
         --item rain/GT-RAIN-webcam/input/s003_r009.png --item haze/Dense-Haze/input/55.png \\
         --pair samples/rocket_haze.jpg samples/clean/rocket_haze.png --out sheet.jpg
 
---item takes a split item's name as `opir eval --split` lists it (`rain/...` paths, or
-`synthetic:clean/...` for the rows drawn on clean photos, with --task-of naming its task);
+--item takes a split item's name: a pair's input path (`rain/GT-RAIN-webcam/input/...`), or
+TASK=NAME for the rows drawn on clean photos (`haze=synthetic:clean/BSDS500_test/97010.jpg`);
 --pair takes any input and its clean target.
 """
 
