@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from opir_engine.evaluation.metrics import psnr
 from opir_engine.evaluation.weather_left import weather_left
 from opir_engine.image_io import read_image
+from opir_engine.inference.dark_channel import dark_channel
 from opir_engine.inference.engine import EngineError, OPIREngine
 from opir_engine.inference.streaks import streak_energy
 from opir_engine.inference.working_scale import (
     auto_sides,
     enlarge_to,
+    haze_sides,
     shrink_to_side,
     transfer_correction,
     working_size,
 )
+from opir_engine.weights import DEFAULT_WEIGHTS, load_checkpoint, resolve_weights
 from tests.conftest import needs_shared_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, busy cores
@@ -133,6 +136,67 @@ def test_engine_rejects_a_tiny_working_side(weights: Path) -> None:
 )
 def test_auto_sides(size, expected) -> None:  # type: ignore[no-untyped-def]
     assert auto_sides(*size) == expected
+
+
+def test_dark_channel_is_the_mean_window_minimum_of_the_channel_minimum() -> None:
+    image = torch.full((3, 40, 40), 0.6)
+    image[1] = 0.4  # the darkest channel everywhere
+    assert dark_channel(image) == pytest.approx(0.4)
+    image[2, ::7, ::7] = 0.0  # a zero within 7 px of every pixel
+    assert dark_channel(image) == 0.0
+    # one dark pixel darkens only the windows that hold it: a 15x15 square of 1600 pixels
+    single = torch.full((3, 40, 40), 0.5)
+    single[0, 20, 20] = 0.1
+    assert dark_channel(single) == pytest.approx(0.5 - 0.4 * 225 / 1600)
+    # at a border the window is clipped, not padded with zeros
+    assert dark_channel(torch.full((3, 5, 5), 0.7)) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="odd number"):
+        dark_channel(image, window=4)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        dark_channel(image[0])
+
+
+@pytest.mark.parametrize(
+    ("size", "card_sides", "expected"),
+    [
+        ((427, 640), [384, 256], (None, 384, 256)),
+        ((300, 320), [256, 384], (None, 256)),  # only the sides shorter than the photo
+        ((200, 256), [384, 256], (None,)),
+        ((427, 640), None, (None,)),  # no sides on the card: as any weather
+        ((683, 1025), [384, 256], (512, 768, 1024)),  # longer than 1024: as any weather
+    ],
+)
+def test_haze_sides(size, card_sides, expected) -> None:  # type: ignore[no-untyped-def]
+    assert haze_sides(*size, card_sides) == expected
+
+
+def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
+    shared_data: Path,
+) -> None:
+    """Under weights whose card lists haze_sides, 'auto' restores a hazy photo at full size and
+    at each listed side shorter than it and returns the one with the least dark channel, bit for
+    bit as the engine fixed at that side restores it; rain, and weights without the list, are
+    restored as before. The shipped weights on an HSTS photo, where the smallest side wins."""
+    hazy = read_image(shared_data / "haze/HSTS-synthetic/input/1381.jpg").rgb
+    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
+
+    def engine(side: int | str | None, listed: list[int] | None) -> OPIREngine:
+        with_sides = dict(card, haze_sides=listed) if listed else card
+        return OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
+                          work_side=side)  # fmt: skip
+
+    at_side = {side: engine(side, None).restore(hazy, task="haze") for side in (None, 384, 256)}
+    veil = {side: dark_channel(result.image) for side, result in at_side.items()}
+    assert len(set(veil.values())) == 3  # a real choice
+    best = min(veil, key=veil.__getitem__)
+    assert best is not None  # so the choice differs from the full-size restoration
+    chosen = engine("auto", [384, 256]).restore(hazy, task="haze")
+    assert torch.equal(chosen.image, at_side[best].image)
+    assert chosen.work_size == at_side[best].work_size
+    plain = engine("auto", None).restore(hazy, task="haze")
+    assert torch.equal(plain.image, at_side[None].image)
+    rain = engine("auto", [384, 256]).restore(hazy, task="rain")
+    assert torch.equal(rain.image, engine(None, None).restore(hazy, task="rain").image)
 
 
 def test_auto_keeps_the_side_that_leaves_the_fewest_lines(weights: Path) -> None:

@@ -21,6 +21,7 @@ from PIL import Image
 from opir_engine.devices import DeviceError, keep_freed_memory, pick_device, pick_dtype
 from opir_engine.image_io import DEFAULT_MAX_PIXELS, DecodedImage
 from opir_engine.inference import photo
+from opir_engine.inference.dark_channel import dark_channel
 from opir_engine.inference.photo import ImageInput
 from opir_engine.inference.streaks import streak_energy
 from opir_engine.inference.tile_budget import (
@@ -34,6 +35,7 @@ from opir_engine.inference.working_scale import (
     AUTO,
     auto_sides,
     enlarge_to,
+    haze_sides,
     shrink_to_side,
     transfer_correction,
 )
@@ -397,19 +399,25 @@ class OPIREngine:
         at). A photo longer than the working side is restored shrunk to it and the model's
         correction is carried back to full size (`working_scale.py` says why); with "auto",
         at each side `auto_sides` gives for it, keeping the one that leaves the least
-        line-like energy (all the sides' pixels are counted as processed)."""
+        line-like energy; a hazy photo under weights whose card lists `haze_sides`, at those,
+        keeping the one with the least dark channel (all the sides' pixels are counted as
+        processed)."""
         if self.work_side != AUTO:
             return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
-        sides = auto_sides(*rgb.shape[-2:])
-        if len(sides) == 1:  # nothing to choose: no line energy to measure
+        hazy = int(weights[0].argmax()) == CLASSES.index("haze")
+        if hazy and self.card.get("haze_sides"):  # the card's sides, judged by the veil left
+            sides, score = haze_sides(*rgb.shape[-2:], self.card["haze_sides"]), dark_channel
+        else:
+            sides, score = auto_sides(*rgb.shape[-2:]), streak_energy
+        if len(sides) == 1:  # nothing to choose
             return self._restore_at_side(rgb, weights, sides[0])
-        best, best_lines, processed = None, float("inf"), 0
+        best, best_score, processed = None, float("inf"), 0
         for side in sides:
             candidate = self._restore_at_side(rgb, weights, side)
             processed += candidate[2]
-            lines = streak_energy(candidate[0])
-            if lines < best_lines:
-                best, best_lines = candidate, lines
+            value = score(candidate[0])
+            if value < best_score:
+                best, best_score = candidate, value
         restored, uncertainty, _, work_size = best  # type: ignore[misc]
         return restored, uncertainty, processed, work_size
 

@@ -15,6 +15,13 @@ photos and blurs the correction of others. With the working side "auto", a photo
 `AUTO_ABOVE` is restored at each side of `AUTO_SIDES` shorter than it, and the restoration that
 leaves the least line-like structure (`streaks.streak_energy`) is kept; docs/design.md has the
 figures per weather. Photos no longer than `AUTO_ABOVE` are restored at full size.
+
+Haze is the exception for weights whose card lists `haze_sides`: at full size the model sees
+too little of a photo's veil to tell it from a pale, flat scene, and leaves it on dark things
+under a bright sky (docs/experiments.md, "The veil is removed at a smaller scale"). A photo no
+longer than `AUTO_ABOVE` whose task is haze is then restored at full size and at each of those
+sides shorter than it, and the restoration with the least dark channel
+(`dark_channel.dark_channel`) is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ def auto_sides(height: int, width: int) -> tuple[int | None, ...]:
     if long_side <= AUTO_ABOVE:
         return (None,)
     return tuple(side for side in AUTO_SIDES if side < long_side)
+
+
+def haze_sides(height: int, width: int, card_sides: list[int] | None) -> tuple[int | None, ...]:
+    """The working sides "auto" tries for a hazy photo of this size under weights whose card
+    lists `card_sides` (None or empty: the sides `auto_sides` gives, as for any weather)."""
+    if not card_sides or max(height, width) > AUTO_ABOVE:
+        return auto_sides(height, width)
+    return (None, *sorted({s for s in card_sides if s < max(height, width)}, reverse=True))
 
 
 def shrink_to_side(image: Tensor, side: int) -> Tensor:
