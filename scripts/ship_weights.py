@@ -6,6 +6,8 @@
 
 --checkpoint defaults to the run's best.safetensors; pass the output of `opir
 train-classifier` to ship the run's weights with their trained `--task auto` classifier.
+--haze-sides 384,256 writes `haze_sides` into the card, so the engine chooses a hazy photo's
+working side by the least dark channel (docs/design.md) and the card is measured that way.
 --out writes the checkpoint elsewhere (to compare a candidate with the shipped card before
 replacing it). The script ends by printing the README's table rows from the new card.
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 from opir_engine.cli.reproduce import train_command
 from opir_engine.evaluation.scoring import (
@@ -119,6 +123,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="default: weights/NAME")
     parser.add_argument("--note", action="append", default=[], help="a line for the card")
+    parser.add_argument(
+        "--haze-sides", default=None,
+        help="e.g. 384,256: the card asks the engine to restore a hazy photo at full size and "
+        "these sides and keep the one with the least veil (docs/design.md); measured with it",
+    )  # fmt: skip
     args = parser.parse_args()
 
     source = args.checkpoint or args.run_dir / "best.safetensors"
@@ -128,7 +137,9 @@ def main() -> None:
     run_info = json.loads((args.run_dir / "run.json").read_text())
     card["init"] = card.get("init") or run_info.get("init")
     stages = lineage(card)
-    engine = OPIREngine.from_pretrained(source, device="cpu", compile=False)
+    if args.haze_sides:
+        card["haze_sides"] = [int(side) for side in args.haze_sides.split(",")]
+    engine = OPIREngine(model, card, torch.device("cpu"), torch.float32, compile=False)
     items = validation_items(args.split, args.data_root)
     rows = evaluate_engine(engine, items)
     rows += evaluate_clean_under_weather(engine, items)
