@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from opir_engine.inference.dark_channel import dark_channel_map
+
 
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a (2r+1)^2 window, edges replicated; x (B, C, H, W). Summed-area table, so the
@@ -39,15 +41,12 @@ def dehaze_dark_channel(
 ) -> torch.Tensor:
     """(3, H, W) hazy in [0, 1] -> (3, H, W) dehazed by the dark channel prior."""
     x = image[None].double()
-    r = patch // 2
-    dark = -F.max_pool2d(F.pad(-x.amin(dim=1, keepdim=True), (r,) * 4, mode="replicate"), patch, 1)
+    dark = dark_channel_map(x, patch)
     flat = dark.flatten()
     count = max(1, flat.numel() // 1000)
     idx = flat.topk(count).indices
     airlight = x.flatten(2)[0][:, idx].mean(dim=1).clamp_min(1e-3).view(1, 3, 1, 1)
-    normed = (x / airlight).amin(dim=1, keepdim=True)
-    dark_n = -F.max_pool2d(F.pad(-normed, (r,) * 4, mode="replicate"), patch, 1)
-    t = 1 - omega * dark_n
+    t = 1 - omega * dark_channel_map(x / airlight, patch)
     grey = x.mean(dim=1, keepdim=True)
     radius = max(1, min(40, min(x.shape[-2:]) // 4))
     t = _guided_filter(grey, t, radius, 1e-3).clamp(t_min, 1)

@@ -15,14 +15,17 @@ import torch.nn.functional as F
 DARK_CHANNEL_WINDOW = 15  # px, the prior's window at the photo sizes the paper measured
 
 
-def dark_channel(image: torch.Tensor, window: int = DARK_CHANNEL_WINDOW) -> float:
-    """Mean dark channel of an image (3, H, W) in [0, 1]: each pixel's minimum over the
-    channels and over the `window`-wide square around it (clipped at the borders)."""
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image, got {tuple(image.shape)}")
+def dark_channel_map(x: torch.Tensor, window: int = DARK_CHANNEL_WINDOW) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1, H, W): each pixel's minimum over the channels and over the
+    `window`-wide square around it (clipped at the borders), in x's dtype."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"the window must be an odd number of pixels, got {window}")
-    darkest = image.float().amin(dim=0, keepdim=True)[None]
-    # max_pool of the negation is a min filter; padding with -inf keeps borders clipped
-    padded = F.pad(-darkest, [window // 2] * 4, value=float("-inf"))
-    return float(-F.max_pool2d(padded, window, stride=1).mean())
+    # max_pool of the negation is a min filter; its implicit -inf padding clips the borders
+    return -F.max_pool2d(-x.amin(dim=1, keepdim=True), window, stride=1, padding=window // 2)
+
+
+def dark_channel(image: torch.Tensor, window: int = DARK_CHANNEL_WINDOW) -> float:
+    """Mean dark channel of an image (3, H, W) in [0, 1] (`dark_channel_map` averaged)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image, got {tuple(image.shape)}")
+    return float(dark_channel_map(image.float()[None], window).mean())
