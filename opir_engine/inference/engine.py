@@ -405,8 +405,9 @@ class OPIREngine:
         if self.work_side != AUTO:
             return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
         hazy = int(weights[0].argmax()) == CLASSES.index("haze")
-        if hazy and self.card.get("haze_sides"):  # the card's sides, judged by the veil left
-            sides, score = haze_sides(*rgb.shape[-2:], self.card["haze_sides"]), dark_channel
+        veil_sides = haze_sides(*rgb.shape[-2:], self.card.get("haze_sides")) if hazy else None
+        if veil_sides:  # the card's sides, judged by the veil left
+            sides, score = veil_sides, dark_channel
         else:
             sides, score = auto_sides(*rgb.shape[-2:]), streak_energy
         if len(sides) == 1:  # nothing to choose

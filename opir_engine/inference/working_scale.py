@@ -46,11 +46,15 @@ def auto_sides(height: int, width: int) -> tuple[int | None, ...]:
     return tuple(side for side in AUTO_SIDES if side < long_side)
 
 
-def haze_sides(height: int, width: int, card_sides: list[int] | None) -> tuple[int | None, ...]:
-    """The working sides "auto" tries for a hazy photo of this size under weights whose card
-    lists `card_sides` (None or empty: the sides `auto_sides` gives, as for any weather)."""
+def haze_sides(
+    height: int, width: int, card_sides: list[int] | None
+) -> tuple[int | None, ...] | None:
+    """The working sides "auto" tries, judged by the veil left, for a hazy photo of this size
+    under weights whose card lists `card_sides`; None where that rule does not apply (no sides
+    listed, or a photo longer than AUTO_ABOVE: `auto_sides` and the line energy, as for any
+    weather)."""
     if not card_sides or max(height, width) > AUTO_ABOVE:
-        return auto_sides(height, width)
+        return None
     return (None, *sorted({s for s in card_sides if s < max(height, width)}, reverse=True))
 
 
