@@ -6,8 +6,9 @@
 
 --checkpoint defaults to the run's best.safetensors; pass the output of `opir
 train-classifier` to ship the run's weights with their trained `--task auto` classifier.
---haze-sides 384,256 writes `haze_sides` into the card, so the engine chooses a hazy photo's
-working side by the least dark channel (docs/design.md) and the card is measured that way.
+--haze-sides 384,256:0.9 writes `haze_sides` into the card, so the engine chooses a hazy photo's
+working side by the least dark channel (docs/design.md) and the card is measured that way; a
+side's `:P` is the least probability of haze at which it is tried (0 when left out).
 --out writes the checkpoint elsewhere (to compare a candidate with the shipped card before
 replacing it). The script ends by printing the README's table rows from the new card.
 
@@ -125,8 +126,9 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a line for the card")
     parser.add_argument(
         "--haze-sides", default=None,
-        help="e.g. 384,256: the card asks the engine to restore a hazy photo at full size and "
-        "these sides and keep the one with the least veil (docs/design.md); measured with it",
+        help="e.g. 384,256:0.9: the card asks the engine to restore a hazy photo at full size and "
+        "these sides (256 only when the haze probability is at least 0.9) and keep the one with "
+        "the least veil (docs/design.md); measured with it",
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -138,7 +140,10 @@ def main() -> None:
     card["init"] = card.get("init") or run_info.get("init")
     stages = lineage(card)
     if args.haze_sides:
-        card["haze_sides"] = [int(side) for side in args.haze_sides.split(",")]
+        card["haze_sides"] = [
+            [int(side), float(least or 0)]
+            for side, _, least in (entry.partition(":") for entry in args.haze_sides.split(","))
+        ]
     engine = OPIREngine(model, card, torch.device("cpu"), torch.float32, compile=False)
     items = validation_items(args.split, args.data_root)
     rows = evaluate_engine(engine, items)

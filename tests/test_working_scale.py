@@ -18,6 +18,7 @@ from opir_engine.inference.engine import EngineError, OPIREngine
 from opir_engine.inference.streaks import streak_energy
 from opir_engine.inference.working_scale import (
     auto_sides,
+    card_haze_sides,
     enlarge_to,
     haze_sides,
     shrink_to_side,
@@ -157,18 +158,35 @@ def test_dark_channel_is_the_mean_window_minimum_of_the_channel_minimum() -> Non
 
 
 @pytest.mark.parametrize(
-    ("size", "card_sides", "expected"),
+    ("size", "card_sides", "haze", "expected"),
     [
-        ((427, 640), [384, 256], (None, 384, 256)),
-        ((300, 320), [256, 384], (None, 256)),  # only the sides shorter than the photo
-        ((200, 256), [384, 256], (None,)),
-        ((427, 640), None, None),  # no sides on the card: as any weather
-        ((427, 640), [], None),
-        ((683, 1025), [384, 256], None),  # longer than 1024: as any weather
+        ((427, 640), ((384, 0.0), (256, 0.0)), 0.5, (None, 384, 256)),
+        ((300, 320), ((256, 0.0), (384, 0.0)), 1.0, (None, 256)),  # only sides below the photo's
+        ((200, 256), ((384, 0.0), (256, 0.0)), 1.0, (None,)),
+        ((427, 640), ((384, 0.0), (256, 0.9)), 0.9, (None, 384, 256)),  # sure enough for 256
+        ((427, 640), ((384, 0.0), (256, 0.9)), 0.75, (None, 384)),  # not sure: the milder side
+        ((427, 640), ((256, 0.9),), 0.75, (None,)),
+        ((427, 640), (), 1.0, None),  # no sides on the card: as any weather
+        ((683, 1025), ((384, 0.0), (256, 0.0)), 1.0, None),  # longer than 1024: as any weather
     ],
 )
-def test_haze_sides(size, card_sides, expected) -> None:  # type: ignore[no-untyped-def]
-    assert haze_sides(*size, card_sides) == expected
+def test_haze_sides(size, card_sides, haze, expected) -> None:  # type: ignore[no-untyped-def]
+    assert haze_sides(*size, card_sides, haze) == expected
+
+
+def test_card_haze_sides_are_read_and_checked() -> None:
+    """The card's list becomes (side, least probability) pairs; anything else is refused with the
+    entry named, and an engine given such a card refuses to start."""
+    assert card_haze_sides(None) == ()
+    assert card_haze_sides([[384, 0], [256, 0.9]]) == ((384, 0.0), (256, 0.9))
+    for bad in ([384, 256], [[32, 0.0]], [[384, 1.5]], [[384, -0.1]], [[True, 0.0]],
+                [["384", 0.0]], [[384, 0.0, 1]], 384):  # fmt: skip
+        with pytest.raises(ValueError, match="haze_sides entries must be") as error:
+            card_haze_sides(bad)
+        assert repr(bad if bad == 384 else bad[0]) in str(error.value)
+    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
+    with pytest.raises(EngineError, match=r"the weights' card: haze_sides entries.*got 384"):
+        OPIREngine(model, dict(card, haze_sides=[384]), torch.device("cpu"), torch.float32, False)
 
 
 def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
@@ -181,7 +199,7 @@ def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
     hazy = read_image(shared_data / "haze/HSTS-synthetic/input/1381.jpg").rgb
     model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
 
-    def engine(side: int | str | None, listed: list[int] | None) -> OPIREngine:
+    def engine(side: int | str | None, listed: list[list[float]] | None) -> OPIREngine:
         with_sides = dict(card, haze_sides=listed) if listed else card
         return OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
                           work_side=side)  # fmt: skip
@@ -191,13 +209,40 @@ def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
     assert len(set(veil.values())) == 3  # a real choice
     best = min(veil, key=veil.__getitem__)
     assert best is not None  # so the choice differs from the full-size restoration
-    chosen = engine("auto", [384, 256]).restore(hazy, task="haze")
+    chosen = engine("auto", [[384, 0.0], [256, 1.0]]).restore(hazy, task="haze")
     assert torch.equal(chosen.image, at_side[best].image)
     assert chosen.work_size == at_side[best].work_size
     plain = engine("auto", None).restore(hazy, task="haze")
     assert torch.equal(plain.image, at_side[None].image)
-    rain = engine("auto", [384, 256]).restore(hazy, task="rain")
+    rain = engine("auto", [[384, 0.0], [256, 0.0]]).restore(hazy, task="rain")
     assert torch.equal(rain.image, engine(None, None).restore(hazy, task="rain").image)
+
+
+def test_a_listed_side_is_tried_only_when_the_haze_call_is_sure_enough(
+    shared_data: Path,
+) -> None:
+    """Under 'auto' the classifier's probability of haze decides which of the card's sides are
+    tried: an HSTS photo the shipped head calls haze at about 0.8 is restored at full size
+    alone when 256 asks for 0.95 (bit for bit the restoration without the list, no pixels
+    spent at 256), and at full size and 256 when it asks for 0.55."""
+    photo = read_image(shared_data / "haze/HSTS-synthetic/input/4891.jpg").rgb
+    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
+
+    def restore(side: int | str | None, listed: list[list[float]] | None):  # type: ignore[no-untyped-def]
+        with_sides = dict(card, haze_sides=listed) if listed else card
+        engine = OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
+                            work_side=side)  # fmt: skip
+        return engine.restore(photo, task="auto")
+
+    plain = restore("auto", None)
+    assert plain.task == "haze" and 0.6 < plain.confidence < 0.9  # between the two asks
+    unsure = restore("auto", [[256, 0.95]])
+    assert torch.equal(unsure.image, plain.image) and unsure.flops == plain.flops
+    sure = restore("auto", [[256, 0.55]])
+    assert sure.flops > plain.flops  # 256 was tried as well
+    at_256 = restore(256, None)
+    least = min((plain, at_256), key=lambda result: dark_channel(result.image))
+    assert torch.equal(sure.image, least.image)
 
 
 def test_auto_keeps_the_side_that_leaves_the_fewest_lines(weights: Path) -> None:

@@ -33,7 +33,9 @@ from opir_engine.inference.tile_budget import (
 from opir_engine.inference.tiling import process_tiled
 from opir_engine.inference.working_scale import (
     AUTO,
+    MIN_SIDE,
     auto_sides,
+    card_haze_sides,
     enlarge_to,
     haze_sides,
     shrink_to_side,
@@ -49,7 +51,7 @@ CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 # the side per photo for longer ones (bench/results/working_scale-*.md).
 # MIN_WORK_SIDE keeps a shrunken copy worth restoring.
 DEFAULT_WORK_SIDE: int | str | None = AUTO
-MIN_WORK_SIDE = 64
+MIN_WORK_SIDE = MIN_SIDE
 TASK_CHOICES = ("auto", *TASKS)
 # How the KPN's channel attention pools when a photo is tiled (issue 21): "shared" hands every
 # tile the whole photo's means (OPIR.block_means); "local" pools over a window around each pixel
@@ -239,6 +241,10 @@ class OPIREngine:
         model.kpn.pool_window = model.config.pool_window if pooling == "local" else None
         self.model = model.to(device=device, dtype=dtype).eval()
         self.card = card
+        try:
+            self.haze_sides = card_haze_sides(card.get("haze_sides"))
+        except ValueError as error:
+            raise EngineError(f"the weights' card: {error}") from None
         self.device = device
         self.dtype = dtype
         self.tile = tile  # None: from the free memory, per photo (tile_budget.py)
@@ -399,13 +405,15 @@ class OPIREngine:
         at). A photo longer than the working side is restored shrunk to it and the model's
         correction is carried back to full size (`working_scale.py` says why); with "auto",
         at each side `auto_sides` gives for it, keeping the one that leaves the least
-        line-like energy; a hazy photo under weights whose card lists `haze_sides`, at those,
-        keeping the one with the least dark channel (all the sides' pixels are counted as
-        processed)."""
+        line-like energy; a hazy photo under weights whose card lists `haze_sides`, at those
+        its haze weight reaches, keeping the one with the least dark channel (all the sides'
+        pixels are counted as processed)."""
         if self.work_side != AUTO:
             return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
-        hazy = int(weights[0].argmax()) == CLASSES.index("haze")
-        veil_sides = haze_sides(*rgb.shape[-2:], self.card.get("haze_sides")) if hazy else None
+        haze = CLASSES.index("haze")
+        hazy = int(weights[0].argmax()) == haze
+        veil_sides = haze_sides(*rgb.shape[-2:], self.haze_sides, float(weights[0, haze]))
+        veil_sides = veil_sides if hazy else None
         if veil_sides:  # the card's sides, judged by the veil left
             sides, score = veil_sides, dark_channel
         else:

@@ -21,7 +21,9 @@ too little of a photo's veil to tell it from a pale, flat scene, and leaves it o
 under a bright sky (docs/experiments.md, "The veil is removed at a smaller scale"). A photo no
 longer than `AUTO_ABOVE` whose task is haze is then restored at full size and at each of those
 sides shorter than it, and the restoration with the least dark channel
-(`dark_channel.dark_channel`) is kept.
+(`dark_channel.dark_channel`) is kept. Each side comes with the least probability of haze at
+which it is tried: a smaller side removes more veil, and misty rain the classifier calls haze
+without being sure (GT-RAIN) turns dark and contrasty at the smallest one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from opir_engine.image_io.sizing import working_size
 AUTO = "auto"
 AUTO_ABOVE = 1024  # photos no longer than this are restored at full size under "auto"
 AUTO_SIDES = (512, 768, 1024, 1536)  # tried for a longer photo, those shorter than it
+MIN_SIDE = 64  # a shrunken copy smaller than this is not worth restoring
 
 
 def auto_sides(height: int, width: int) -> tuple[int | None, ...]:
@@ -46,16 +49,41 @@ def auto_sides(height: int, width: int) -> tuple[int | None, ...]:
     return tuple(side for side in AUTO_SIDES if side < long_side)
 
 
+def card_haze_sides(listed: object) -> tuple[tuple[int, float], ...]:
+    """A card's `haze_sides` as ((side, least haze probability), ...); () when the card lists
+    none. Each entry is a side of at least MIN_SIDE pixels and the least probability of haze,
+    0 to 1, at which that side is tried (ValueError otherwise)."""
+    if listed is None:
+        return ()
+    entries = listed if isinstance(listed, list) else [listed]
+    parsed = []
+    for entry in entries:
+        ok = isinstance(entry, list) and len(entry) == 2
+        side, least = entry if ok else (None, None)
+        ok = ok and isinstance(side, int) and not isinstance(side, bool) and side >= MIN_SIDE
+        ok = ok and isinstance(least, (int, float)) and 0 <= least <= 1
+        if not ok:
+            raise ValueError(
+                f"haze_sides entries must be [side, least haze probability] with side at least "
+                f"{MIN_SIDE} and the probability from 0 to 1, got {entry!r}"
+            )
+        parsed.append((side, float(least)))
+    return tuple(parsed)
+
+
 def haze_sides(
-    height: int, width: int, card_sides: list[int] | None
+    height: int, width: int, card_sides: tuple[tuple[int, float], ...], haze: float
 ) -> tuple[int | None, ...] | None:
-    """The working sides "auto" tries, judged by the veil left, for a hazy photo of this size
-    under weights whose card lists `card_sides`; None where that rule does not apply (no sides
-    listed, or a photo longer than AUTO_ABOVE: `auto_sides` and the line energy, as for any
-    weather)."""
+    """The working sides "auto" tries, judged by the veil left, for a photo of this size whose
+    haze weight is `haze` (1 for the haze task, the classifier's probability under auto), under
+    weights whose card lists `card_sides` (`card_haze_sides`): full size, and each listed side
+    shorter than the photo whose least probability `haze` reaches. None where that rule does not
+    apply (no sides listed, or a photo longer than AUTO_ABOVE: `auto_sides` and the line energy,
+    as for any weather)."""
     if not card_sides or max(height, width) > AUTO_ABOVE:
         return None
-    return (None, *sorted({s for s in card_sides if s < max(height, width)}, reverse=True))
+    tried = {side for side, least in card_sides if side < max(height, width) and haze >= least}
+    return (None, *sorted(tried, reverse=True))
 
 
 def shrink_to_side(image: Tensor, side: int) -> Tensor:
