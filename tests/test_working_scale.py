@@ -180,7 +180,7 @@ def test_card_haze_sides_are_read_and_checked() -> None:
     assert card_haze_sides(None) == ()
     assert card_haze_sides([[384, 0], [256, 0.9]]) == ((384, 0.0), (256, 0.9))
     for bad in ([384, 256], [[32, 0.0]], [[384, 1.5]], [[384, -0.1]], [[True, 0.0]],
-                [["384", 0.0]], [[384, 0.0, 1]], 384):  # fmt: skip
+                [["384", 0.0]], [[384.0, 0.0]], [[384, True]], [[384, 0.0, 1]], 384):  # fmt: skip
         with pytest.raises(ValueError, match="haze_sides entries must be") as error:
             card_haze_sides(bad)
         assert repr(bad if bad == 384 else bad[0]) in str(error.value)

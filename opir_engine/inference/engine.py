@@ -410,10 +410,9 @@ class OPIREngine:
         pixels are counted as processed)."""
         if self.work_side != AUTO:
             return self._restore_at_side(rgb, weights, self.work_side)  # type: ignore[arg-type]
-        haze = CLASSES.index("haze")
-        hazy = int(weights[0].argmax()) == haze
-        veil_sides = haze_sides(*rgb.shape[-2:], self.haze_sides, float(weights[0, haze]))
-        veil_sides = veil_sides if hazy else None
+        haze, veil_sides = CLASSES.index("haze"), None
+        if int(weights[0].argmax()) == haze:
+            veil_sides = haze_sides(*rgb.shape[-2:], self.haze_sides, float(weights[0, haze]))
         if veil_sides:  # the card's sides, judged by the veil left
             sides, score = veil_sides, dark_channel
         else:

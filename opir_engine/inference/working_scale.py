@@ -60,8 +60,8 @@ def card_haze_sides(listed: object) -> tuple[tuple[int, float], ...]:
     for entry in entries:
         ok = isinstance(entry, list) and len(entry) == 2
         side, least = entry if ok else (None, None)
-        ok = ok and isinstance(side, int) and not isinstance(side, bool) and side >= MIN_SIDE
-        ok = ok and isinstance(least, (int, float)) and 0 <= least <= 1
+        ok = ok and type(side) is int and side >= MIN_SIDE  # not a bool, not a float
+        ok = ok and type(least) in (int, float) and 0 <= least <= 1
         if not ok:
             raise ValueError(
                 f"haze_sides entries must be [side, least haze probability] with side at least "
