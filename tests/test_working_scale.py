@@ -189,6 +189,14 @@ def test_card_haze_sides_are_read_and_checked() -> None:
         OPIREngine(model, dict(card, haze_sides=[384]), torch.device("cpu"), torch.float32, False)
 
 
+def _shipped_engine(side: int | str | None, listed: list[list[float]] | None) -> OPIREngine:
+    """The shipped weights at working side `side`, their card given `haze_sides` = `listed`."""
+    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
+    with_sides = dict(card, haze_sides=listed) if listed else card
+    return OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
+                      work_side=side)  # fmt: skip
+
+
 def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
     shared_data: Path,
 ) -> None:
@@ -197,25 +205,20 @@ def test_auto_keeps_the_side_that_leaves_the_least_veil_when_the_card_asks(
     bit as the engine fixed at that side restores it; rain, and weights without the list, are
     restored as before. The shipped weights on an HSTS photo, where the smallest side wins."""
     hazy = read_image(shared_data / "haze/HSTS-synthetic/input/1381.jpg").rgb
-    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
-
-    def engine(side: int | str | None, listed: list[list[float]] | None) -> OPIREngine:
-        with_sides = dict(card, haze_sides=listed) if listed else card
-        return OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
-                          work_side=side)  # fmt: skip
-
-    at_side = {side: engine(side, None).restore(hazy, task="haze") for side in (None, 384, 256)}
+    at_side = {
+        side: _shipped_engine(side, None).restore(hazy, task="haze") for side in (None, 384, 256)
+    }
     veil = {side: dark_channel(result.image) for side, result in at_side.items()}
     assert len(set(veil.values())) == 3  # a real choice
     best = min(veil, key=veil.__getitem__)
     assert best is not None  # so the choice differs from the full-size restoration
-    chosen = engine("auto", [[384, 0.0], [256, 1.0]]).restore(hazy, task="haze")
+    chosen = _shipped_engine("auto", [[384, 0.0], [256, 1.0]]).restore(hazy, task="haze")
     assert torch.equal(chosen.image, at_side[best].image)
     assert chosen.work_size == at_side[best].work_size
-    plain = engine("auto", None).restore(hazy, task="haze")
+    plain = _shipped_engine("auto", None).restore(hazy, task="haze")
     assert torch.equal(plain.image, at_side[None].image)
-    rain = engine("auto", [[384, 0.0], [256, 0.0]]).restore(hazy, task="rain")
-    assert torch.equal(rain.image, engine(None, None).restore(hazy, task="rain").image)
+    rain = _shipped_engine("auto", [[384, 0.0], [256, 0.0]]).restore(hazy, task="rain")
+    assert torch.equal(rain.image, _shipped_engine(None, None).restore(hazy, task="rain").image)
 
 
 def test_a_listed_side_is_tried_only_when_the_haze_call_is_sure_enough(
@@ -226,13 +229,9 @@ def test_a_listed_side_is_tried_only_when_the_haze_call_is_sure_enough(
     alone when 256 asks for 0.95 (bit for bit the restoration without the list, no pixels
     spent at 256), and at full size and 256 when it asks for 0.55."""
     photo = read_image(shared_data / "haze/HSTS-synthetic/input/4891.jpg").rgb
-    model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
 
     def restore(side: int | str | None, listed: list[list[float]] | None):  # type: ignore[no-untyped-def]
-        with_sides = dict(card, haze_sides=listed) if listed else card
-        engine = OPIREngine(model, with_sides, torch.device("cpu"), torch.float32, False,
-                            work_side=side)  # fmt: skip
-        return engine.restore(photo, task="auto")
+        return _shipped_engine(side, listed).restore(photo, task="auto")
 
     plain = restore("auto", None)
     assert plain.task == "haze" and 0.6 < plain.confidence < 0.9  # between the two asks

@@ -49,9 +49,7 @@ CLASSIFY_SIDE = 512  # the head sees images at about the scale it was trained on
 # Photos longer than the working side are restored shrunk to it (working_scale.py). "auto"
 # leaves photos of up to 1024 px (the validation photos are up to 800) as they were, and picks
 # the side per photo for longer ones (bench/results/working_scale-*.md).
-# MIN_WORK_SIDE keeps a shrunken copy worth restoring.
 DEFAULT_WORK_SIDE: int | str | None = AUTO
-MIN_WORK_SIDE = MIN_SIDE
 TASK_CHOICES = ("auto", *TASKS)
 # How the KPN's channel attention pools when a photo is tiled (issue 21): "shared" hands every
 # tile the whole photo's means (OPIR.block_means); "local" pools over a window around each pixel
@@ -227,10 +225,10 @@ class OPIREngine:
         if (
             work_side != AUTO
             and work_side is not None
-            and (isinstance(work_side, str) or work_side < MIN_WORK_SIDE)
+            and (isinstance(work_side, str) or work_side < MIN_SIDE)
         ):
             raise EngineError(
-                f"working side must be at least {MIN_WORK_SIDE} pixels, {AUTO!r} or None (full "
+                f"working side must be at least {MIN_SIDE} pixels, {AUTO!r} or None (full "
                 f"size), got {work_side!r}"
             )
         if device.type == "cpu":
@@ -495,7 +493,7 @@ class OPIREngine:
         budget = HEADROOM * free_bytes(self.device) - fixed
         side = max(rgb.shape[-2:])
         if rgb.shape[-2] * rgb.shape[-1] * per_pixel > budget:
-            side = max(MIN_WORK_SIDE, int(side * (budget / per_pixel / rgb[0].numel()) ** 0.5))
+            side = max(MIN_SIDE, int(side * (budget / per_pixel / rgb[0].numel()) ** 0.5))
         copy = shrink_to_side(rgb, side)
         m, (height, width) = self.model.multiple_of, copy.shape[-2:]
         x = _marked(copy, -(-height // m) * m, -(-width // m) * m).to(self.device, self.dtype)
