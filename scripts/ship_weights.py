@@ -36,6 +36,7 @@ from opir_engine.evaluation.scoring import (
     validation_items,
 )
 from opir_engine.inference.engine import OPIREngine
+from opir_engine.inference.working_scale import card_haze_sides
 from opir_engine.training.recipe import DataSpec, Recipe, lineage
 from opir_engine.weights import load_checkpoint, save_checkpoint
 
@@ -115,6 +116,23 @@ def readme_rows(validation: dict) -> list[str]:
     return lines
 
 
+def parse_haze_sides(text: str) -> tuple[tuple[int, float], ...]:
+    """`384,256:0.9` as ((384, 0.0), (256, 0.9)), checked as the engine checks a card."""
+    try:
+        listed = [
+            [int(side), float(least or 0)]
+            for side, _, least in (entry.partition(":") for entry in text.split(","))
+        ]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SIDE[:P],... such as 384,256:0.9"
+        ) from None
+    try:
+        return card_haze_sides(listed)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -125,7 +143,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: weights/NAME")
     parser.add_argument("--note", action="append", default=[], help="a line for the card")
     parser.add_argument(
-        "--haze-sides", default=None,
+        "--haze-sides", default=None, type=parse_haze_sides,
         help="e.g. 384,256:0.9: the card asks the engine to restore a hazy photo at full size and "
         "these sides (256 only when the haze probability is at least 0.9) and keep the one with "
         "the least veil (docs/design.md); measured with it",
@@ -140,10 +158,7 @@ def main() -> None:
     card["init"] = card.get("init") or run_info.get("init")
     stages = lineage(card)
     if args.haze_sides:
-        card["haze_sides"] = [
-            [int(side), float(least or 0)]
-            for side, _, least in (entry.partition(":") for entry in args.haze_sides.split(","))
-        ]
+        card["haze_sides"] = [list(entry) for entry in args.haze_sides]
     engine = OPIREngine(model, card, torch.device("cpu"), torch.float32, compile=False)
     items = validation_items(args.split, args.data_root)
     rows = evaluate_engine(engine, items)
@@ -155,7 +170,7 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),  # the classifier may differ
         "validation": rows_to_card(rows, y_channel=False),
         "validation_protocol": (
-            "held-out split splits/validation.json; engine with --task auto (tile 512, overlap "
+            f"held-out split {args.split.as_posix()}; engine with --task auto (tile 512, overlap "
             "32); outputs rounded to 8 bits; PSNR/SSIM on RGB; snow pairs synthesized from "
             "held-out clean photos (no real snow pairs exist in the data); snow_photos: real "
             "snowy photos without ground truth, classifier accuracy only (not in head_accuracy)"

@@ -4,6 +4,8 @@ carrying the correction back, and what `OPIREngine.restore` does with a photo lo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,19 @@ def test_card_haze_sides_are_read_and_checked() -> None:
     model, card = load_checkpoint(resolve_weights(DEFAULT_WEIGHTS))
     with pytest.raises(EngineError, match=r"the weights' card: haze_sides entries.*got 384"):
         OPIREngine(model, dict(card, haze_sides=[384]), torch.device("cpu"), torch.float32, False)
+
+
+def test_ship_weights_refuses_a_malformed_haze_sides_in_a_sentence(tmp_path: Path) -> None:
+    """scripts/ship_weights.py, run as a user runs it: a --haze-sides value that is not
+    SIDE[:P],... or that the engine would refuse stops it before any checkpoint is read."""
+    script = Path(__file__).parents[1] / "scripts" / "ship_weights.py"
+    args = [sys.executable, str(script), str(tmp_path), "x", "--split", "s", "--data-root", "d"]
+    for value, reason in (("384,x", "expected SIDE[:P],... such as 384,256:0.9"),
+                          ("256:1.5", "got [256, 1.5]"), ("32", "got [32, 0.0]")):  # fmt: skip
+        done = subprocess.run([*args, "--haze-sides", value], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert f"argument --haze-sides: '{value}': " in done.stderr and reason in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def _shipped_engine(side: int | str | None, listed: list[list[float]] | None) -> OPIREngine:
