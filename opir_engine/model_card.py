@@ -86,7 +86,11 @@ def _validation(validation: dict[str, Any]) -> list[str]:
                 f"{_num(r.get('baseline_psnr'))} / {_num(r.get('baseline_ssim'), 3)}",
                 _pct(r.get("head_accuracy")),
             )
-            for task, r in ((task, validation[task]) for task in weather)
+            for task, r in (
+                (name, validation[name])
+                for task in weather
+                for name in (task, *(k for k in validation if k.startswith(f"{task}/")))
+            )
         ]
         lines += _table(header, rows)
     if "clean" in validation:

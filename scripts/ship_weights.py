@@ -12,16 +12,18 @@ side's `:P` is the least probability of haze at which it is tried (0 when left o
 --out writes the checkpoint elsewhere (to compare a candidate with the shipped card before
 replacing it). The script ends by printing the README's table rows from the new card.
 
-The card's `validation` table is measured here, through the engine (`opir eval --weights ...
---split ...` prints the same numbers), on the held-out split; the training card of the run
-(config, recipe, data, steps, wall time, machine) is kept, and the run's validation history
-(from log.jsonl) is summarised as the training curve.
+The card's `validation` table is measured here, through the engine, a row per task and per
+source set under it (`opir eval --weights ... --split ... --per-set` prints the same numbers),
+on the held-out split; the training card of the run (config, recipe, data, steps, wall time,
+machine) is kept, and the run's validation history (from log.jsonl) is summarised as the
+training curve.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -116,6 +118,22 @@ def readme_rows(validation: dict) -> list[str]:
     return lines
 
 
+def relative_folders(data: dict) -> dict:
+    """A card's `data` with absolute folders written relative to here, as `data_root` is, so
+    that the reproduce commands name them under DATA on any machine."""
+
+    def relative(value: object) -> object:
+        if isinstance(value, str) and Path(value).is_absolute():
+            return os.path.relpath(value)
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        return value
+
+    return {k: (v if k == "data_root" else relative(v)) for k, v in data.items()}
+
+
 def parse_haze_sides(text: str) -> tuple[tuple[int, float], ...]:
     """`384,256:0.9` as ((384, 0.0), (256, 0.9)), checked as the engine checks a card."""
     try:
@@ -156,12 +174,13 @@ def main() -> None:
     # mid-run may lack it): each stage's recipe, data, steps and hours go into the card.
     run_info = json.loads((args.run_dir / "run.json").read_text())
     card["init"] = card.get("init") or run_info.get("init")
+    card["data"] = relative_folders(card.get("data") or {})
     stages = lineage(card)
     if args.haze_sides:
         card["haze_sides"] = [list(entry) for entry in args.haze_sides]
     engine = OPIREngine(model, card, torch.device("cpu"), torch.float32, compile=False)
     items = validation_items(args.split, args.data_root)
-    rows = evaluate_engine(engine, items)
+    rows = evaluate_engine(engine, items, per_set=True)
     rows += evaluate_clean_under_weather(engine, items)
     rows += evaluate_head(engine, photo_items(args.split, args.data_root))
     card = {

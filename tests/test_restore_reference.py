@@ -1,9 +1,11 @@
-"""The shipped samples restore as they did before the restructure.
+"""The shipped samples restore as they did when the shipped weights were recorded.
 
 `tests/data/restore_reference/` holds the PNG outputs of `opir restore samples/ OUT --format png`
-made at commit e560799 (before the code was split into folders) and `record.json`, the task,
-confidence and working size each file got. The real CLI runs here as a subprocess on the CPU,
-with its defaults, and its outputs are compared with those files.
+and `record.json`, the task, confidence and working size each file got. They were made at commit
+e560799 (before the code was split into folders, so the restructure changed no pixel) and made
+again when new weights were shipped (2026-12-07): a code change that moves an output fails here.
+The real CLI runs here as a subprocess on the CPU, with its defaults, and its outputs are
+compared with those files.
 """
 
 from __future__ import annotations
