@@ -74,9 +74,12 @@ def _validation(validation: dict[str, Any]) -> list[str]:
     if weather:
         header = ("task", "n", "input PSNR / SSIM", "PSNR / SSIM", "gain (dB)", "set PSNR",
                   "baseline", "baseline PSNR / SSIM", "class right")  # fmt: skip
+        # each task's row, then its source sets' rows (`task/set`, from `--per-set`)
+        names = [name for task in weather for name in validation
+                 if name == task or name.startswith(f"{task}/")]  # fmt: skip
         rows = [
             (
-                task,
+                name,
                 str(r["n"]),
                 f"{_num(r['input_psnr'])} / {_num(r['input_ssim'], 3)}",
                 f"{_num(r['psnr'])} / {_num(r['ssim'], 3)}",
@@ -86,11 +89,7 @@ def _validation(validation: dict[str, Any]) -> list[str]:
                 f"{_num(r.get('baseline_psnr'))} / {_num(r.get('baseline_ssim'), 3)}",
                 _pct(r.get("head_accuracy")),
             )
-            for task, r in (
-                (name, validation[name])
-                for task in weather
-                for name in (task, *(k for k in validation if k.startswith(f"{task}/")))
-            )
+            for name, r in ((name, validation[name]) for name in names)
         ]
         lines += _table(header, rows)
     if "clean" in validation:
