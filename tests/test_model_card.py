@@ -40,13 +40,13 @@ def test_rendered_card_holds_the_measured_figures() -> None:
         assert f"{row['input_psnr']:.2f}" in line
     # Each source set's row follows its task's row, with its own figures.
     lines = text.splitlines()
-    sets = [name for name in validation if name.split("/")[0] in ("rain", "snow", "haze")]
-    assert any("/" in name for name in sets)
-    for name in (name for name in sets if "/" in name):
-        row = validation[name]
+    weather = ("rain", "snow", "haze")
+    sets = [name for name in validation if "/" in name and name.split("/")[0] in weather]
+    assert sets
+    for name in sets:
+        task, row = name.split("/")[0], validation[name]
         at = next(k for k, line in enumerate(lines) if line.startswith(f"| {name} | {row['n']} |"))
         assert f"{row['psnr']:.2f} / {row['ssim']:.3f}" in lines[at]
-        task = name.split("/")[0]
         assert any(line.startswith(f"| {task} | ") for line in lines[:at])
     assert f"{100 * validation['head_accuracy']:.1f}% right" in text
     clean = validation["clean"]
