@@ -66,6 +66,21 @@ def test_growing_into_the_same_config_is_a_plain_copy() -> None:
         assert torch.equal(target.state_dict()[key], tensor)
 
 
+def test_weights_with_another_classifier_give_their_restoration_and_keep_the_runs_head() -> None:
+    # shipped weights carry the trunk classifier; a run trains the restoration with its own head
+    source = _trained(dataclasses.replace(TINY, classifier="trunk"), seed=3)
+    torch.manual_seed(4)
+    target = OPIR(TINY).eval()
+    head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.")}
+    assert grow(source, target) == []
+    x = torch.rand(2, 3, 20, 28)
+    for a, b in zip(_outputs(source, x), _outputs(target, x), strict=True):
+        assert torch.equal(a, b)  # the restoration under a given task is the source's
+    for key, tensor in head.items():
+        assert torch.equal(target.state_dict()[key], tensor)
+    assert not any(k.startswith("classifier.") for k in target.state_dict())
+
+
 def test_a_grown_block_that_is_not_the_identity_is_refused() -> None:
     target = OPIR(DEEPER)
     with torch.no_grad():
@@ -116,6 +131,16 @@ def test_trainer_init_grows_and_records_the_config_it_grew_from(tmp_path: Path) 
     # the same config loads as before, with no growth recorded
     same = Trainer(tmp_path / "same", Recipe(config="small"), _spec(tmp_path), weights)
     assert same.init is not None and "grown_from" not in same.init
+
+
+def test_trainer_init_from_shipped_weights_records_the_classifier_it_left(tmp_path: Path) -> None:
+    source = _trained(dataclasses.replace(OPIRConfig.from_name("small"), classifier="trunk"))
+    weights = tmp_path / "shipped.safetensors"
+    save_checkpoint(weights, source, {"steps": 9})
+    trainer = Trainer(tmp_path / "run", Recipe(config="small"), _spec(tmp_path), weights)
+    assert trainer.model.config.classifier == "bottleneck"
+    assert trainer.init is not None and trainer.init["classifier_not_copied"] == "trunk"
+    assert "grown_from" not in trainer.init and trainer.init["steps"] == 9
 
 
 def test_train_refuses_an_init_it_cannot_grow_with_one_line(tmp_path: Path) -> None:

@@ -18,6 +18,11 @@ from opir_engine.model.opir import OPIR
 _BLOCK_COUNTS = ("enc_blocks", "middle_blocks", "dec_blocks")
 # Not a weight: a run's threshold comes from its own config, as it did before growth existed.
 _RUNTIME = ("clean_threshold",)
+# The `--task auto` classifier is trained apart from the restoration (`opir train-classifier`,
+# which copies it onto restoration weights with `--from`), so a run may start from weights that
+# carry another kind of classifier (the shipped trunk): the restoration is copied, the run keeps
+# its own classifier.
+_CLASSIFIER = ("classifier", "classifier_width")
 
 
 class GrowthError(ValueError):
@@ -25,8 +30,10 @@ class GrowthError(ValueError):
 
 
 def can_grow(source: OPIRConfig, target: OPIRConfig) -> None:
-    """Raise GrowthError unless `target` is `source` with the same or more blocks everywhere."""
-    same = {f.name for f in dataclasses.fields(OPIRConfig)} - {*_BLOCK_COUNTS, *_RUNTIME}
+    """Raise GrowthError unless `target` is `source` with the same or more blocks everywhere
+    (and any classifier)."""
+    free = {*_BLOCK_COUNTS, *_RUNTIME, *_CLASSIFIER}
+    same = {f.name for f in dataclasses.fields(OPIRConfig)} - free
     differ = sorted(k for k in same if getattr(source, k) != getattr(target, k))
     if differ:
         raise GrowthError(
@@ -49,9 +56,15 @@ def can_grow(source: OPIRConfig, target: OPIRConfig) -> None:
         )
 
 
+def same_classifier(source: OPIRConfig, target: OPIRConfig) -> bool:
+    """Whether the two configs' classifiers have the same kind and width (same weights)."""
+    return all(getattr(source, k) == getattr(target, k) for k in _CLASSIFIER)
+
+
 def grow(source: OPIR, target: OPIR) -> list[str]:
     """Copy every weight of `source` into `target` (same names: a level's first blocks), in
-    place; `target`'s extra blocks keep their identity start.
+    place; `target`'s extra blocks keep their identity start. When the classifiers differ
+    (`same_classifier`), `target` keeps its own and only the restoration is copied.
 
     Returns the names of the added blocks. Raises GrowthError when the configs do not allow it
     or an added block is not the identity (its beta or gamma not zero).
@@ -67,7 +80,9 @@ def grow(source: OPIR, target: OPIR) -> list[str]:
             raise GrowthError(f"added block {name} is not the identity (beta or gamma not zero)")
     # can_grow leaves only NAFBlocks to differ, and a level's first blocks keep their names
     # (Sequential indices), so every trained weight has its place at the same name and shape.
+    own = () if same_classifier(source.config, target.config) else ("classifier.", "head.")
     for key, tensor in trained.items():
-        state[key] = tensor
+        if not key.startswith(own):
+            state[key] = tensor
     target.load_state_dict(state)
     return added

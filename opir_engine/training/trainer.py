@@ -32,7 +32,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from opir_engine.devices import DeviceError, keep_freed_memory, pick_device
 from opir_engine.evaluation.contact_sheet import write_contact_sheet
-from opir_engine.model import CLASSES, OPIR, GrowthError, OPIRConfig, OPIRLoss, grow
+from opir_engine.model import (
+    CLASSES,
+    OPIR,
+    GrowthError,
+    OPIRConfig,
+    OPIRLoss,
+    grow,
+    same_classifier,
+)
 from opir_engine.training.recipe import (
     LINEAGE_KEYS,
     RESUME_CHANGES,
@@ -134,6 +142,8 @@ class Trainer:
             self.init = {"weights": str(init), **{k: init_card.get(k) for k in LINEAGE_KEYS}}
             if added:
                 self.init["grown_from"] = initial.config.to_dict()
+            if not same_classifier(initial.config, self.model.config):
+                self.init["classifier_not_copied"] = initial.config.classifier
         self.model.to(self.device)
         self.average = weight_average(self.model, recipe.ema)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.lr, betas=recipe.betas)
