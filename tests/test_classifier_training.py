@@ -445,6 +445,31 @@ def test_snow_variety_changes_only_synthetic_snow_views(data_root: Path) -> None
         assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
 
 
+def test_snow_sparse_thins_only_synthetic_snow_views(data_root: Path) -> None:
+    from opir_engine.training.classifier import _Source, _synthesize
+
+    data = _data(data_root)
+    recipe = ClassifierRecipe(views_per_class=6, real_ratio=0.0, max_side=64, seed=4)
+    plain = render_pool(data, recipe, multiple=4)
+    sparse = render_pool(data, dataclasses.replace(recipe, snow_sparse=1.0), multiple=4)
+    for label, a, b in zip(plain.labels.tolist(), plain.views, sparse.views, strict=True):
+        assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
+    # varied snow is drawn first; the sparse share applies to the other views only
+    both = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0, snow_sparse=1.0), 4)
+    varied = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0), multiple=4)
+    assert all(torch.equal(a, b) for a, b in zip(both.views, varied.views, strict=True))
+    # on one real photo, sparse snow changes far less of it than the renderer's own draws
+    photo = torch.from_numpy(np.array(Image.open(next((data_root / "clean").iterdir()))))
+    photo = photo.permute(2, 0, 1).float() / 255
+    change = {True: 0.0, False: 0.0}
+    for thin in change:
+        for seed in range(8):
+            source = _Source("snow", photo, "k", synth="snow", sparse=thin)
+            out = _synthesize(photo, source, np.random.default_rng(seed))
+            change[thin] += float((out - photo).abs().mean())
+    assert change[True] < 0.4 * change[False]
+
+
 def test_rain_veil_greys_only_synthetic_rain_views(data_root: Path) -> None:
     """Veiled rain views have less contrast than plain ones; the other classes' views are
     unchanged."""
@@ -466,7 +491,7 @@ def test_bad_option_values_are_refused_with_their_values() -> None:
     from opir_engine.training.classifier import ClassifierTrainingError
 
     for field, value in [("transplant_ratio", 1.5), ("snow_variety", -0.1), ("holdout", 2.0),
-                         ("rain_veil", 1.1)]:  # fmt: skip
+                         ("rain_veil", 1.1), ("snow_sparse", 1.5)]:  # fmt: skip
         message = re.escape(f"{field} {value}: expected a share")
         with pytest.raises(ClassifierTrainingError, match=message):
             ClassifierRecipe(**{field: value})
@@ -522,11 +547,13 @@ def test_cli_trains_on_transplanted_rain_and_records_it(
             "--data", f"rain={data_root / 'rain'}", "--clean", str(data_root / "clean"),
             "--split", str(data_root / "split.json"), "--data-root", str(data_root),
             "--rain-layers", str(data_root / "rain"), "--transplant-ratio", "1",
-            "--snow-variety", "0.5", "--views", "4", "--steps", "2"]  # fmt: skip
+            "--snow-variety", "0.5", "--snow-sparse", "0.25",
+            "--views", "4", "--steps", "2"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = load_checkpoint(out)[1]["classifier_training"]
     assert report["recipe"]["transplant_ratio"] == 1.0 and report["recipe"]["snow_variety"] == 0.5
+    assert report["recipe"]["snow_sparse"] == 0.25
     assert report["data"]["rain_layers"] == [str(data_root / "rain")]
     assert report["rain_layer_pairs"] == 1  # r1; the split holds r2 out
     assert report["views"]["rain"]["transplant"] > 0

@@ -246,6 +246,20 @@ def test_snow_veil_blends_towards_snow_colour(photo: torch.Tensor) -> None:
     torch.testing.assert_close(apply_snow(photo, params, seed=0), 0.75 * photo + 0.25 * s)
 
 
+def test_thin_snow_keeps_a_share_of_the_flakes_and_the_veil() -> None:
+    dense = syn.sample_snow_params(np.random.default_rng(3), scale=1.0)
+    thin = syn.thin_snow(dense, 0.1)
+    for a, b in zip(dense.layers, thin.layers, strict=True):
+        assert b.density == pytest.approx(0.1 * a.density)
+        assert dataclasses.replace(b, density=a.density) == a  # nothing else changes
+    assert thin.veil == pytest.approx(0.1 * dense.veil) and thin.colour == dense.colour
+    # rendered: about a tenth of the mask's mass (the flakes are placed at random)
+    mass = [float(render_snow_mask(1, 256, 256, p, seed=5).sum()) for p in (dense, thin)]
+    assert 0.03 < mass[1] / mass[0] < 0.25
+    with pytest.raises(syn.InvalidParamsError, match=r"thin_snow factor 0: expected a share"):
+        syn.thin_snow(dense, 0)
+
+
 # ---------------------------------------------------------------------------------- shapes, seeds
 
 

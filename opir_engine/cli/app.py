@@ -367,6 +367,9 @@ def train_classifier(
     snow_variety: float = typer.Option(
         0.0, metavar="X", help="Share of synthetic snow views with larger flakes, some veiled."
     ),
+    snow_sparse: float = typer.Option(
+        0.0, metavar="X", help="Share of the other synthetic snow views with few flakes."
+    ),
     rain_veil: float = typer.Option(
         0.0, metavar="X", help="Share of synthetic rain views seen through a grey veil of mist."
     ),
@@ -431,7 +434,8 @@ def train_classifier(
     try:
         recipe = ClassifierRecipe(views_per_class=views, steps=steps, width=width, seed=seed, lr=lr,
                                   transplant_ratio=transplant_ratio,
-                                  snow_variety=snow_variety, rain_veil=rain_veil)  # fmt: skip
+                                  snow_variety=snow_variety, snow_sparse=snow_sparse,
+                                  rain_veil=rain_veil)  # fmt: skip
         with Progress(console=err, transient=True) as progress:
             render = progress.add_task("rendering views", total=views * 4)
             train = progress.add_task("training", total=steps, start=False)

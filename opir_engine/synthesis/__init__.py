@@ -75,6 +75,7 @@ from opir_engine.synthesis.params import (
     sample_snow_params,
     sample_veil_params,
     scale_for_size,
+    thin_snow,
 )
 from opir_engine.synthesis.seeds import field_seed
 
@@ -126,4 +127,5 @@ __all__ = [
     "synthesize",
     "synthesize_folder",
     "synthesize_pair",
+    "thin_snow",
 ]

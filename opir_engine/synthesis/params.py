@@ -11,7 +11,7 @@ Sizes (streak length, flake radius, blur) are in pixels of a reference image who
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -299,6 +299,19 @@ def sample_snow_params(rng: np.random.Generator, scale: float = 1.0) -> SnowPara
     colour = (_python_float(base - tint), _python_float(base), _python_float(min(1.0, base + tint)))
     veil = _python_float(rng.uniform(0.0, 0.35) * severity)
     return SnowParams(layers=tuple(layers), colour=colour, veil=veil, scale=_python_float(scale))
+
+
+def thin_snow(params: SnowParams, factor: float) -> SnowParams:
+    """`params` with `factor` (0-1] of its flakes in every layer and of its veil: light snowfall.
+
+    `sample_snow_params` follows the Snow100K masks, a grain of specks everywhere; real snowfall
+    photos often hold a few dozen flakes on a clear scene (the held-out dog, the street), which
+    the classifier trained on the dense draws called clean.
+    """
+    if not 0.0 < factor <= 1.0:
+        raise InvalidParamsError(f"thin_snow factor {factor}: expected a share in (0, 1]")
+    layers = tuple(replace(layer, density=layer.density * factor) for layer in params.layers)
+    return replace(params, layers=layers, veil=_python_float(params.veil * factor))
 
 
 def sample_haze_params(rng: np.random.Generator) -> HazeParams:

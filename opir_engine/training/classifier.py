@@ -9,8 +9,9 @@ view. Classes are balanced; the clean class includes the clean targets of the re
 the classifier learns the weather rather than the kind of scene (the haze pairs are indoor
 rooms and hazy landscapes, the clean photos mostly outdoor). Synthetic rain views can also be
 another renderer's rain layer laid on a clean photo (`transplant_ratio`, `synthesis.transplant`),
-and synthetic snow views larger flakes under a light veil (`snow_variety`): our renderer's
-streaks and flakes alone left real and heavy rain called haze or clean.
+synthetic snow views larger flakes under a light veil (`snow_variety`) and a few flakes only
+(`snow_sparse`): our renderer's streaks and flakes alone left real and heavy rain called haze
+or clean, and sparse real snowfall clean.
 
 Views are rendered once into a pool (synthesis costs more than a classifier step); steps take
 random crops of them. A seeded part of the source photos is held out: its loss picks the
@@ -42,10 +43,13 @@ from opir_engine.model import CLASSES, OPIR, auto_decision
 from opir_engine.model.padding import pad_reflect_to
 from opir_engine.synthesis import (
     RAIN_VEIL,
+    apply_snow,
     apply_veil,
+    sample_snow_params,
     sample_veil_params,
     scale_for_size,
     synthesize,
+    thin_snow,
 )
 from opir_engine.synthesis.transplant import rain_layer, random_transplant
 from opir_engine.weights import load_checkpoint, save_checkpoint
@@ -80,6 +84,9 @@ class ClassifierRecipe:
     # of the synthetic snow views, the share drawn with larger flakes (scale x1.5-3) and, half
     # of them, a light bright veil: falling snow as photos show it, near and in a snowy haze
     snow_variety: float = 0.0
+    # of the other synthetic snow views, the share drawn with 8-35% of the renderer's flakes
+    # (`synthesis.thin_snow`): its dense draws alone left sparse real snowfall called clean
+    snow_sparse: float = 0.0
     # of the synthetic rain views (rendered or transplanted), the share seen through a grey veil
     # of the rain's own mist (`synthesis.RAIN_VEIL`): real heavy rain is dim and grey, and the
     # classifier called it haze
@@ -87,7 +94,7 @@ class ClassifierRecipe:
 
     def __post_init__(self) -> None:
         for name in ("real_ratio", "pair_target_ratio", "holdout", "transplant_ratio",
-                     "snow_variety", "rain_veil"):  # fmt: skip
+                     "snow_variety", "snow_sparse", "rain_veil"):  # fmt: skip
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ClassifierTrainingError(f"{name} {value}: expected a share in [0, 1]")
@@ -122,6 +129,7 @@ class _Source:
     synth: str | None = None
     layer: int | None = None  # a transplant: the index of the rain layer laid on the photo
     variety: bool = False  # snow: larger flakes, maybe a veil (`ClassifierRecipe.snow_variety`)
+    sparse: bool = False  # snow: a few flakes only (`ClassifierRecipe.snow_sparse`)
     veil: bool = False  # rain seen through its mist (`ClassifierRecipe.rain_veil`)
 
 
@@ -190,7 +198,10 @@ class _Sources:
         if label == "rain" and r.rain_veil > 0 and rng.random() < r.rain_veil:
             return _Source(label, photo.image, photo.key, synth=label, veil=True), "synthetic"
         variety = label == "snow" and r.snow_variety > 0 and rng.random() < r.snow_variety
-        return _Source(label, photo.image, photo.key, synth=label, variety=variety), "synthetic"
+        sparse = (label == "snow" and not variety and r.snow_sparse > 0
+                  and rng.random() < r.snow_sparse)  # fmt: skip
+        source = _Source(label, photo.image, photo.key, synth=label, variety=variety, sparse=sparse)
+        return source, "synthetic"
 
     def held_out(self, source: _Source, recipe: ClassifierRecipe) -> bool:
         """A view is held out when its photo is, or the rain layer laid on it: held-in views
@@ -239,9 +250,13 @@ def render_view(
 
 def _synthesize(crop: Tensor, source: _Source, rng: np.random.Generator) -> Tensor:
     """`source.synth` weather drawn on `crop` (3, h, w); varied snow: flakes 1.5-3x larger and,
-    one time in two, a bright veil of 5-25% (snow falling in its own haze)."""
+    one time in two, a bright veil of 5-25% (snow falling in its own haze); sparse snow: 8-35%
+    of the renderer's flakes."""
     seed = int(rng.integers(0, 2**62))
     scale = scale_for_size(*crop.shape[-2:])
+    if source.sparse:
+        params = sample_snow_params(np.random.default_rng(seed), scale)
+        return apply_snow(crop, thin_snow(params, float(rng.uniform(0.08, 0.35))), seed)
     if not source.variety:
         return synthesize(crop, source.synth or "", seed, scale=scale)[0]
     crop, _ = synthesize(crop, "snow", seed, scale=scale * float(rng.uniform(1.5, 3.0)))
