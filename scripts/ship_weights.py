@@ -134,6 +134,13 @@ def relative_folders(data: dict) -> dict:
     return {k: (v if k == "data_root" else relative(v)) for k, v in data.items()}
 
 
+def training_stages(card: dict) -> list[dict]:
+    """`lineage(card)` with every stage's folders written relative to here, so that each
+    reproduce line names them under DATA (a parent stage started with absolute folders recorded
+    them so: /work/main/../shared/data/rain)."""
+    return [{**stage, "data": relative_folders(stage["data"] or {})} for stage in lineage(card)]
+
+
 def parse_haze_sides(text: str) -> tuple[tuple[int, float], ...]:
     """`384,256:0.9` as ((384, 0.0), (256, 0.9)), checked as the engine checks a card."""
     try:
@@ -175,7 +182,7 @@ def main() -> None:
     run_info = json.loads((args.run_dir / "run.json").read_text())
     card["init"] = card.get("init") or run_info.get("init")
     card["data"] = relative_folders(card.get("data") or {})
-    stages = lineage(card)
+    stages = training_stages(card)
     if args.haze_sides:
         card["haze_sides"] = [list(entry) for entry in args.haze_sides]
     engine = OPIREngine(model, card, torch.device("cpu"), torch.float32, compile=False)

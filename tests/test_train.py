@@ -994,6 +994,39 @@ def test_train_command_reproduces_the_recipe(tmp_path: Path, data_root: Path) ->
     assert info["init"]["weights"] == init and info["init"]["steps"] == 1
 
 
+def test_ship_weights_names_every_stages_folders_under_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent stage that recorded its folders absolute, as a working directory joined to the
+    relative root (`/work/main/../shared/data/rain`), gets its reproduce line under DATA, as
+    the last stage does."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "ship_weights.py"
+    spec = importlib.util.spec_from_file_location("ship_weights", script)
+    assert spec is not None and spec.loader is not None
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+
+    def data(root: str) -> dict:
+        folders = {"paired": {"rain": [f"{root}/rain"]}, "clean": [f"{root}/clean"]}
+        return {**folders, "rain_layers": [f"{root}/rain"], "split": "s.json",
+                "data_root": "../data"}  # fmt: skip
+
+    stage = {"steps": 5, "wall_time_hours": 0.1, "recipe": dataclasses.asdict(Recipe())}
+    parent = {**stage, "data": data(f"{tmp_path}/repo/../data")}
+    card = {**stage, "data": data("../data"), "init": {"weights": "p.safetensors", **parent}}
+    stages = ship.training_stages(card)
+    commands = [train_command(Recipe.from_dict(s["recipe"]), DataSpec(**s["data"]),
+                              s["init_weights"]) for s in stages]  # fmt: skip
+    for command in commands:
+        assert "--data rain=DATA/rain --clean DATA/clean --rain-layers DATA/rain" in command
+        assert str(tmp_path) not in command
+    assert "--init p.safetensors" in commands[1]
+
+
 def test_train_command_replays_the_changes_made_on_resume(tmp_path: Path, data_root: Path) -> None:
     """A run changed on resume is reproduced as its start, stopped at each change and resumed
     with it: the commands, run through the CLI, end with the same recipe and record."""
