@@ -436,24 +436,21 @@ def test_pool_draws_transplanted_rain_seeded_from_held_in_pairs_only(data_root: 
     assert first.counts["rain"]["synthetic"] == 0 and plain.counts["rain"]["synthetic"] == 8
 
 
-def test_snow_variety_changes_only_synthetic_snow_views(data_root: Path) -> None:
+@pytest.mark.parametrize("option", ["snow_variety", "snow_sparse"])
+def test_snow_options_change_only_synthetic_snow_views(data_root: Path, option: str) -> None:
     data = _data(data_root)
     recipe = ClassifierRecipe(views_per_class=6, real_ratio=0.0, max_side=64, seed=4)
     plain = render_pool(data, recipe, multiple=4)
-    varied = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0), multiple=4)
-    for label, a, b in zip(plain.labels.tolist(), plain.views, varied.views, strict=True):
+    changed = render_pool(data, dataclasses.replace(recipe, **{option: 1.0}), multiple=4)
+    for label, a, b in zip(plain.labels.tolist(), plain.views, changed.views, strict=True):
         assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
 
 
-def test_snow_sparse_thins_only_synthetic_snow_views(data_root: Path) -> None:
+def test_sparse_snow_thins_the_views_not_drawn_varied(data_root: Path) -> None:
     from opir_engine.training.classifier import _Source, _synthesize
 
     data = _data(data_root)
     recipe = ClassifierRecipe(views_per_class=6, real_ratio=0.0, max_side=64, seed=4)
-    plain = render_pool(data, recipe, multiple=4)
-    sparse = render_pool(data, dataclasses.replace(recipe, snow_sparse=1.0), multiple=4)
-    for label, a, b in zip(plain.labels.tolist(), plain.views, sparse.views, strict=True):
-        assert torch.equal(a, b) == (label != class_index("snow")), CLASSES[label]
     # varied snow is drawn first; the sparse share applies to the other views only
     both = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0, snow_sparse=1.0), 4)
     varied = render_pool(data, dataclasses.replace(recipe, snow_variety=1.0), multiple=4)
