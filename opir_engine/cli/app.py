@@ -258,7 +258,8 @@ def train(
     init: Path | None = typer.Option(
         None,
         metavar="PATH",
-        help="Start from these weights with a fresh schedule (a deeper --config grows them).",
+        help="Start from these weights with a fresh schedule (a deeper --config grows them; "
+        "the trunk classifier of shipped weights is not copied: the run trains its own head).",
     ),
     max_minutes: float | None = typer.Option(
         None, metavar="X", help="Stop cleanly (with a checkpoint) after X minutes."
